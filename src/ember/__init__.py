@@ -1,0 +1,26 @@
+"""ember: a PyTorch training library.
+
+Write a ``TrainModule``, call ``Trainer(...).fit(module, train_loader, val_loader)``; or keep
+your own loop and use the ``Accelerator`` underneath.
+"""
+
+from ember.accelerator import Accelerator, DataLoaderConfiguration
+from ember.errors import CheckpointError, MisconfigurationError
+from ember.hooks import Callback
+from ember.module import TrainModule
+from ember.seed import seed_everything
+from ember.trainer import Trainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accelerator",
+    "Callback",
+    "CheckpointError",
+    "DataLoaderConfiguration",
+    "MisconfigurationError",
+    "TrainModule",
+    "Trainer",
+    "__version__",
+    "seed_everything",
+]

@@ -1,0 +1,456 @@
+"""``Accelerator``: the one object a hand-written loop needs, and the layer the Trainer uses.
+
+A loop in the style of Hugging Face Accelerate::
+
+    accelerator = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for batch in loader:                      # batches arrive on the device
+        with accelerator.accumulate(model):   # sets sync_gradients for this batch
+            with accelerator.autocast():
+                loss = model(batch)
+            accelerator.backward(loss)        # divided by the window's size, scaled for fp16
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()                  # a no-op until the window's last batch
+            optimizer.zero_grad()
+
+The composed pieces: a strategy (``strategies.py``: placement, process group), a precision
+plugin (``precision.py``), a ``GradientState`` (``optim.py``) and prepared loaders (``data.py``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ember.accelerator import distributed
+from ember.accelerator.data import (
+    DataLoaderConfiguration,
+    PreparedDataLoader,
+    batch_transfer,
+    is_data_loader,
+    skip_first_batches,
+)
+from ember.accelerator.optim import (
+    AcceleratedOptimizer,
+    AcceleratedScheduler,
+    GradientState,
+    scale_gradients,
+)
+from ember.accelerator.precision import (
+    ACCELERATE_NAMES,
+    Precision,
+    canonical_precision,
+    create_precision,
+)
+from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
+from ember.config import load_config
+from ember.errors import MisconfigurationError
+
+_NO_CONTEXT = nullcontext()
+
+
+def resolve_mixed_precision(mixed_precision: str | None) -> str:
+    """The canonical precision: the argument, else ``EMBER_MIXED_PRECISION``, else the config
+    file written by ``ember config``, else full precision."""
+    if mixed_precision is not None:
+        return canonical_precision(mixed_precision, "mixed_precision")
+    from_env = os.environ.get("EMBER_MIXED_PRECISION")
+    if from_env:
+        return canonical_precision(from_env, "EMBER_MIXED_PRECISION")
+    from_file = load_config().get("mixed_precision")
+    if from_file:
+        return canonical_precision(from_file, "mixed_precision (in the ember config file)")
+    return "32-true"
+
+
+class Accelerator:
+    """Device placement, distribution, mixed precision and gradient accumulation for any loop.
+
+    Args:
+        device_placement: move prepared modules and every batch to ``device``.
+        mixed_precision: "no", "fp16" or "bf16" (Trainer names such as "bf16-true" work too).
+            None reads ``EMBER_MIXED_PRECISION``, then the ``ember config`` file, then "no".
+        gradient_accumulation_steps: batches per optimizer step inside ``accumulate``.
+        cpu: run on the CPU even when an accelerator is present.
+        dataloader_config: how loaders are prepared (``DataLoaderConfiguration``).
+        strategy: "auto" (one device) or a strategy object; "ddp"/"fsdp" are not available yet.
+        project_dir: where ``save_state`` and trackers write by default.
+        step_scheduler_with_optimizer: prepared schedulers step only when their optimizer did.
+    """
+
+    def __init__(
+        self,
+        *,
+        device_placement: bool = True,
+        mixed_precision: str | None = None,
+        gradient_accumulation_steps: int = 1,
+        cpu: bool = False,
+        dataloader_config: DataLoaderConfiguration | None = None,
+        strategy: Any = None,
+        project_dir: str | os.PathLike[str] | None = None,
+        step_scheduler_with_optimizer: bool = True,
+    ) -> None:
+        if (
+            not isinstance(gradient_accumulation_steps, int)
+            or isinstance(gradient_accumulation_steps, bool)
+            or gradient_accumulation_steps < 1
+        ):
+            raise MisconfigurationError(
+                f"`gradient_accumulation_steps={gradient_accumulation_steps!r}` is not supported: "
+                "it must be an integer >= 1 (1 means no accumulation)."
+            )
+        if dataloader_config is not None and not isinstance(
+            dataloader_config, DataLoaderConfiguration
+        ):
+            raise MisconfigurationError(
+                f"`dataloader_config` must be a DataLoaderConfiguration, got "
+                f"{type(dataloader_config).__name__}."
+            )
+        if isinstance(strategy, SingleDeviceStrategy):
+            device = strategy.device
+        else:
+            device = torch.device("cpu") if cpu else pick_device("auto", distributed.local_rank())
+        self.strategy = resolve_strategy(strategy, device)
+        self.precision: Precision = create_precision(
+            resolve_mixed_precision(mixed_precision), self.device
+        )
+        self.gradient_state = GradientState(gradient_accumulation_steps)
+        self.device_placement = device_placement
+        self.dataloader_config = dataloader_config or DataLoaderConfiguration()
+        self.project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
+        self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
+        self._models: list[nn.Module] = []
+        self._optimizers: list[AcceleratedOptimizer] = []
+        self._schedulers: list[AcceleratedScheduler] = []
+
+    # --- facts ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The device this process computes on."""
+        return self.strategy.device
+
+    @property
+    def mixed_precision(self) -> str:
+        """The mode in force: "no", "fp16", "bf16" (or "bf16-true")."""
+        return ACCELERATE_NAMES[self.precision.name]
+
+    @property
+    def num_processes(self) -> int:
+        return self.strategy.world_size
+
+    @property
+    def process_index(self) -> int:
+        return self.strategy.global_rank
+
+    @property
+    def local_process_index(self) -> int:
+        return self.strategy.local_rank
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on the one process (over all machines) that writes logs and files."""
+        return self.process_index == 0
+
+    @property
+    def is_local_main_process(self) -> bool:
+        """True on one process per machine."""
+        return self.local_process_index == 0
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.gradient_state.accumulation_steps
+
+    @property
+    def sync_gradients(self) -> bool:
+        """Whether the current batch closes its accumulation window (the optimizer steps)."""
+        return self.gradient_state.sync_gradients
+
+    @property
+    def optimizer_step_was_skipped(self) -> bool:
+        """Whether the last optimizer step was skipped (fp16 found inf/NaN gradients)."""
+        return any(optimizer.step_was_skipped for optimizer in self._optimizers)
+
+    # --- prepare ---------------------------------------------------------------------------------
+    def prepare(self, *objects: Any) -> Any:
+        """Prepare modules, optimizers, schedulers and data loaders; returned in the same order
+        (a single object comes back alone, not in a tuple)."""
+        prepared: list[Any] = list(objects)
+        # Schedulers last: they must find the wrapped optimizer of their raw optimizer.
+        for index, obj in enumerate(objects):
+            if isinstance(obj, nn.Module):
+                prepared[index] = self.prepare_model(obj)
+            elif isinstance(obj, Optimizer):
+                prepared[index] = self.prepare_optimizer(obj)
+            elif is_data_loader(obj):
+                prepared[index] = self.prepare_data_loader(obj)
+        for index, obj in enumerate(objects):
+            if _is_scheduler(obj):
+                prepared[index] = self.prepare_scheduler(obj)
+            elif prepared[index] is obj and not isinstance(
+                obj, (nn.Module, Optimizer, PreparedDataLoader)
+            ):
+                raise MisconfigurationError(
+                    f"`prepare` got an object of type {type(obj).__name__}; it accepts "
+                    "torch.nn.Module, torch.optim.Optimizer, an LR scheduler and "
+                    "torch.utils.data.DataLoader."
+                )
+        return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Cast the weights for the precision and place (and later wrap) the module."""
+        model = self.precision.convert_module(model)
+        if self.device_placement:
+            model = self.strategy.setup_module(model)
+        if not any(known is model for known in self._models):
+            self._models.append(model)
+        return model
+
+    def prepare_optimizer(self, optimizer: Optimizer) -> AcceleratedOptimizer:
+        """Wrap ``optimizer`` so it steps at the end of each accumulation window."""
+        if isinstance(optimizer, AcceleratedOptimizer):
+            return optimizer
+        wrapped = AcceleratedOptimizer(
+            optimizer, self.gradient_state, self.precision, self._prepare_gradients
+        )
+        self._optimizers.append(wrapped)
+        return wrapped
+
+    def prepare_scheduler(self, scheduler: Any) -> AcceleratedScheduler:
+        """Wrap ``scheduler`` so it steps only when its optimizer really stepped."""
+        if isinstance(scheduler, AcceleratedScheduler):
+            return scheduler
+        owners = [
+            optimizer
+            for optimizer in self._optimizers
+            if optimizer.optimizer is scheduler.optimizer or optimizer is scheduler.optimizer
+        ]
+        wrapped = AcceleratedScheduler(
+            scheduler,
+            owners or list(self._optimizers),
+            self.gradient_state,
+            step_with_optimizer=self.step_scheduler_with_optimizer,
+        )
+        self._schedulers.append(wrapped)
+        return wrapped
+
+    def prepare_data_loader(
+        self, data_loader: Any, max_batches: int | None = None
+    ) -> PreparedDataLoader:
+        """Wrap ``data_loader`` so batches arrive on the device and epochs are tracked.
+
+        Args:
+            data_loader: a ``DataLoader`` (or any iterable of batches).
+            max_batches: end each pass after this many batches.
+        """
+        if isinstance(data_loader, PreparedDataLoader):
+            data_loader = data_loader.loader
+        convert = self.precision.convert_input if self.precision.casts_inputs else None
+        transfer = (
+            batch_transfer(self.device, self.dataloader_config.non_blocking, convert)
+            if self.device_placement
+            else convert
+        )
+        return PreparedDataLoader(data_loader, self.gradient_state, transfer, max_batches)
+
+    def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
+        """A loader that starts after the first ``num_batches`` batches (for resuming)."""
+        if isinstance(dataloader, PreparedDataLoader):
+            return PreparedDataLoader(
+                skip_first_batches(dataloader.loader, num_batches),
+                dataloader.gradient_state,
+                dataloader.transfer,
+                dataloader.max_batches,
+            )
+        return skip_first_batches(dataloader, num_batches)
+
+    # --- the step ----------------------------------------------------------------------------
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The context for the forward pass (autocast under mixed precision, else nothing)."""
+        return self.precision.autocast()
+
+    def accumulate(self, *models: nn.Module) -> AbstractContextManager[Any]:
+        """Enter one batch of an accumulation window.
+
+        Sets ``sync_gradients`` (True on the window's last batch, and on a loader's last
+        batch) and, before that, keeps distributed backward from exchanging gradients.
+        """
+        if self.gradient_state.next_batch() or not models:
+            return _NO_CONTEXT
+        if len(models) == 1:
+            return self.strategy.no_sync(models[0])
+        stack = ExitStack()
+        for model in models:
+            stack.enter_context(self.strategy.no_sync(model))
+        return stack
+
+    def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """A context in which backward does not exchange gradients between processes."""
+        return self.strategy.no_sync(model)
+
+    def backward(self, loss: Tensor, num_items: Tensor | int | None = None, **kwargs: Any) -> None:
+        """Backpropagate ``loss``.
+
+        Without ``num_items`` the loss is divided by the number of batches in the window.
+        With ``num_items``, ``loss`` is a sum over that many items (tokens, samples) and the
+        gradient is divided, at the window's end, by the item count of the whole window over
+        all processes: the update equals one big batch however items are spread.
+        """
+        state = self.gradient_state
+        if num_items is not None:
+            state.add_items(num_items)
+        elif state.window_size > 1:
+            loss = loss / state.window_size
+        self.precision.backward(loss, **kwargs)
+
+    def _prepare_gradients(self, optimizer: AcceleratedOptimizer) -> None:
+        """Unscale (fp16) and normalise the window's gradient, once per step."""
+        if optimizer.gradients_prepared:
+            return
+        self.precision.unscale(optimizer.optimizer)
+        factor = self._gradient_factor()
+        if factor is not None:
+            scale_gradients(optimizer.optimizer, factor)
+        optimizer.gradients_prepared = True
+
+    def _gradient_factor(self) -> Tensor | float | None:
+        state = self.gradient_state
+        if state.item_total is not None:
+            total = state.item_total
+            if self.num_processes > 1:
+                total = self.strategy.all_reduce(torch.as_tensor(total, device=self.device), "sum")
+            # Distributed backward averages over processes; the items want a sum over all.
+            if isinstance(total, Tensor):
+                return self.num_processes / total.clamp(min=1)
+            return self.num_processes / max(total, 1)
+        correction = state.window_correction()
+        return None if correction == 1.0 else correction
+
+    def unscale_gradients(self, optimizer: Optimizer | None = None) -> None:
+        """Unscale and normalise the gradients now (``clip_grad_*`` and ``step`` call it)."""
+        for wrapped in self._optimizers:
+            if optimizer is None or optimizer is wrapped or optimizer is wrapped.optimizer:
+                self._prepare_gradients(wrapped)
+
+    def clip_grad_norm_(
+        self, parameters: Iterable[Tensor] | Tensor, max_norm: float, norm_type: float = 2.0
+    ) -> Tensor:
+        """Clip the gradient's total norm (after unscaling); return the norm before clipping."""
+        if self.sync_gradients:
+            self.unscale_gradients()
+        if isinstance(parameters, Tensor):
+            parameters = [parameters]
+        return self.strategy.clip_grad_norm_(parameters, max_norm, norm_type)
+
+    def clip_grad_value_(self, parameters: Iterable[Tensor] | Tensor, clip_value: float) -> None:
+        """Clamp every gradient element to ``[-clip_value, clip_value]`` (after unscaling)."""
+        if self.sync_gradients:
+            self.unscale_gradients()
+        if isinstance(parameters, Tensor):
+            parameters = [parameters]
+        self.strategy.clip_grad_value_(parameters, clip_value)
+
+    # --- across processes ------------------------------------------------------------------
+    def gather(self, tensor: Any) -> Any:
+        """Every process's tensors concatenated on dim 0 (nested structures are followed)."""
+        return _apply_to_tensors(tensor, self.strategy.all_gather)
+
+    def gather_for_metrics(self, obj: Any) -> Any:
+        """Like ``gather``, minus the samples that even batching repeated on the last batch."""
+        return self.gather(obj)
+
+    def reduce(self, tensor: Any, reduction: str = "mean") -> Any:
+        """Reduce tensors over processes with "sum", "mean", "min" or "max"."""
+        if reduction not in ("sum", "mean", "min", "max"):
+            raise MisconfigurationError(
+                f"`reduction={reduction!r}` is not supported. Accepted values: 'sum', 'mean', "
+                "'min', 'max'."
+            )
+        return _apply_to_tensors(tensor, lambda t: self.strategy.all_reduce(t, reduction))
+
+    def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: int = 0) -> Any:
+        """Pad tensors along ``dim`` to the largest size over processes (so they can gather)."""
+        return tensor
+
+    def broadcast(self, obj: Any, from_process: int = 0) -> Any:
+        """``obj`` as process ``from_process`` has it."""
+        return self.strategy.broadcast(obj, from_process)
+
+    def wait_for_everyone(self) -> None:
+        """Block until every process reaches this line."""
+        self.strategy.barrier()
+
+    @contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Run the block on the main process first, then on the others (downloads, caches)."""
+        if not self.is_main_process:
+            self.wait_for_everyone()
+        yield
+        if self.is_main_process:
+            self.wait_for_everyone()
+
+    @contextmanager
+    def split_between_processes(self, inputs: Any) -> Iterator[Any]:
+        """Give each process its contiguous share of a list, tuple, tensor or dict of them."""
+        yield _share(inputs, self.process_index, self.num_processes)
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the main process only."""
+        if self.is_main_process:
+            builtins.print(*args, **kwargs)
+
+    def end_training(self) -> None:
+        """Wait for every process; call once at the end of a script."""
+        self.wait_for_everyone()
+
+    # --- models and files --------------------------------------------------------------------
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        """The user's module, without the distributed or compile wrappers."""
+        return self.strategy.unwrap_module(model)
+
+    def save_model(self, model: nn.Module, save_directory: str | os.PathLike[str]) -> Path:
+        """Write the module's full weights to ``save_directory/model.safetensors``."""
+        from ember.serialization import save_safetensors
+
+        directory = Path(save_directory)
+        path = directory / "model.safetensors"
+        state_dict = self.unwrap_model(model).state_dict()
+        if self.is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_safetensors(state_dict, path)
+        self.wait_for_everyone()
+        return path
+
+
+def _is_scheduler(obj: Any) -> bool:
+    return isinstance(
+        obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    )
+
+
+def _apply_to_tensors(data: Any, function: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(data, Tensor):
+        return function(data)
+    if isinstance(data, Mapping):
+        return type(data)({key: _apply_to_tensors(value, function) for key, value in data.items()})  # type: ignore[call-arg]
+    if isinstance(data, (list, tuple)):
+        return type(data)(_apply_to_tensors(value, function) for value in data)
+    return data
+
+
+def _share(inputs: Any, index: int, count: int) -> Any:
+    if isinstance(inputs, Mapping):
+        return {key: _share(value, index, count) for key, value in inputs.items()}
+    length = len(inputs)
+    per_process, extra = divmod(length, count)
+    start = index * per_process + min(index, extra)
+    end = start + per_process + (1 if index < extra else 0)
+    return inputs[start:end]

@@ -1,0 +1,236 @@
+"""Data loaders: moving batches to the device and knowing where the epoch stands.
+
+``PreparedDataLoader`` wraps a user's ``DataLoader`` without copying it. It tells the
+gradient state how many batches the epoch has (so the last, shorter accumulation window is
+normalised by its own size) and marks the last batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from ember.accelerator.optim import GradientState
+
+
+@dataclasses.dataclass
+class DataLoaderConfiguration:
+    """How ``Accelerator.prepare`` treats data loaders (the names follow Accelerate).
+
+    Args:
+        split_batches: the loader's batch size is the global one, divided over processes.
+        dispatch_batches: process 0 reads and sends batches to the others (None: only for
+            iterable datasets).
+        even_batches: pad the last round so every process gets the same number of batches.
+        use_seedable_sampler: shuffle with a sampler seeded from ``data_seed`` and the epoch.
+        data_seed: the seed of that sampler.
+        non_blocking: copy batches to the device asynchronously (needs pinned memory).
+        use_stateful_dataloader: use ``torchdata``'s ``StatefulDataLoader``.
+    """
+
+    split_batches: bool = False
+    dispatch_batches: bool | None = None
+    even_batches: bool = True
+    use_seedable_sampler: bool = False
+    data_seed: int | None = None
+    non_blocking: bool = False
+    use_stateful_dataloader: bool = False
+
+
+def move_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``data`` with every tensor in it on ``device`` (dicts, lists, tuples, namedtuples,
+    dataclasses and objects with a ``.to`` method are followed)."""
+    if isinstance(data, Tensor):
+        return data.to(device, non_blocking=non_blocking)
+    if isinstance(data, Mapping):
+        return type(data)(  # type: ignore[call-arg]
+            {key: move_to_device(value, device, non_blocking) for key, value in data.items()}
+        )
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(move_to_device(value, device, non_blocking) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(move_to_device(value, device, non_blocking) for value in data)
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        changes = {
+            field.name: move_to_device(getattr(data, field.name), device, non_blocking)
+            for field in dataclasses.fields(data)
+            if field.init
+        }
+        return dataclasses.replace(data, **changes)
+    to = getattr(data, "to", None)
+    if callable(to):
+        return to(device)
+    return data
+
+
+def batch_transfer(
+    device: torch.device, non_blocking: bool, convert_input: Callable[[Any], Any] | None
+) -> Callable[[Any], Any] | None:
+    """The function applied to each batch, or None when batches need nothing done.
+
+    Loaders yield CPU tensors, so on the CPU without a dtype cast the batch passes untouched:
+    no per-batch walk over the batch at all.
+    """
+    if device.type == "cpu":
+        return convert_input
+    if convert_input is None:
+        return partial(move_to_device, device=device, non_blocking=non_blocking)
+    convert = convert_input
+
+    def transfer(batch: Any) -> Any:
+        return convert(move_to_device(batch, device, non_blocking))
+
+    return transfer
+
+
+class PreparedDataLoader:
+    """A data loader whose batches arrive on the device, with the epoch's length known.
+
+    Args:
+        loader: the user's loader (any iterable of batches; ``DataLoader`` usually).
+        gradient_state: told where each epoch begins and when the last batch comes.
+        transfer: applied to each batch (device move, dtype cast), or None.
+        max_batches: stop the epoch after this many batches (the Trainer's ``limit_*``).
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        gradient_state: GradientState | None = None,
+        transfer: Callable[[Any], Any] | None = None,
+        max_batches: int | None = None,
+    ) -> None:
+        self.loader = loader
+        self.gradient_state = gradient_state
+        self.transfer = transfer
+        self.max_batches = max_batches
+        self.epoch = 0
+
+    @property
+    def dataset(self) -> Any:
+        return getattr(self.loader, "dataset", None)
+
+    @property
+    def batch_size(self) -> int | None:
+        return getattr(self.loader, "batch_size", None)
+
+    @property
+    def sampler(self) -> Any:
+        return getattr(self.loader, "sampler", None)
+
+    def __len__(self) -> int:
+        length = len(self.loader)
+        return length if self.max_batches is None else min(length, self.max_batches)
+
+    def known_length(self) -> int | None:
+        """The number of batches per epoch, or None for a loader without a length."""
+        try:
+            return len(self)
+        except TypeError:
+            return self.max_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the sampler (and a batch sampler) which epoch comes, for per-epoch shuffling."""
+        self.epoch = epoch
+        for holder in (self.sampler, getattr(self.loader, "batch_sampler", None)):
+            set_epoch = getattr(holder, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        state = self.gradient_state
+        transfer = self.transfer
+        limit = self.max_batches
+        if limit == 0:
+            return
+        iterator = iter(self.loader)
+        try:
+            current = next(iterator)
+        except StopIteration:
+            return
+        # Each loop over a loader opens its own frame in the gradient state, so a validation
+        # run in the middle of a training epoch leaves the training windows untouched.
+        if state is not None:
+            state.begin_epoch(self.known_length())
+        try:
+            index = 0
+            while True:
+                index += 1
+                if limit is not None and index >= limit:
+                    following, last = None, True
+                else:
+                    # Look one batch ahead: the only way to know the last batch of a loader
+                    # without a length, and free for one that has one.
+                    try:
+                        following, last = next(iterator), False
+                    except StopIteration:
+                        following, last = None, True
+                if state is not None:
+                    state.end_of_dataloader = last
+                yield current if transfer is None else transfer(current)
+                if last:
+                    return
+                current = following
+        finally:
+            if state is not None:
+                state.end_epoch()
+
+
+def skip_first_batches(loader: Any, num_batches: int) -> Any:
+    """A loader that yields what ``loader`` yields, minus its first ``num_batches`` batches."""
+    return _SkipLoader(loader, num_batches)
+
+
+class _SkipLoader:
+    def __init__(self, loader: Any, num_batches: int) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return max(0, len(self.loader) - self.num_batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        for _ in range(self.num_batches):
+            try:
+                next(iterator)
+            except StopIteration:
+                return iter(())
+        return iterator
+
+
+def infer_batch_size(batch: Any) -> int:
+    """The size of dim 0 of the first tensor found in ``batch`` (1 when there is none)."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.ndim > 0 else 1
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            size = _first_size(value)
+            if size is not None:
+                return size
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            size = _first_size(value)
+            if size is not None:
+                return size
+    return 1
+
+
+def _first_size(value: Any) -> int | None:
+    if isinstance(value, Tensor):
+        return value.shape[0] if value.ndim > 0 else 1
+    if isinstance(value, (Mapping, list, tuple)):
+        return infer_batch_size(value)
+    return None
+
+
+def is_data_loader(obj: Any) -> bool:
+    """Whether ``prepare`` should treat ``obj`` as a data loader."""
+    return isinstance(obj, (DataLoader, PreparedDataLoader))

@@ -1,0 +1,192 @@
+"""Precision plugins: how the forward runs (autocast), how gradients are scaled and unscaled.
+
+Each mode is one small object with the same methods, so the loop never branches on the mode:
+a feature that is off is a method that does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ember.errors import MisconfigurationError, one_of
+
+#: Every spelling accepted by ``Trainer(precision=...)`` and ``Accelerator(mixed_precision=...)``
+#: mapped to the canonical Trainer name.
+PRECISION_ALIASES: dict[Any, str] = {
+    "32-true": "32-true",
+    "32": "32-true",
+    32: "32-true",
+    "no": "32-true",
+    "fp32": "32-true",
+    "16-mixed": "16-mixed",
+    "16": "16-mixed",
+    16: "16-mixed",
+    "fp16": "16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16": "bf16-mixed",
+    "bf16-true": "bf16-true",
+}
+
+#: The Accelerate-style name of each mode (``Accelerator.mixed_precision``).
+ACCELERATE_NAMES = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16", "bf16-true": "bf16-true"}
+
+
+def canonical_precision(value: Any, argument: str = "precision") -> str:
+    """The canonical name for any accepted spelling; a clear error for anything else."""
+    try:
+        return PRECISION_ALIASES[value]
+    except (KeyError, TypeError):
+        accepted = ["32-true", "16-mixed", "bf16-mixed", "bf16-true", "no", "fp16", "bf16"]
+        raise MisconfigurationError(one_of(argument, value, accepted)) from None
+
+
+class Precision:
+    """Full fp32 ("32-true"): no autocast, no scaling. The base every mode builds on."""
+
+    name = "32-true"
+    #: Whether ``convert_input`` changes anything (lets loaders skip it when it does not).
+    casts_inputs = False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The context the forward pass runs in."""
+        return nullcontext()
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Cast the module's weights where the mode keeps them in a low precision."""
+        return module
+
+    def convert_input(self, data: Any) -> Any:
+        """Cast floating-point inputs where the weights are in a low precision."""
+        return data
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """Backpropagate ``loss`` (scaled, where the mode scales)."""
+        loss.backward(**kwargs)
+
+    def unscale(self, optimizer: Optimizer) -> None:
+        """Divide the gradients of ``optimizer`` by the loss scale (once per step)."""
+
+    def optimizer_step(self, optimizer: Optimizer) -> bool:
+        """Step ``optimizer``; return False when the step was skipped (inf/NaN gradients)."""
+        optimizer.step()
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scaler's state (empty where there is no scaler)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the scaler's state."""
+
+
+class MixedPrecision(Precision):
+    """Autocast to a low-precision dtype; fp16 also scales the loss (``16-mixed``)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(device)
+        self.dtype = dtype
+        self.name = "16-mixed" if dtype == torch.float16 else "bf16-mixed"
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+class ScaledMixedPrecision(MixedPrecision):
+    """fp16 autocast with a ``torch.amp.GradScaler`` (works on CPU as on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device, torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type)
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        self.scaler.scale(loss).backward(**kwargs)
+
+    def unscale(self, optimizer: Optimizer) -> None:
+        self.scaler.unscale_(optimizer)
+
+    def optimizer_step(self, optimizer: Optimizer) -> bool:
+        # GradScaler.step already synchronises on its inf check, so reading the scale is free.
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return self.scaler.get_scale() >= scale_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self.scaler.load_state_dict(state)
+
+
+class TruePrecision(Precision):
+    """Weights, activations and inputs all in bf16 (``bf16-true``): half the memory, no autocast."""
+
+    name = "bf16-true"
+    dtype = torch.bfloat16
+    casts_inputs = True
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        return module.to(self.dtype)
+
+    def convert_input(self, data: Any) -> Any:
+        return _cast_floats(data, self.dtype)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        # Tensors created inside the step (torch.zeros, arange(...).float()) get bf16 too.
+        return _default_dtype(self.dtype)
+
+
+class _default_dtype(AbstractContextManager[Any]):  # noqa: N801 - reads like a context function
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.previous = torch.get_default_dtype()
+
+    def __enter__(self) -> None:
+        self.previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc_info: object) -> None:
+        torch.set_default_dtype(self.previous)
+
+
+def _cast_floats(data: Any, dtype: torch.dtype) -> Any:
+    if isinstance(data, Tensor):
+        return data.to(dtype) if data.is_floating_point() else data
+    if isinstance(data, dict):
+        return {key: _cast_floats(value, dtype) for key, value in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_cast_floats(value, dtype) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_cast_floats(value, dtype) for value in data)
+    return data
+
+
+def create_precision(name: str, device: torch.device) -> Precision:
+    """The plugin for a canonical precision name on ``device``."""
+    if name == "32-true":
+        return Precision(device)
+    if name == "16-mixed":
+        return ScaledMixedPrecision(device)
+    if name == "bf16-mixed":
+        return MixedPrecision(device, torch.bfloat16)
+    if name == "bf16-true":
+        return TruePrecision(device)
+    raise MisconfigurationError(one_of("precision", name, list(ACCELERATE_NAMES)))
+
+
+def iter_parameters_with_grad(optimizer: Optimizer) -> Iterator[Tensor]:
+    """Every parameter of ``optimizer`` that has a gradient."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.grad is not None:
+                yield parameter

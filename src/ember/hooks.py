@@ -1,0 +1,385 @@
+"""Every event of the training loop, as documented no-op methods.
+
+The loop fires events by name. For each event it first calls the method of every callback
+(in the order they were given, with ``trainer, module`` in front of the arguments), then the
+module's method of the same name. ``docs/hooks.md`` lists the full order; in pseudocode::
+
+    setup("fit"); configure_optimizers()
+    on_fit_start
+    sanity check: on_validation_start ... on_validation_end  (num_sanity_val_steps batches)
+    on_train_start
+    for epoch:
+        on_train_epoch_start
+        for batch_idx, batch in train loader:
+            on_train_batch_start(batch, batch_idx)
+            loss = training_step(batch, batch_idx)
+            on_before_backward(loss); backward; on_after_backward
+            if last batch of the accumulation window:
+                on_before_optimizer_step(optimizer)   # gradients unscaled, before clipping
+                clip; optimizer.step()
+                on_before_zero_grad(optimizer); optimizer.zero_grad()
+                step-interval schedulers
+            on_train_batch_end(outputs, batch, batch_idx)
+            if validation is due: on_validation_start ... on_validation_end
+        on_train_epoch_end
+        epoch-interval schedulers
+    on_train_end
+    on_fit_end
+    teardown("fit")
+
+    validate / test / predict:
+    setup(stage); on_<stage>_start; on_<stage>_epoch_start
+    for batch: on_<stage>_batch_start; <stage>_step; on_<stage>_batch_end
+    on_<stage>_epoch_end; on_<stage>_end; teardown(stage)
+
+An exception during fit/validate/test/predict calls ``on_exception`` on every callback.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.optim import Optimizer
+
+    from ember.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+# The order here is the order of docs/hooks.md; tests/test_hooks.py pins it.
+EVENTS: tuple[str, ...] = (
+    "setup",
+    "teardown",
+    "on_fit_start",
+    "on_fit_end",
+    "on_train_start",
+    "on_train_end",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_validation_start",
+    "on_validation_end",
+    "on_validation_epoch_start",
+    "on_validation_epoch_end",
+    "on_validation_batch_start",
+    "on_validation_batch_end",
+    "on_test_start",
+    "on_test_end",
+    "on_test_epoch_start",
+    "on_test_epoch_end",
+    "on_test_batch_start",
+    "on_test_batch_end",
+    "on_predict_start",
+    "on_predict_end",
+    "on_predict_epoch_start",
+    "on_predict_epoch_end",
+    "on_predict_batch_start",
+    "on_predict_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+    "on_exception",
+)
+
+
+class Callback:
+    """Base class of callbacks: override the events you need; the rest do nothing.
+
+    A callback reads the trainer's state and ``trainer.callback_metrics``; it never changes
+    the batch or the loss. What it returns from ``state_dict`` is saved in checkpoints under
+    ``state_key`` and handed back to ``load_state_dict`` on resume.
+    """
+
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in a checkpoint (its class name by default)."""
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this callback needs to continue after a resume."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        """Before anything runs for ``stage`` ("fit", "validate", "test" or "predict")."""
+
+    def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        """After everything for ``stage`` has run (also after an exception)."""
+
+    def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """Fit begins; optimizers exist and the module is on its device."""
+
+    def on_fit_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """Fit ended normally."""
+
+    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """Training begins (after the sanity check)."""
+
+    def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """Training ended."""
+
+    def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """A training epoch begins."""
+
+    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """A training epoch ended (after its last validation run)."""
+
+    def on_train_batch_start(
+        self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Before ``training_step``; ``batch`` is already on the device."""
+
+    def on_train_batch_end(
+        self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After the batch (and the optimizer step, when the batch closed a window)."""
+
+    def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """A validation run begins (the module is in eval mode, gradients are off)."""
+
+    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """A validation run ended; its metrics are in ``callback_metrics``."""
+
+    def on_validation_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """Validation over the loaders begins."""
+
+    def on_validation_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """Validation over the loaders ended (metrics are reduced just after this)."""
+
+    def on_validation_batch_start(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Before ``validation_step``."""
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """After ``validation_step``."""
+
+    def on_test_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """A test run begins."""
+
+    def on_test_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """A test run ended."""
+
+    def on_test_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """Testing over the loaders begins."""
+
+    def on_test_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """Testing over the loaders ended."""
+
+    def on_test_batch_start(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Before ``test_step``."""
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """After ``test_step``."""
+
+    def on_predict_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """A predict run begins."""
+
+    def on_predict_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """A predict run ended."""
+
+    def on_predict_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        """Prediction over the loaders begins."""
+
+    def on_predict_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        """Prediction over the loaders ended."""
+
+    def on_predict_batch_start(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Before ``predict_step``."""
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """After ``predict_step``."""
+
+    def on_before_backward(self, trainer: Trainer, module: TrainModule, loss: Tensor) -> None:
+        """Before ``backward``; ``loss`` is the value ``training_step`` returned."""
+
+    def on_after_backward(self, trainer: Trainer, module: TrainModule) -> None:
+        """After ``backward``; gradients may still be scaled and are not yet complete
+        until the last batch of the accumulation window."""
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, module: TrainModule, optimizer: Optimizer
+    ) -> None:
+        """The window's gradient is complete and unscaled; clipping comes next."""
+
+    def on_before_zero_grad(
+        self, trainer: Trainer, module: TrainModule, optimizer: Optimizer
+    ) -> None:
+        """After ``optimizer.step()``, before the gradients are cleared."""
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint is about to be written; add to ``checkpoint`` what you need."""
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """A checkpoint was read; take from ``checkpoint`` what you stored."""
+
+    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+        """fit/validate/test/predict is about to re-raise ``exception``."""
+
+
+class ModuleHooks:
+    """The same events for ``TrainModule``, without the ``trainer, module`` arguments."""
+
+    def setup(self, stage: str) -> None:
+        """Before anything runs for ``stage``; a good place to build layers lazily."""
+
+    def teardown(self, stage: str) -> None:
+        """After everything for ``stage`` has run."""
+
+    def on_fit_start(self) -> None:
+        """Fit begins."""
+
+    def on_fit_end(self) -> None:
+        """Fit ended."""
+
+    def on_train_start(self) -> None:
+        """Training begins."""
+
+    def on_train_end(self) -> None:
+        """Training ended."""
+
+    def on_train_epoch_start(self) -> None:
+        """A training epoch begins."""
+
+    def on_train_epoch_end(self) -> None:
+        """A training epoch ended."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Before ``training_step``."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After the batch."""
+
+    def on_validation_start(self) -> None:
+        """A validation run begins."""
+
+    def on_validation_end(self) -> None:
+        """A validation run ended."""
+
+    def on_validation_epoch_start(self) -> None:
+        """Validation over the loaders begins."""
+
+    def on_validation_epoch_end(self) -> None:
+        """Validation over the loaders ended."""
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Before ``validation_step``."""
+
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """After ``validation_step``."""
+
+    def on_test_start(self) -> None:
+        """A test run begins."""
+
+    def on_test_end(self) -> None:
+        """A test run ended."""
+
+    def on_test_epoch_start(self) -> None:
+        """Testing over the loaders begins."""
+
+    def on_test_epoch_end(self) -> None:
+        """Testing over the loaders ended."""
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Before ``test_step``."""
+
+    def on_test_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """After ``test_step``."""
+
+    def on_predict_start(self) -> None:
+        """A predict run begins."""
+
+    def on_predict_end(self) -> None:
+        """A predict run ended."""
+
+    def on_predict_epoch_start(self) -> None:
+        """Prediction over the loaders begins."""
+
+    def on_predict_epoch_end(self) -> None:
+        """Prediction over the loaders ended."""
+
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Before ``predict_step``."""
+
+    def on_predict_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """After ``predict_step``."""
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Before ``backward``."""
+
+    def on_after_backward(self) -> None:
+        """After ``backward``."""
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """The window's gradient is complete and unscaled; clipping comes next."""
+
+    def on_before_zero_grad(self, optimizer: Optimizer) -> None:
+        """After ``optimizer.step()``, before the gradients are cleared."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint is about to be written."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint was read."""
+
+    def on_exception(self, exception: BaseException) -> None:
+        """fit/validate/test/predict is about to re-raise ``exception``."""

@@ -1,0 +1,230 @@
+"""``TrainModule``: the user's side of training.
+
+Subclass it, build layers in ``__init__``, and write ``training_step``, optionally
+``validation_step`` / ``test_step`` / ``predict_step``, and ``configure_optimizers``.
+Inside those, ``self.log`` records metrics and ``self.trainer`` / ``self.device`` /
+``self.global_step`` / ``self.current_epoch`` tell where the run stands.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from ember.errors import MisconfigurationError
+from ember.hooks import ModuleHooks
+
+if TYPE_CHECKING:
+    from ember.trainer.trainer import Trainer
+
+
+class HyperParameters(dict[str, Any]):
+    """A dict whose keys also read as attributes: ``self.hparams.lr``."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"No hyperparameter {name!r}; saved: {sorted(self)}"
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+
+class TrainModule(nn.Module, ModuleHooks):
+    """A ``torch.nn.Module`` that knows how to train itself under a ``Trainer``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Plain attributes (object.__setattr__), so nn.Module does not register them.
+        object.__setattr__(self, "_trainer", None)
+        object.__setattr__(self, "hparams", HyperParameters())
+
+    # --- what the user writes -------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        """Return the loss (a scalar tensor), a dict with ``"loss"`` (and optionally
+        ``"num_items"``: the loss is then a sum over that many items), or None to skip."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        """Compute and ``self.log`` validation metrics for one batch."""
+        raise NotImplementedError
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        """Compute and ``self.log`` test metrics for one batch."""
+        raise NotImplementedError
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """Return the prediction for one batch; by default ``self(batch)``."""
+        return self(batch)
+
+    def configure_optimizers(self) -> Any:
+        """Return an optimizer; ``(optimizer, scheduler)``; or ``{"optimizer": ...,
+        "lr_scheduler": scheduler | {"scheduler": ..., "interval": "step" | "epoch",
+        "frequency": 1}}``."""
+        raise NotImplementedError
+
+    def train_dataloader(self) -> Any:
+        """The training loader, when none is passed to ``fit``."""
+        return None
+
+    def val_dataloader(self) -> Any:
+        """The validation loader(s), when none is passed to ``fit`` / ``validate``."""
+        return None
+
+    def test_dataloader(self) -> Any:
+        """The test loader(s), when none is passed to ``test``."""
+        return None
+
+    def predict_dataloader(self) -> Any:
+        """The prediction loader(s), when none is passed to ``predict``."""
+        return None
+
+    # --- where the run stands -----------------------------------------------------------------
+    @property
+    def trainer(self) -> Trainer:
+        """The trainer running this module (an error outside ``fit`` / ``validate`` / ...)."""
+        if self._trainer is None:
+            raise MisconfigurationError(
+                f"{type(self).__name__} is not attached to a Trainer. `self.trainer` and "
+                "`self.log` work inside Trainer.fit / validate / test / predict."
+            )
+        return self._trainer
+
+    @property
+    def device(self) -> torch.device:
+        """The device the module's parameters are on."""
+        for parameter in self.parameters():
+            return parameter.device
+        for buffer in self.buffers():
+            return buffer.device
+        return torch.device("cpu")
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far (0 without a trainer)."""
+        return self._trainer.global_step if self._trainer is not None else 0
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch being run (0 without a trainer)."""
+        return self._trainer.current_epoch if self._trainer is not None else 0
+
+    # --- logging -------------------------------------------------------------------------------
+    def log(
+        self,
+        name: str,
+        value: Tensor | float | Any,
+        *,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        prog_bar: bool = False,
+        logger: bool = True,
+        reduce_fx: str = "mean",
+        sync_dist: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
+        """Record a metric.
+
+        Args:
+            name: the key in ``trainer.callback_metrics`` and in the loggers.
+            value: a number, a one-element tensor, or a ``torchmetrics.Metric`` (computed
+                and reset at epoch end).
+            on_step: record the value of this step (default: True in training hooks,
+                False in validation/test).
+            on_epoch: reduce over the epoch (default: the opposite). Both give two keys,
+                ``name_step`` and ``name_epoch``.
+            prog_bar: show it in the progress bar.
+            logger: send it to the loggers.
+            reduce_fx: "mean" (weighted by batch size), "sum", "min" or "max".
+            sync_dist: reduce over processes at epoch end.
+            batch_size: the weight of this value in the mean (inferred from the batch).
+        """
+        self.trainer._metrics.log(
+            name,
+            value,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            prog_bar=prog_bar,
+            logger=logger,
+            reduce_fx=reduce_fx,
+            sync_dist=sync_dist,
+            batch_size=batch_size,
+        )
+
+    def log_dict(self, metrics: dict[str, Any], **kwargs: Any) -> None:
+        """``self.log`` for every item of ``metrics``, with the same keyword arguments."""
+        if not isinstance(metrics, dict):
+            raise MisconfigurationError(
+                f"self.log_dict expects a dict of name -> value, got {type(metrics).__name__}."
+            )
+        for name, value in metrics.items():
+            self.log(name, value, **kwargs)
+
+    # --- hyperparameters ---------------------------------------------------------------------
+    def save_hyperparameters(self, *names: str, ignore: list[str] | str | None = None) -> None:
+        """Record the arguments of the calling ``__init__`` in ``self.hparams``.
+
+        Args:
+            names: record only these arguments (default: all of them).
+            ignore: arguments to leave out (modules passed in, say).
+
+        The hyperparameters are sent to every logger when training starts (and saved in
+        checkpoints).
+        """
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is None:  # pragma: no cover - only without frame support
+            raise MisconfigurationError("save_hyperparameters could not inspect its caller.")
+        code = caller.f_code
+        count = code.co_argcount + code.co_kwonlyargcount
+        arguments = list(code.co_varnames[:count])
+        values = caller.f_locals
+        collected: dict[str, Any] = {}
+        for argument in arguments:
+            if argument in ("self", "__class__"):
+                continue
+            collected[argument] = values[argument]
+        if code.co_flags & inspect.CO_VARKEYWORDS:
+            collected.update(values[code.co_varnames[count + bool(code.co_flags & inspect.CO_VARARGS)]])
+        ignored = {ignore} if isinstance(ignore, str) else set(ignore or ())
+        if names:
+            unknown = [name for name in names if name not in collected]
+            if unknown:
+                raise MisconfigurationError(
+                    f"save_hyperparameters got {unknown}, which are not arguments of "
+                    f"{type(self).__name__}.__init__; its arguments are {sorted(collected)}."
+                )
+            collected = {name: collected[name] for name in names}
+        self.hparams.update({key: value for key, value in collected.items() if key not in ignored})
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainModule:
+        # A copy (an EMA model, say) must not drag the trainer along.
+        trainer = self._trainer
+        object.__setattr__(self, "_trainer", None)
+        try:
+            cls = type(self)
+            copy = cls.__new__(cls)
+            memo[id(self)] = copy
+            for key, value in self.__dict__.items():
+                object.__setattr__(copy, key, _deepcopy(value, memo))
+            return copy
+        finally:
+            object.__setattr__(self, "_trainer", trainer)
+
+
+def _deepcopy(value: Any, memo: dict[int, Any]) -> Any:
+    import copy
+
+    return copy.deepcopy(value, memo)
+
+
+def overrides(module: nn.Module, method: str) -> bool:
+    """Whether ``module``'s class overrides ``TrainModule.<method>``."""
+    own = getattr(type(module), method, None)
+    return own is not None and own is not getattr(TrainModule, method, None)

@@ -1,0 +1,37 @@
+"""Seeding every random number generator a training run touches."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from ember.errors import MisconfigurationError
+
+_MAX_SEED = 2**32 - 1
+
+
+def seed_everything(seed: int, workers: bool = True) -> int:
+    """Seed Python's ``random``, NumPy and torch (CPU and every CUDA device).
+
+    Args:
+        seed: an integer in ``[0, 2**32 - 1]``.
+        workers: also export ``EMBER_GLOBAL_SEED`` so data-loader worker processes can derive
+            their own seeds from it.
+
+    Returns:
+        The seed, for logging.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+        raise MisconfigurationError(
+            f"`seed={seed!r}` is not supported: it must be an integer in [0, {_MAX_SEED}]."
+        )
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA devices too
+    os.environ["EMBER_GLOBAL_SEED"] = str(seed)
+    if workers:
+        os.environ["EMBER_SEED_WORKERS"] = "1"
+    return seed

@@ -1,0 +1,352 @@
+"""What ``self.log`` received: kept as detached tensors, reduced only when someone reads.
+
+Per batch, ``log`` does a dict lookup and a list append; it never calls ``.item()``. Values
+become floats (one device sync) when the trainer flushes to the loggers every
+``log_every_n_steps`` steps, at the end of an epoch, or when ``callback_metrics`` is read.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ember.accelerator.data import infer_batch_size
+from ember.errors import MisconfigurationError, one_of
+
+REDUCTIONS = ("mean", "sum", "min", "max")
+_FOLD_EVERY = 1024  # fold the per-step values into one running value this often
+
+Reducer = Callable[[Tensor, str], Tensor]
+
+
+def is_metric(value: Any) -> bool:
+    """Whether ``value`` is a ``torchmetrics.Metric`` (without importing torchmetrics)."""
+    module = sys.modules.get("torchmetrics")
+    return module is not None and isinstance(value, module.Metric)
+
+
+def to_float(value: Any) -> float:
+    """A Python float from a number or a one-element tensor."""
+    return float(value.item()) if isinstance(value, Tensor) else float(value)
+
+
+class _Series:
+    """One name logged in one run of a loop, and how to reduce it."""
+
+    __slots__ = (
+        "dataloader_idx",
+        "epoch_key",
+        "logger",
+        "metric",
+        "on_epoch",
+        "on_step",
+        "prog_bar",
+        "reduce_fx",
+        "step_key",
+        "sync_dist",
+        "values",
+        "weights",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        on_step: bool,
+        on_epoch: bool,
+        reduce_fx: str,
+        prog_bar: bool,
+        logger: bool,
+        sync_dist: bool,
+        dataloader_idx: int | None,
+    ) -> None:
+        both = on_step and on_epoch
+        self.step_key = f"{name}_step" if both else name
+        self.epoch_key = f"{name}_epoch" if both else name
+        self.on_step = on_step
+        self.on_epoch = on_epoch
+        self.reduce_fx = reduce_fx
+        self.prog_bar = prog_bar
+        self.logger = logger
+        self.sync_dist = sync_dist
+        self.dataloader_idx = dataloader_idx
+        self.values: list[Any] = []
+        self.weights: list[float] = []
+        self.metric: Any = None
+
+    def add(self, value: Any, weight: float) -> None:
+        self.values.append(value)
+        self.weights.append(weight)
+        if len(self.values) >= _FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        """Replace the stored values by one value with the same reduction (bounded memory)."""
+        if len(self.values) <= 1:
+            return
+        total_weight = sum(self.weights)
+        value = self._reduce_local()
+        self.values = [value]
+        self.weights = [total_weight]
+
+    def _reduce_local(self) -> Tensor:
+        # One stack on the device, one copy to the host, reduced in float64 there: this runs
+        # at epoch end (or every _FOLD_EVERY steps), never per step.
+        tensors = [v.reshape(()).float() for v in self.values if isinstance(v, Tensor)]
+        numbers = [float(v) for v in self.values if not isinstance(v, Tensor)]
+        host: list[Tensor] = []
+        if tensors:
+            host.append(torch.stack(_on_one_device(tensors)).to("cpu", torch.float64))
+        if numbers:
+            host.append(torch.tensor(numbers, dtype=torch.float64))
+        values = torch.cat(host) if len(host) > 1 else host[0]
+        if len(host) > 1:  # restore the order of the weights
+            order = [i for i, v in enumerate(self.values) if isinstance(v, Tensor)]
+            order += [i for i, v in enumerate(self.values) if not isinstance(v, Tensor)]
+            weights = torch.tensor([self.weights[i] for i in order], dtype=torch.float64)
+        else:
+            weights = torch.tensor(self.weights, dtype=torch.float64)
+        if self.reduce_fx == "mean":
+            return (values * weights).sum() / weights.sum()
+        if self.reduce_fx == "sum":
+            return values.sum()
+        if self.reduce_fx == "min":
+            return values.min()
+        return values.max()
+
+    def reduce(self, reducer: Reducer | None) -> float:
+        """The epoch value, over processes when ``sync_dist`` (``reducer`` is the all-reduce)."""
+        if self.metric is not None:
+            return to_float(self.metric.compute())
+        local = self._reduce_local()
+        if reducer is None or not self.sync_dist:
+            return to_float(local)
+        if self.reduce_fx == "mean":
+            weight = torch.as_tensor(sum(self.weights), dtype=torch.float64, device=local.device)
+            total = reducer(local * weight, "sum")
+            return to_float(total / reducer(weight, "sum"))
+        return to_float(reducer(local, self.reduce_fx))
+
+
+def _on_one_device(values: list[Any]) -> list[Any]:
+    devices = {value.device for value in values if isinstance(value, Tensor)}
+    if len(devices) <= 1:
+        return values
+    return [value.cpu() if isinstance(value, Tensor) else value for value in values]
+
+
+class MetricStore:
+    """Everything logged during one run of a loop (a training epoch, a validation run).
+
+    The loop sets ``default_on_step`` / ``default_on_epoch`` for the hook being run,
+    ``batch`` for the batch in flight (its size is inferred only when a mean needs it) and
+    ``dataloader_idx`` when several evaluation loaders run.
+    """
+
+    def __init__(self) -> None:
+        self.series: dict[str, _Series] = {}
+        self.default_on_step = True
+        self.default_on_epoch = False
+        self.batch: Any = None
+        self.dataloader_idx: int | None = None
+        #: latest value of every name, possibly still a tensor until read
+        self._latest: dict[str, Any] = {}
+        #: step values waiting for the next flush to the loggers
+        self._unflushed: dict[str, Any] = {}
+        #: names shown in the progress bar
+        self._prog_bar: set[str] = set()
+        #: values shown in the progress bar only (not in callback_metrics)
+        self._progress_only: dict[str, Any] = {}
+
+    # --- writing -----------------------------------------------------------------------------
+    def log(
+        self,
+        name: str,
+        value: Any,
+        *,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        prog_bar: bool = False,
+        logger: bool = True,
+        reduce_fx: str = "mean",
+        sync_dist: bool = False,
+        batch_size: int | None = None,
+    ) -> None:
+        """Record ``value`` under ``name`` (see ``TrainModule.log``)."""
+        series = self.series.get(self._suffixed(name))
+        if series is None:
+            series = self._new_series(
+                name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist
+            )
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise MisconfigurationError(
+                    f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}; "
+                    "only scalars (one element) can be logged. Reduce it first, e.g. .mean()."
+                )
+            value = value.detach()
+        elif is_metric(value):
+            series.metric = value
+            value = getattr(value, "_forward_cache", None)
+            if value is None:
+                return
+            if isinstance(value, Tensor):
+                value = value.detach()
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...) got a value of type {type(value).__name__}; it accepts "
+                "a number, a one-element tensor or a torchmetrics.Metric."
+            )
+        if series.on_step:
+            self._latest[series.step_key] = value
+            if series.logger:
+                self._unflushed[series.step_key] = value
+        if series.on_epoch and series.metric is None:
+            weight = 1.0
+            if series.reduce_fx == "mean":
+                weight = float(batch_size) if batch_size is not None else self._batch_size()
+            series.add(value, weight)
+
+    def _suffixed(self, name: str) -> str:
+        return name if self.dataloader_idx is None else f"{name}/dataloader_idx_{self.dataloader_idx}"
+
+    def _new_series(
+        self,
+        name: str,
+        value: Any,
+        on_step: bool | None,
+        on_epoch: bool | None,
+        prog_bar: bool,
+        logger: bool,
+        reduce_fx: str,
+        sync_dist: bool,
+    ) -> _Series:
+        if not isinstance(name, str) or not name:
+            raise MisconfigurationError(
+                f"self.log needs a non-empty string name, got {name!r}."
+            )
+        if reduce_fx not in REDUCTIONS:
+            raise MisconfigurationError(one_of("reduce_fx", reduce_fx, REDUCTIONS))
+        on_step = self.default_on_step if on_step is None else on_step
+        on_epoch = self.default_on_epoch if on_epoch is None else on_epoch
+        if not (on_step or on_epoch):
+            raise MisconfigurationError(
+                f"self.log({name!r}, ..., on_step=False, on_epoch=False) would record nothing: "
+                "set on_step=True, on_epoch=True or both."
+            )
+        series = _Series(
+            self._suffixed(name),
+            on_step,
+            on_epoch,
+            reduce_fx,
+            prog_bar,
+            logger,
+            sync_dist,
+            self.dataloader_idx,
+        )
+        self.series[self._suffixed(name)] = series
+        if prog_bar:
+            self._prog_bar.update({series.step_key, series.epoch_key})
+        return series
+
+    def _batch_size(self) -> float:
+        # Inferred lazily and once per batch: most log calls never need it.
+        if not isinstance(self.batch, _SizedBatch):
+            self.batch = _SizedBatch(self.batch)
+        return self.batch.size
+
+    def set_latest(self, key: str, value: Any) -> None:
+        """Record a value the trainer computed itself (``skipped_steps``, say)."""
+        self._latest[key] = value
+
+    def set_progress_only(self, key: str, value: Any) -> None:
+        """Show a value in the progress bar without logging it (the training loss)."""
+        self._progress_only[key] = value
+
+    # --- reading -------------------------------------------------------------------------------
+    def latest(self) -> dict[str, float]:
+        """Every name's latest value as a float (converts pending tensors once)."""
+        for key, value in self._latest.items():
+            if not isinstance(value, float):
+                self._latest[key] = to_float(value)
+        return self._latest  # type: ignore[return-value]
+
+    def progress_bar_metrics(self) -> dict[str, float]:
+        """The latest values of the names logged with ``prog_bar=True``."""
+        latest = self.latest()
+        shown = {key: to_float(value) for key, value in self._progress_only.items()}
+        shown.update((key, latest[key]) for key in latest if key in self._prog_bar)
+        return shown
+
+    def pop_step_metrics(self) -> dict[str, float]:
+        """Step values logged since the last call, as floats, for the loggers."""
+        metrics = {key: to_float(value) for key, value in self._unflushed.items()}
+        self._unflushed.clear()
+        return metrics
+
+    def reduce_epoch(self, reducer: Reducer | None = None) -> tuple[dict[str, float], dict[str, float]]:
+        """Reduce every on_epoch series and reset the logged metrics.
+
+        Returns:
+            ``(all_values, for_loggers)``: every epoch value, and those logged with
+            ``logger=True``.
+        """
+        values: dict[str, float] = {}
+        for_loggers: dict[str, float] = {}
+        for series in self.series.values():
+            if series.on_epoch and (series.values or series.metric is not None):
+                value = series.reduce(reducer)
+                values[series.epoch_key] = value
+                if series.logger:
+                    for_loggers[series.epoch_key] = value
+            if series.metric is not None:
+                series.metric.reset()
+                # Reduced once: a second pass (after the epoch-end hooks) skips it unless the
+                # metric is logged again.
+                series.metric = None
+            series.values, series.weights = [], []
+        self._latest.update(values)
+        return values, for_loggers
+
+    def values_by_dataloader(self, values: dict[str, float]) -> dict[int, dict[str, float]]:
+        """Split epoch values by the evaluation loader they were logged under."""
+        grouped: dict[int, dict[str, float]] = {}
+        for series in self.series.values():
+            if series.epoch_key in values:
+                grouped.setdefault(series.dataloader_idx or 0, {})[series.epoch_key] = values[
+                    series.epoch_key
+                ]
+        return grouped
+
+    def start(self, on_step: bool, on_epoch: bool) -> None:
+        """Begin a new run of a loop: forget its series (the latest values stay)."""
+        self.series = {}
+        self._unflushed.clear()
+        self.default_on_step = on_step
+        self.default_on_epoch = on_epoch
+        self.dataloader_idx = None
+
+    def forget(self, keys: list[str]) -> None:
+        """Drop values that must not survive (those of the sanity check)."""
+        for key in keys:
+            self._latest.pop(key, None)
+            self._unflushed.pop(key, None)
+
+
+class _SizedBatch:
+    """A batch and its lazily computed size."""
+
+    __slots__ = ("batch", "size")
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+        self.size = float(infer_batch_size(batch))
+
+
+def nonfinite(values: dict[str, float]) -> list[str]:
+    """The names whose value is NaN or infinite."""
+    return [key for key, value in values.items() if not math.isfinite(value)]

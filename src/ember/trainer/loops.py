@@ -1,0 +1,280 @@
+"""The loops: plain for-loops over batches that fire events by name.
+
+``fit`` runs ``train_epoch`` until a stopping condition; ``train_epoch`` runs
+``training_batch`` for each batch and ``evaluate`` when validation is due; ``evaluate`` serves
+validation and test; ``predict`` collects ``predict_step`` outputs. The order of events is in
+``ember/hooks.py`` and ``docs/hooks.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ember.errors import MisconfigurationError
+
+if TYPE_CHECKING:
+    from ember.accelerator.data import PreparedDataLoader
+    from ember.trainer.trainer import Trainer
+
+
+def fit(trainer: Trainer) -> None:
+    """Train until ``max_epochs``, ``max_steps`` or ``should_stop``."""
+    trainer._fire("on_fit_start")
+    if trainer.num_sanity_val_steps != 0 and trainer._validation_enabled():
+        trainer.state.sanity_checking = True
+        try:
+            evaluate(trainer, "validation", trainer._val_loaders, sanity=True)
+        finally:
+            trainer.state.sanity_checking = False
+    trainer._fire("on_train_start")
+    while not trainer._fit_done():
+        train_epoch(trainer)
+    trainer._fire("on_train_end")
+    trainer._fire("on_fit_end")
+
+
+def train_epoch(trainer: Trainer) -> None:
+    """One pass over the training loader (or until a stop), then the epoch's bookkeeping."""
+    state = trainer.state
+    module = trainer.module
+    loader = trainer._train_loader
+    metrics = trainer._train_metrics
+    hooks = trainer._hooks
+    loader.set_epoch(state.epoch)
+    metrics.start(on_step=True, on_epoch=False)
+    module.train()
+    trainer._fire("on_train_epoch_start")
+    finished = True
+    batch_idx = -1
+    for batch_idx, batch in enumerate(loader):
+        state.batch_idx = batch_idx
+        metrics.batch = batch
+        for hook in hooks["on_train_batch_start"]:
+            hook(batch, batch_idx)
+        outputs = training_batch(trainer, batch, batch_idx)
+        state.batch_idx = batch_idx + 1
+        state.total_batch_idx += 1
+        for hook in hooks["on_train_batch_end"]:
+            hook(outputs, batch, batch_idx)
+        if trainer._validation_due(batch_idx):
+            evaluate(trainer, "validation", trainer._val_loaders)
+        if state.accumulation_position == 0 and trainer._should_stop_now():
+            finished = batch_idx + 1 == trainer.num_training_batches
+            break
+    if batch_idx < 0:
+        raise MisconfigurationError(
+            "The training loader produced no batch. Check that its dataset is not empty and "
+            "that `limit_train_batches` leaves at least one batch."
+        )
+    metrics.default_on_step, metrics.default_on_epoch = False, True
+    # Epoch values of what the batches logged are ready for on_train_epoch_end; what the
+    # epoch-end hooks log themselves is reduced just after them.
+    _, for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
+    trainer._fire("on_train_epoch_end")
+    _, more_for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
+    trainer._send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
+    if finished:
+        for config in trainer._schedulers:
+            if config.interval == "epoch" and (state.epoch + 1) % config.frequency == 0:
+                trainer._step_scheduler(config, wrapped=False)
+        state.epoch += 1
+        state.batch_idx = 0
+    for logger in trainer.loggers if trainer.is_global_zero else ():
+        logger.save()
+
+
+def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
+    """Forward, backward and, at the window's end, the optimizer step for one batch."""
+    accelerator = trainer.accelerator
+    module = trainer.module
+    state = trainer.state
+    hooks = trainer._hooks
+    with accelerator.accumulate(trainer._model):
+        with accelerator.autocast():
+            outputs = module.training_step(batch, batch_idx)
+        loss, num_items = _loss_of(outputs, batch_idx)
+        if loss is not None:
+            trainer._window_losses.append((batch_idx, loss.detach()))
+            trainer._train_metrics.set_progress_only("loss", trainer._window_losses[-1][1])
+            for hook in hooks["on_before_backward"]:
+                hook(loss)
+            accelerator.backward(loss, num_items=num_items)
+            for hook in hooks["on_after_backward"]:
+                hook()
+    if accelerator.sync_gradients:
+        state.accumulation_position = 0
+        optimizer_step(trainer)
+    else:
+        state.accumulation_position += 1
+    return outputs
+
+
+def _loss_of(outputs: Any, batch_idx: int) -> tuple[Tensor | None, Any]:
+    """The loss and item count in what ``training_step`` returned, checked."""
+    if outputs is None:
+        return None, None
+    num_items = None
+    loss = outputs
+    if isinstance(outputs, Mapping):
+        if "loss" not in outputs:
+            raise MisconfigurationError(
+                f"training_step returned a dict without a 'loss' key (keys: {sorted(outputs)}) "
+                f"at batch {batch_idx}. Put the loss tensor under 'loss', or return None to "
+                "skip the batch."
+            )
+        loss = outputs["loss"]
+        num_items = outputs.get("num_items")
+    if not isinstance(loss, Tensor):
+        raise MisconfigurationError(
+            f"training_step returned a loss of type {type(loss).__name__} at batch {batch_idx}; "
+            "it must be a scalar tensor, a dict with 'loss', or None."
+        )
+    if loss.numel() != 1:
+        raise MisconfigurationError(
+            f"training_step returned a non-scalar loss of shape {tuple(loss.shape)} at batch "
+            f"{batch_idx}; reduce it to one value (e.g. .mean() or .sum())."
+        )
+    if not loss.requires_grad:
+        raise MisconfigurationError(
+            f"The loss returned by training_step at batch {batch_idx} has no gradient "
+            "(requires_grad=False): it was detached, computed under torch.no_grad(), or does "
+            "not depend on any trainable parameter."
+        )
+    return loss, num_items
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    """Close the accumulation window: check the losses, unscale, clip, step, zero."""
+    state = trainer.state
+    losses = trainer._window_losses
+    trainer._window_losses = []
+    optimizer = trainer._optimizer
+    if not losses:  # every batch of the window returned None: nothing to apply
+        return
+    if not _all_finite(losses):
+        _nonfinite_loss(trainer, losses)
+        return
+    hooks = trainer._hooks
+    trainer.accelerator.unscale_gradients()
+    for hook in hooks["on_before_optimizer_step"]:
+        hook(optimizer)
+    trainer._clip_gradients()
+    optimizer.step()
+    for hook in hooks["on_before_zero_grad"]:
+        hook(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    for config in trainer._schedulers:
+        if config.interval == "step" and state.global_step % config.frequency == 0:
+            trainer._step_scheduler(config, wrapped=True)
+    if state.global_step % trainer.log_every_n_steps == 0:
+        trainer._send_to_loggers(trainer._train_metrics.pop_step_metrics())
+
+
+def _all_finite(losses: list[tuple[int, Tensor]]) -> bool:
+    # One host sync per optimizer step, none per batch.
+    if len(losses) == 1:
+        return math.isfinite(losses[0][1].item())
+    return bool(torch.stack([loss.float() for _, loss in losses]).isfinite().all())
+
+
+def _nonfinite_loss(trainer: Trainer, losses: list[tuple[int, Tensor]]) -> None:
+    state = trainer.state
+    batch_idx, loss = next((i, loss) for i, loss in losses if not math.isfinite(loss.item()))
+    if trainer.on_nonfinite_loss == "raise":
+        raise FloatingPointError(
+            f"The loss is {loss.item()} at global step {state.global_step} (epoch {state.epoch}, "
+            f"batch index {batch_idx}). Lower the learning rate, clip gradients, check the inputs "
+            "of that batch, or pass Trainer(on_nonfinite_loss='skip') to drop such updates."
+        )
+    # "skip": drop the whole window's update; the gradient holds NaN/inf, so clear it.
+    trainer._optimizer.optimizer.zero_grad(set_to_none=True)
+    state.skipped_steps += 1
+    trainer._train_metrics.set_latest("skipped_steps", float(state.skipped_steps))
+    trainer._send_to_loggers({"skipped_steps": float(state.skipped_steps)})
+
+
+def evaluate(
+    trainer: Trainer, stage: str, loaders: list[PreparedDataLoader], sanity: bool = False
+) -> list[dict[str, float]]:
+    """Run ``<stage>_step`` over every loader; return one dict of metrics per loader."""
+    module = trainer.module
+    metrics = trainer._eval_metrics
+    hooks = trainer._hooks
+    step = getattr(module, f"{stage}_step")
+    batch_start = hooks[f"on_{stage}_batch_start"]
+    batch_end = hooks[f"on_{stage}_batch_end"]
+    limit = trainer._sanity_limit() if sanity else None
+    several = len(loaders) > 1
+    was_training = module.training
+    previous_metrics = trainer._metrics
+    trainer._metrics = metrics
+    metrics.start(on_step=False, on_epoch=True)
+    module.eval()
+    try:
+        trainer._fire(f"on_{stage}_start")
+        trainer._fire(f"on_{stage}_epoch_start")
+        with torch.no_grad():
+            for dataloader_idx, loader in enumerate(loaders):
+                metrics.dataloader_idx = dataloader_idx if several else None
+                extra = (dataloader_idx,) if several else ()
+                for batch_idx, batch in enumerate(loader):
+                    if limit is not None and batch_idx >= limit:
+                        break
+                    metrics.batch = batch
+                    for hook in batch_start:
+                        hook(batch, batch_idx, *extra)
+                    with trainer.accelerator.autocast():
+                        outputs = step(batch, batch_idx, *extra)
+                    for hook in batch_end:
+                        hook(outputs, batch, batch_idx, *extra)
+        metrics.dataloader_idx = None
+        values, for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
+        trainer._fire(f"on_{stage}_epoch_end")
+        more_values, more_for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
+        values.update(more_values)
+        for_loggers.update(more_for_loggers)
+        trainer.last_eval_metrics = {} if sanity else dict(values)
+        if sanity:
+            metrics.forget(list(values))
+        else:
+            trainer._send_to_loggers({**metrics.pop_step_metrics(), **for_loggers})
+        trainer._fire(f"on_{stage}_end")
+    finally:
+        trainer._metrics = previous_metrics
+        if was_training:
+            module.train()
+    grouped = metrics.values_by_dataloader(values)
+    return [grouped.get(index, {}) for index in range(len(loaders))]
+
+
+def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
+    """``predict_step`` over every loader: a list of outputs (a list of lists for several)."""
+    module = trainer.module
+    hooks = trainer._hooks
+    several = len(loaders) > 1
+    module.eval()
+    results: list[list[Any]] = []
+    trainer._fire("on_predict_start")
+    trainer._fire("on_predict_epoch_start")
+    with torch.no_grad():
+        for dataloader_idx, loader in enumerate(loaders):
+            extra = (dataloader_idx,) if several else ()
+            outputs_of_loader: list[Any] = []
+            for batch_idx, batch in enumerate(loader):
+                for hook in hooks["on_predict_batch_start"]:
+                    hook(batch, batch_idx, *extra)
+                with trainer.accelerator.autocast():
+                    outputs = module.predict_step(batch, batch_idx, *extra)
+                for hook in hooks["on_predict_batch_end"]:
+                    hook(outputs, batch, batch_idx, *extra)
+                outputs_of_loader.append(outputs)
+            results.append(outputs_of_loader)
+    trainer._fire("on_predict_epoch_end")
+    trainer._fire("on_predict_end")
+    return results if several else results[0]

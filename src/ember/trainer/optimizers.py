@@ -1,0 +1,130 @@
+"""Reading what ``configure_optimizers`` returned."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from ember.errors import MisconfigurationError
+
+_ACCEPTED = (
+    "an optimizer; (optimizer, scheduler); [optimizer]; ([optimizer], [scheduler]); or "
+    '{"optimizer": optimizer, "lr_scheduler": scheduler | {"scheduler": scheduler, '
+    '"interval": "step" | "epoch", "frequency": 1}}'
+)
+
+
+@dataclass
+class SchedulerConfig:
+    """A scheduler and when the loop steps it."""
+
+    scheduler: Any
+    interval: str = "epoch"
+    frequency: int = 1
+    monitor: str | None = None
+
+    @property
+    def needs_metric(self) -> bool:
+        """Whether ``step`` takes the monitored value (``ReduceLROnPlateau``)."""
+        return isinstance(self.scheduler, ReduceLROnPlateau)
+
+
+def parse_optimizers(returned: Any) -> tuple[Optimizer, list[SchedulerConfig]]:
+    """The optimizer and its schedulers, with an error that names what was returned."""
+    if isinstance(returned, Optimizer):
+        return returned, []
+    if isinstance(returned, Mapping):
+        return _from_dict(returned)
+    if isinstance(returned, (list, tuple)):
+        if len(returned) == 2 and isinstance(returned[0], (list, tuple)):
+            optimizers, schedulers = list(returned[0]), returned[1]
+            schedulers = list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers]
+        elif returned and isinstance(returned[0], Optimizer):
+            optimizers = [item for item in returned if isinstance(item, Optimizer)]
+            schedulers = [item for item in returned if not isinstance(item, Optimizer)]
+        else:
+            raise _unsupported(returned)
+        if len(optimizers) != 1 or not isinstance(optimizers[0], Optimizer):
+            raise MisconfigurationError(
+                f"configure_optimizers returned {len(optimizers)} optimizers "
+                f"({_describe(returned)}); the Trainer drives exactly one. Put every parameter "
+                "group in one optimizer, or write your own loop with `Accelerator`."
+            )
+        return optimizers[0], [_scheduler_config(item) for item in schedulers]
+    raise _unsupported(returned)
+
+
+def _from_dict(returned: Mapping[str, Any]) -> tuple[Optimizer, list[SchedulerConfig]]:
+    unknown = set(returned) - {"optimizer", "lr_scheduler", "monitor"}
+    if unknown or not isinstance(returned.get("optimizer"), Optimizer):
+        raise _unsupported(returned)
+    schedulers = []
+    if returned.get("lr_scheduler") is not None:
+        config = _scheduler_config(returned["lr_scheduler"])
+        if config.monitor is None:
+            config.monitor = returned.get("monitor")
+        schedulers.append(config)
+    return returned["optimizer"], schedulers
+
+
+def _scheduler_config(item: Any) -> SchedulerConfig:
+    if isinstance(item, Mapping):
+        unknown = set(item) - {"scheduler", "interval", "frequency", "monitor", "name"}
+        if unknown:
+            raise MisconfigurationError(
+                f"The lr_scheduler dict has unknown keys {sorted(unknown)}; accepted keys: "
+                "'scheduler', 'interval', 'frequency', 'monitor', 'name'."
+            )
+        if "scheduler" not in item:
+            raise MisconfigurationError(
+                "The lr_scheduler dict needs a 'scheduler' key holding the scheduler object."
+            )
+        config = SchedulerConfig(
+            item["scheduler"],
+            item.get("interval", "epoch"),
+            item.get("frequency", 1),
+            item.get("monitor"),
+        )
+    else:
+        config = SchedulerConfig(item)
+    if not isinstance(config.scheduler, (LRScheduler, ReduceLROnPlateau)):
+        raise MisconfigurationError(
+            f"configure_optimizers returned a scheduler of type "
+            f"{type(config.scheduler).__name__}; expected a torch.optim.lr_scheduler scheduler."
+        )
+    if config.interval not in ("step", "epoch"):
+        raise MisconfigurationError(
+            f"lr_scheduler `interval={config.interval!r}` is not supported. Accepted values: "
+            "'step', 'epoch'."
+        )
+    if not isinstance(config.frequency, int) or isinstance(config.frequency, bool) or config.frequency < 1:
+        raise MisconfigurationError(
+            f"lr_scheduler `frequency={config.frequency!r}` is not supported: it must be an "
+            "integer >= 1."
+        )
+    if config.needs_metric and config.monitor is None:
+        raise MisconfigurationError(
+            "ReduceLROnPlateau needs the name of the metric it watches: return "
+            '{"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}.'
+        )
+    return config
+
+
+def _describe(returned: Any) -> str:
+    if isinstance(returned, (list, tuple)):
+        inner = ", ".join(type(item).__name__ for item in returned)
+        return f"{type(returned).__name__}[{inner}]"
+    if isinstance(returned, Mapping):
+        return "dict with keys " + ", ".join(repr(key) for key in returned)
+    return type(returned).__name__
+
+
+def _unsupported(returned: Any) -> MisconfigurationError:
+    return MisconfigurationError(
+        f"configure_optimizers returned {_describe(returned)}, which is not supported. "
+        f"Return {_ACCEPTED}."
+    )

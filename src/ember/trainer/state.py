@@ -1,0 +1,46 @@
+"""Loop progress: everything the loop needs to continue exactly where it stopped.
+
+It is one dataclass so a checkpoint saves and restores it whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class LoopState:
+    """Where fit stands.
+
+    Attributes:
+        epoch: the current epoch (0-based), incremented after each finished epoch.
+        global_step: optimizer steps taken over the whole run.
+        batch_idx: batches of the current epoch already processed.
+        accumulation_position: batches of the open accumulation window already processed
+            (0 when the last processed batch closed its window).
+        total_batch_idx: training batches processed over the whole run.
+        skipped_steps: updates dropped because a loss was not finite (``"skip"`` mode).
+        stage: "fit", "validate", "test", "predict" or None between calls.
+        sanity_checking: True during the validation sanity check before training.
+    """
+
+    epoch: int = 0
+    global_step: int = 0
+    batch_idx: int = 0
+    accumulation_position: int = 0
+    total_batch_idx: int = 0
+    skipped_steps: int = 0
+    stage: str | None = None
+    sanity_checking: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every field, as plain Python values."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the fields saved by ``state_dict`` (unknown keys are ignored)."""
+        names = {field.name for field in fields(self)}
+        for key, value in state.items():
+            if key in names:
+                setattr(self, key, value)
