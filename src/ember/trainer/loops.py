@@ -8,6 +8,7 @@ validation and test; ``predict`` collects ``predict_step`` outputs. The order of
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,7 @@ def evaluate(
     batch_end = hooks[f"on_{stage}_batch_end"]
     limit = trainer._sanity_limit() if sanity else None
     several = len(loaders) > 1
+    pass_index = several and takes_dataloader_idx(step)
     was_training = module.training
     previous_metrics = trainer._metrics
     trainer._metrics = metrics
@@ -223,6 +225,7 @@ def evaluate(
             for dataloader_idx, loader in enumerate(loaders):
                 metrics.dataloader_idx = dataloader_idx if several else None
                 extra = (dataloader_idx,) if several else ()
+                step_extra = extra if pass_index else ()
                 for batch_idx, batch in enumerate(loader):
                     if limit is not None and batch_idx >= limit:
                         break
@@ -230,7 +233,7 @@ def evaluate(
                     for hook in batch_start:
                         hook(batch, batch_idx, *extra)
                     with trainer.accelerator.autocast():
-                        outputs = step(batch, batch_idx, *extra)
+                        outputs = step(batch, batch_idx, *step_extra)
                     for hook in batch_end:
                         hook(outputs, batch, batch_idx, *extra)
         metrics.dataloader_idx = None
@@ -253,11 +256,32 @@ def evaluate(
     return [grouped.get(index, {}) for index in range(len(loaders))]
 
 
+def takes_dataloader_idx(step: Any) -> bool:
+    """Whether a ``*_step`` method accepts a third argument, ``dataloader_idx``.
+
+    With several loaders it is passed only to steps that take it; the logged names are
+    suffixed with ``/dataloader_idx_N`` either way.
+    """
+    try:
+        parameters = list(inspect.signature(step).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return True
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) >= 3
+
+
 def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
     """``predict_step`` over every loader: a list of outputs (a list of lists for several)."""
     module = trainer.module
     hooks = trainer._hooks
     several = len(loaders) > 1
+    pass_index = several and takes_dataloader_idx(module.predict_step)
     module.eval()
     results: list[list[Any]] = []
     trainer._fire("on_predict_start")
@@ -265,12 +289,13 @@ def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
     with torch.no_grad():
         for dataloader_idx, loader in enumerate(loaders):
             extra = (dataloader_idx,) if several else ()
+            step_extra = extra if pass_index else ()
             outputs_of_loader: list[Any] = []
             for batch_idx, batch in enumerate(loader):
                 for hook in hooks["on_predict_batch_start"]:
                     hook(batch, batch_idx, *extra)
                 with trainer.accelerator.autocast():
-                    outputs = module.predict_step(batch, batch_idx, *extra)
+                    outputs = module.predict_step(batch, batch_idx, *step_extra)
                 for hook in hooks["on_predict_batch_end"]:
                     hook(outputs, batch, batch_idx, *extra)
                 outputs_of_loader.append(outputs)

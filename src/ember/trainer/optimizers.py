@@ -26,11 +26,12 @@ class SchedulerConfig:
     interval: str = "epoch"
     frequency: int = 1
     monitor: str | None = None
+    #: Whether ``step`` takes the monitored value (``ReduceLROnPlateau``); decided before the
+    #: scheduler is wrapped.
+    needs_metric: bool = False
 
-    @property
-    def needs_metric(self) -> bool:
-        """Whether ``step`` takes the monitored value (``ReduceLROnPlateau``)."""
-        return isinstance(self.scheduler, ReduceLROnPlateau)
+    def __post_init__(self) -> None:
+        self.needs_metric = isinstance(self.scheduler, ReduceLROnPlateau)
 
 
 def parse_optimizers(returned: Any) -> tuple[Optimizer, list[SchedulerConfig]]:

@@ -1,0 +1,192 @@
+"""The exact order of events; docs/hooks.md documents the same order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ember import Callback, Trainer
+from ember.hooks import EVENTS, Callback as BaseCallback, ModuleHooks
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader
+
+
+def _recorder(events: list[str], prefix: str) -> Any:
+    def make(name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            events.append(f"{prefix}{name}")
+
+        return record
+
+    return make
+
+
+class RecordingCallback(Callback):
+    """A callback that records every event it receives."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+
+
+class RecordingModule(TinyModule):
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.events.append("training_step")
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.events.append("validation_step")
+        super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.events.append("test_step")
+        super().test_step(batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        self.events.append("predict_step")
+        return super().predict_step(batch, batch_idx)
+
+    def configure_optimizers(self) -> Any:
+        self.events.append("configure_optimizers")
+        return super().configure_optimizers()
+
+
+for _event in EVENTS:
+    setattr(
+        RecordingCallback,
+        _event,
+        (lambda name: lambda self, *args: self.events.append(f"Callback.{name}"))(_event),
+    )
+    setattr(
+        RecordingModule,
+        _event,
+        (lambda name: lambda self, *args: self.events.append(name))(_event),
+    )
+
+
+def _both(name: str) -> list[str]:
+    return [f"Callback.{name}", name]
+
+
+def _validation(batches: int) -> list[str]:
+    order = _both("on_validation_start") + _both("on_validation_epoch_start")
+    for _ in range(batches):
+        order += _both("on_validation_batch_start")
+        order += ["validation_step"]
+        order += _both("on_validation_batch_end")
+    return order + _both("on_validation_epoch_end") + _both("on_validation_end")
+
+
+def _train_batch(closes_window: bool) -> list[str]:
+    order = _both("on_train_batch_start") + ["training_step"]
+    order += _both("on_before_backward") + _both("on_after_backward")
+    if closes_window:
+        order += _both("on_before_optimizer_step") + _both("on_before_zero_grad")
+    return order + _both("on_train_batch_end")
+
+
+def test_fit_event_order() -> None:
+    events: list[str] = []
+    trainer = Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        num_sanity_val_steps=1,
+        callbacks=[RecordingCallback(events)],
+        **bare_trainer_kwargs(),
+    )
+    trainer.fit(RecordingModule(events), loader(24, batch_size=8), loader(16, batch_size=8))
+    expected = _both("setup") + ["configure_optimizers"] + _both("on_fit_start")
+    expected += _validation(batches=1)  # the sanity check
+    expected += _both("on_train_start") + _both("on_train_epoch_start")
+    # 3 batches, windows of 2: the first closes at batch 1, the short last one at batch 2.
+    expected += _train_batch(False) + _train_batch(True) + _train_batch(True)
+    expected += _validation(batches=2)
+    expected += _both("on_train_epoch_end") + _both("on_train_end") + _both("on_fit_end")
+    expected += _both("teardown")
+    assert events == expected
+
+
+def test_validate_test_predict_event_order() -> None:
+    events: list[str] = []
+    trainer = Trainer(callbacks=[RecordingCallback(events)], **bare_trainer_kwargs())
+    module = RecordingModule(events)
+    trainer.validate(module, loader(8, batch_size=8))
+    assert events == _both("setup") + _validation(batches=1) + _both("teardown")
+
+    events.clear()
+    trainer.test(module, loader(8, batch_size=8))
+    expected = _both("setup") + _both("on_test_start") + _both("on_test_epoch_start")
+    expected += _both("on_test_batch_start") + ["test_step"] + _both("on_test_batch_end")
+    expected += _both("on_test_epoch_end") + _both("on_test_end") + _both("teardown")
+    assert events == expected
+
+    events.clear()
+    trainer.predict(module, loader(8, batch_size=8))
+    expected = _both("setup") + _both("on_predict_start") + _both("on_predict_epoch_start")
+    expected += _both("on_predict_batch_start") + ["predict_step"]
+    expected += _both("on_predict_batch_end")
+    expected += _both("on_predict_epoch_end") + _both("on_predict_end") + _both("teardown")
+    assert events == expected
+
+
+def test_exception_fires_on_exception_then_teardown() -> None:
+    events: list[str] = []
+
+    class Failing(RecordingModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            raise RuntimeError("boom")
+
+    trainer = Trainer(max_epochs=1, callbacks=[RecordingCallback(events)], **bare_trainer_kwargs())
+    try:
+        trainer.fit(Failing(events), loader(8, batch_size=8))
+    except RuntimeError as error:
+        assert str(error) == "boom"
+    else:  # pragma: no cover
+        raise AssertionError("fit should have raised")
+    assert events[-4:] == _both("on_exception") + _both("teardown")
+
+
+def test_every_event_has_a_noop_on_both_bases() -> None:
+    for event in EVENTS:
+        assert callable(getattr(BaseCallback, event)), event
+        assert callable(getattr(ModuleHooks, event)), event
+    documented = open(_docs_path()).read()
+    for event in EVENTS:
+        assert f"`{event}" in documented, f"{event} is missing from docs/hooks.md"
+
+
+def test_hooks_receive_their_arguments() -> None:
+    seen: dict[str, Any] = {}
+
+    class Inspect(Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            seen["outputs"] = outputs
+            seen["batch_idx"] = batch_idx
+            seen["trainer"] = trainer
+
+        def on_before_backward(self, trainer: Any, module: Any, loss: torch.Tensor) -> None:
+            seen["loss_requires_grad"] = loss.requires_grad
+
+        def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+            seen["optimizer"] = optimizer
+
+        def setup(self, trainer: Any, module: Any, stage: str) -> None:
+            seen["stage"] = stage
+
+    trainer = Trainer(max_epochs=1, callbacks=[Inspect()], **bare_trainer_kwargs())
+    trainer.fit(TinyModule(), loader(16, batch_size=8))
+    assert seen["stage"] == "fit"
+    assert seen["batch_idx"] == 1
+    assert seen["trainer"] is trainer
+    assert isinstance(seen["outputs"], torch.Tensor)
+    assert seen["loss_requires_grad"] is True
+    assert isinstance(seen["optimizer"], torch.optim.Optimizer)
+
+
+def _docs_path() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[1] / "docs" / "hooks.md")
