@@ -12,7 +12,13 @@ from typing import Any
 
 
 class Logger(ABC):
-    """Base class of loggers: subclass it to send metrics anywhere."""
+    """Base class of loggers: subclass it to send metrics anywhere.
+
+    Implement ``name``, ``version``, ``log_metrics`` and ``log_hyperparams``; override
+    ``log_dir`` when the logger writes local files, ``save`` when it buffers, and
+    ``finalize`` when it holds something to close (call ``self.save()`` there, or
+    ``super().finalize(status)``).
+    """
 
     @property
     @abstractmethod

@@ -1,0 +1,179 @@
+"""``CSVLogger``: metrics in ``metrics.csv`` and hyperparameters in ``hparams.yaml``.
+
+Needs only the standard library and pyyaml, so it is the logger that always works.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from ember.errors import MisconfigurationError
+from ember.loggers._files import VersionedFolder, open_atomically, write_hparams_yaml
+from ember.loggers.base import Logger
+
+METRICS_FILE = "metrics.csv"
+STEP_COLUMN = "step"
+
+
+class CSVLogger(Logger):
+    """Write metrics to ``save_dir/name/version_N/metrics.csv`` and hparams to ``hparams.yaml``.
+
+    The CSV has a ``step`` column, then one column per metric name in the order the names
+    first appeared. A name that appears later extends the header: the file is rewritten once
+    with the new header and the older rows get empty cells there.
+
+    Rows are kept in memory and written by ``save()`` and ``finalize()``, and whenever
+    ``flush_every`` rows are waiting, so a ``log_metrics`` call costs a dict update. Calls
+    that follow each other with the same ``step`` are merged into one row, unless they name
+    the same metric (the second value gets a row of its own rather than overwriting the
+    first) or the first row was already written.
+
+    Creating the logger touches nothing on disk. The version folder is picked and created on
+    first use: the first read of ``version`` or ``log_dir``, or the first write. When
+    ``metrics.csv`` already exists there (an explicit ``version`` reused, e.g. on resume),
+    new rows are appended to it.
+
+    Args:
+        save_dir: the folder holding all experiments.
+        name: the experiment's folder inside ``save_dir`` ("" puts versions in ``save_dir``).
+        version: ``None`` for the next free ``version_N``; an int ``N`` for ``version_N``; a
+            str used as the folder name.
+        flush_every: write the buffered rows once this many are waiting.
+
+    Example:
+        >>> logger = CSVLogger("logs")  # logs/ember/version_0/metrics.csv on first use
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str],
+        name: str = "ember",
+        version: int | str | None = None,
+        flush_every: int = 100,
+    ) -> None:
+        if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
+            raise MisconfigurationError(
+                f"`flush_every={flush_every!r}` is not accepted; pass an int >= 1 "
+                "(the number of buffered rows that triggers a write)."
+            )
+        self._folder = VersionedFolder(save_dir, name, version)
+        self.flush_every = flush_every
+        self._rows: list[dict[str, float]] = []
+        # The header of metrics.csv as it is on disk; None until the first write looks.
+        self._columns: list[str] | None = None
+        self._hparams: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """The experiment's folder name inside ``save_dir``."""
+        return self._folder.name
+
+    @property
+    def version(self) -> int | str:
+        """``N`` of ``version_N`` (picked on first read), or the str version that was given."""
+        return self._folder.version
+
+    @property
+    def log_dir(self) -> str:
+        """The version folder, ``save_dir/name/version_N``; created on first read."""
+        return str(self._folder.path)
+
+    @property
+    def metrics_file(self) -> Path:
+        """Where the metrics are written: ``log_dir/metrics.csv``."""
+        return self._folder.path / METRICS_FILE
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer ``metrics`` as a row at ``step``; see the class docstring for merging."""
+        if not metrics:
+            return
+        if STEP_COLUMN in metrics:
+            raise MisconfigurationError(
+                f"A metric is named {STEP_COLUMN!r}, which is the CSV's own step column. "
+                "Log it under another name, e.g. 'my_step'."
+            )
+        row = {name: _as_number(name, value) for name, value in metrics.items()}
+        last = self._rows[-1] if self._rows else None
+        if last is not None and last[STEP_COLUMN] == step and last.keys().isdisjoint(row):
+            last.update(row)
+        else:
+            self._rows.append({STEP_COLUMN: int(step), **row})
+        if len(self._rows) >= self.flush_every:
+            self.save()
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        """Write ``params`` to ``hparams.yaml`` now (merged with those of earlier calls).
+
+        Values YAML cannot hold are converted: one-element tensors to numbers, paths to
+        str, other objects to their ``repr``.
+        """
+        self._hparams.update(params)
+        write_hparams_yaml(self._folder.path, self._hparams)
+
+    def save(self) -> None:
+        """Write the buffered rows to ``metrics.csv``."""
+        if not self._rows:
+            return
+        path = self.metrics_file
+        if self._columns is None:
+            self._columns = _read_header(path)
+        known = set(self._columns)
+        new_columns: list[str] = []
+        for row in self._rows:
+            for column in row:
+                if column not in known:
+                    known.add(column)
+                    new_columns.append(column)
+        if new_columns or not path.exists():
+            self._rewrite(path, self._columns + new_columns)
+        else:
+            with path.open("a", encoding="utf-8", newline="") as file:
+                csv.DictWriter(file, fieldnames=self._columns, restval="").writerows(self._rows)
+        self._rows.clear()
+
+    def finalize(self, status: str) -> None:
+        """Write what is still buffered; the ``status`` does not change what is written."""
+        self.save()
+
+    def _rewrite(self, path: Path, columns: list[str]) -> None:
+        """Write ``columns`` as the header, the file's old rows padded, then the buffer."""
+        old_width = len(self._columns or [])
+        padding = [""] * (len(columns) - old_width)
+        with open_atomically(path) as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            if old_width and path.exists():
+                # Stream the old rows: a long run's file need not fit in memory twice.
+                with path.open(encoding="utf-8", newline="") as old_file:
+                    reader = csv.reader(old_file)
+                    next(reader, None)
+                    for old_row in reader:
+                        writer.writerow(old_row + padding)
+            csv.DictWriter(file, fieldnames=columns, restval="").writerows(self._rows)
+        self._columns = columns
+
+
+def _read_header(path: Path) -> list[str]:
+    """The first row of an existing CSV file, or [] when there is none."""
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8", newline="") as file:
+        return next(csv.reader(file), [])
+
+
+def _as_number(name: str, value: Any) -> float:
+    """``value`` as a Python number; ints stay ints so that e.g. ``epoch`` reads as ``3``."""
+    if type(value) in (int, float):
+        return value
+    try:
+        if hasattr(value, "item"):
+            value = value.item()  # a one-element tensor or a numpy scalar
+        return value if isinstance(value, int) and not isinstance(value, bool) else float(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise MisconfigurationError(
+            f"The metric {name!r} has the value {value!r} ({type(value).__name__}); loggers "
+            "accept numbers and one-element tensors. Log a number instead."
+        ) from error

@@ -1,0 +1,197 @@
+"""``TensorBoardLogger``: event files that TensorBoard reads, plus ``hparams.yaml``.
+
+Needs the ``tensorboard`` package (``pip install "ember[tensorboard]"``). It is imported when
+the writer is first needed, never when ``ember.loggers`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ember.loggers._files import (
+    VersionedFolder,
+    is_installed,
+    missing_extra_message,
+    require,
+    sanitize,
+    write_hparams_yaml,
+)
+from ember.loggers.base import Logger
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+_LOGGER = "TensorBoardLogger"
+# The Trainer's run statuses as the HParams plugin's; "interrupted" is neither outcome.
+_SESSION_STATUS = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
+
+
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package is installed (checked without importing it)."""
+    return is_installed("tensorboard")
+
+
+class TensorBoardLogger(Logger):
+    """Write scalars and hyperparameters to event files in ``save_dir/name/version_N``.
+
+    Each metric is a scalar under its logged name at the given step. Hyperparameters go to
+    TensorBoard's HParams tab (nested dicts flattened to ``outer/inner``) and to
+    ``hparams.yaml`` next to the event files.
+
+    Creating the logger checks that ``tensorboard`` is installed, without importing it, and
+    touches nothing on disk. The version folder is picked and created on first use, like
+    ``CSVLogger``'s; the ``SummaryWriter`` is created on the first write or ``experiment`` read.
+
+    Args:
+        save_dir: the folder holding all experiments (what ``tensorboard --logdir`` takes).
+        name: the experiment's folder inside ``save_dir`` ("" puts versions in ``save_dir``).
+        version: ``None`` for the next free ``version_N``; an int ``N`` for ``version_N``; a
+            str used as the folder name.
+
+    Raises:
+        ModuleNotFoundError: ``tensorboard`` is not installed; the message names the
+            ``pip install`` to run.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str],
+        name: str = "ember",
+        version: int | str | None = None,
+    ) -> None:
+        require("tensorboard", "tensorboard", _LOGGER)
+        self._folder = VersionedFolder(save_dir, name, version)
+        self._writer: SummaryWriter | None = None
+        self._hparams: dict[str, Any] = {}
+        self._hparams_in_events = False
+
+    @property
+    def name(self) -> str:
+        """The experiment's folder name inside ``save_dir``."""
+        return self._folder.name
+
+    @property
+    def version(self) -> int | str:
+        """``N`` of ``version_N`` (picked on first read), or the str version that was given."""
+        return self._folder.version
+
+    @property
+    def log_dir(self) -> str:
+        """The version folder holding the event files; created on first read."""
+        return str(self._folder.path)
+
+    @property
+    def experiment(self) -> SummaryWriter:
+        """The ``torch.utils.tensorboard.SummaryWriter``, created on first read.
+
+        Use it for what ``log_metrics`` does not cover, e.g. ``add_histogram`` or ``add_image``.
+        """
+        if self._writer is None:
+            try:
+                import tensorboard  # noqa: F401  (torch's own check raises a vaguer error)
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ModuleNotFoundError(
+                    missing_extra_message("tensorboard", "tensorboard", _LOGGER),
+                    name="tensorboard",
+                ) from error
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return self._writer
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Add each metric as a scalar under its name at ``step``."""
+        writer = self.experiment
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, global_step=step)
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        """Write ``params`` to ``hparams.yaml`` now and to the HParams tab at the next save.
+
+        Later calls merge into earlier ones. TensorBoard keeps only the first hyperparameters
+        written to a run, so the HParams tab shows those logged before the first ``save()``
+        or ``finalize()``; ``hparams.yaml`` always holds all of them. Values are sanitized
+        like ``CSVLogger``'s; in the HParams tab, lists, bools and None are shown as text.
+        """
+        self._hparams.update(params)
+        write_hparams_yaml(self._folder.path, self._hparams)
+
+    def save(self) -> None:
+        """Write the hyperparameters' summary if not yet done, and flush pending events."""
+        self._write_hparams_summary()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def finalize(self, status: str) -> None:
+        """Record ``status`` in the HParams tab (if hparams were logged); close the writer.
+
+        A later write opens a new event file in the same folder.
+        """
+        self._write_hparams_summary()
+        if self._writer is None:
+            return
+        if self._hparams:
+            self._file_writer().add_summary(_session_end_summary(status))
+        self._writer.close()
+        self._writer = None
+
+    def _write_hparams_summary(self) -> None:
+        """Write the HParams tab's summaries once per logger, when there are hparams."""
+        if self._hparams_in_events or not self._hparams:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        # No metrics are declared: the HParams tab then lists the hyperparameters of each
+        # run, and the scalars stay in the Scalars tab. torch's session-end summary says
+        # "success" before the run has ended; finalize() writes the real status instead.
+        experiment, session_start, _ = hparams(_flatten(sanitize(self._hparams)), metric_dict={})
+        file_writer = self._file_writer()
+        file_writer.add_summary(experiment)
+        file_writer.add_summary(session_start)
+        self._hparams_in_events = True
+
+    def _file_writer(self) -> Any:
+        # torch annotates `file_writer` by its first value, None; the constructor sets it.
+        return self.experiment.file_writer
+
+
+def _session_end_summary(status: str) -> Any:
+    """The HParams plugin's "session ended" summary with ``status`` and the time now."""
+    # Built by hand: tensorboard's own helper for it imports tensorflow.
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams.api_pb2 import Status
+    from tensorboard.plugins.hparams.metadata import (
+        PLUGIN_DATA_VERSION,
+        PLUGIN_NAME,
+        SESSION_END_INFO_TAG,
+    )
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
+
+    session_end = SessionEndInfo(
+        status=Status.Value(_SESSION_STATUS.get(status, "STATUS_UNKNOWN")),
+        end_time_secs=time.time(),
+    )
+    content = HParamsPluginData(session_end_info=session_end, version=PLUGIN_DATA_VERSION)
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name=PLUGIN_NAME, content=content.SerializeToString()
+        )
+    )
+    return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``outer/inner`` keys; values TensorBoard cannot show become str."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, prefix=f"{name}/"))
+        elif isinstance(value, int | float | str) and not isinstance(value, bool):
+            flat[name] = value
+        else:
+            # TensorBoard would show a bool as 1.0 and drop None: text reads as it was given.
+            flat[name] = str(value)
+    return flat
