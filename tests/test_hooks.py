@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ember import Callback, Trainer
-from ember.hooks import EVENTS, Callback as BaseCallback, ModuleHooks
+from ember.hooks import EVENTS, ModuleHooks
+from ember.hooks import Callback as BaseCallback
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
 
@@ -153,7 +155,7 @@ def test_every_event_has_a_noop_on_both_bases() -> None:
     for event in EVENTS:
         assert callable(getattr(BaseCallback, event)), event
         assert callable(getattr(ModuleHooks, event)), event
-    documented = open(_docs_path()).read()
+    documented = _docs_path().read_text()
     for event in EVENTS:
         assert f"`{event}" in documented, f"{event} is missing from docs/hooks.md"
 
@@ -162,7 +164,9 @@ def test_hooks_receive_their_arguments() -> None:
     seen: dict[str, Any] = {}
 
     class Inspect(Callback):
-        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             seen["outputs"] = outputs
             seen["batch_idx"] = batch_idx
             seen["trainer"] = trainer
@@ -186,7 +190,5 @@ def test_hooks_receive_their_arguments() -> None:
     assert isinstance(seen["optimizer"], torch.optim.Optimizer)
 
 
-def _docs_path() -> str:
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parents[1] / "docs" / "hooks.md")
+def _docs_path() -> Path:
+    return Path(__file__).resolve().parents[1] / "docs" / "hooks.md"

@@ -315,7 +315,9 @@ class ModuleHooks:
     def on_validation_epoch_end(self) -> None:
         """Validation over the loaders ended."""
 
-    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         """Before ``validation_step``."""
 
     def on_validation_batch_end(

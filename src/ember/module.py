@@ -28,9 +28,7 @@ class HyperParameters(dict[str, Any]):
         try:
             return self[name]
         except KeyError:
-            raise AttributeError(
-                f"No hyperparameter {name!r}; saved: {sorted(self)}"
-            ) from None
+            raise AttributeError(f"No hyperparameter {name!r}; saved: {sorted(self)}") from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         self[name] = value
@@ -38,6 +36,9 @@ class HyperParameters(dict[str, Any]):
 
 class TrainModule(nn.Module, ModuleHooks):
     """A ``torch.nn.Module`` that knows how to train itself under a ``Trainer``."""
+
+    _trainer: Trainer | None
+    hparams: HyperParameters
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,7 +192,9 @@ class TrainModule(nn.Module, ModuleHooks):
                 continue
             collected[argument] = values[argument]
         if code.co_flags & inspect.CO_VARKEYWORDS:
-            collected.update(values[code.co_varnames[count + bool(code.co_flags & inspect.CO_VARARGS)]])
+            collected.update(
+                values[code.co_varnames[count + bool(code.co_flags & inspect.CO_VARARGS)]]
+            )
         ignored = {ignore} if isinstance(ignore, str) else set(ignore or ())
         if names:
             unknown = [name for name in names if name not in collected]

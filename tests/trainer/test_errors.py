@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import MisconfigurationError, TrainModule, Trainer
+from ember import MisconfigurationError, Trainer, TrainModule
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
 
@@ -20,7 +20,10 @@ from tests.helpers import TinyModule, bare_trainer_kwargs, loader
         ({"strategy": "deepspeed"}, ["strategy='deepspeed'", "'ddp'"]),
         ({"strategy": "ddp"}, ["strategy='ddp'", "not available"]),
         ({"accelerator": "tpu"}, ["accelerator='tpu'", "'cuda'"]),
-        ({"gradient_clip_algorithm": "max"}, ["gradient_clip_algorithm='max'", "'norm'", "'value'"]),
+        (
+            {"gradient_clip_algorithm": "max"},
+            ["gradient_clip_algorithm='max'", "'norm'", "'value'"],
+        ),
         ({"gradient_clip_val": -1.0}, ["gradient_clip_val=-1.0"]),
         ({"accumulate_grad_batches": 0}, ["accumulate_grad_batches=0", ">= 1"]),
         ({"accumulate_grad_batches": 2.5}, ["accumulate_grad_batches=2.5"]),
@@ -86,7 +89,9 @@ def test_module_without_configure_optimizers() -> None:
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             return torch.zeros((), requires_grad=True)
 
-    with pytest.raises(MisconfigurationError, match="NoOptimizer does not define configure_optimizers"):
+    with pytest.raises(
+        MisconfigurationError, match="NoOptimizer does not define configure_optimizers"
+    ):
         _fit(NoOptimizer())
 
 
@@ -102,21 +107,30 @@ def test_not_a_train_module() -> None:
         (lambda m: "adam", "returned str"),
         (lambda m: {"opt": torch.optim.SGD(m.parameters(), lr=0.1)}, "dict with keys 'opt'"),
         (
-            lambda m: [torch.optim.SGD(m.parameters(), lr=0.1), torch.optim.SGD(m.parameters(), lr=0.1)],
+            lambda m: [
+                torch.optim.SGD(m.parameters(), lr=0.1),
+                torch.optim.SGD(m.parameters(), lr=0.1),
+            ],
             "2 optimizers",
         ),
         (lambda m: (torch.optim.SGD(m.parameters(), lr=0.1), "cosine"), "scheduler of type str"),
         (
             lambda m: {
                 "optimizer": (opt := torch.optim.SGD(m.parameters(), lr=0.1)),
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "interval": "batch"},
+                "lr_scheduler": {
+                    "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
+                    "interval": "batch",
+                },
             },
             "interval='batch'",
         ),
         (
             lambda m: {
                 "optimizer": (opt := torch.optim.SGD(m.parameters(), lr=0.1)),
-                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(opt, 1), "frequency": 0},
+                "lr_scheduler": {
+                    "scheduler": torch.optim.lr_scheduler.StepLR(opt, 1),
+                    "frequency": 0,
+                },
             },
             "frequency=0",
         ),
@@ -141,7 +155,9 @@ def test_unsupported_configure_optimizers(returned: Any, fragment: str) -> None:
         def configure_optimizers(self) -> Any:
             return returned(self)
 
-    with pytest.raises(MisconfigurationError, match="configure_optimizers|lr_scheduler|ReduceLROnPlateau") as error:
+    with pytest.raises(
+        MisconfigurationError, match="configure_optimizers|lr_scheduler|ReduceLROnPlateau"
+    ) as error:
         _fit(Odd())
     assert fragment in str(error.value)
 

@@ -37,7 +37,9 @@ def _big_batches(samples: int, sizes: list[int]) -> list[tuple[Tensor, Tensor]]:
 
 
 def _assert_same_weights(module: nn.Module, reference: nn.Module) -> None:
-    for (name, got), expected in zip(module.named_parameters(), reference.parameters(), strict=True):
+    for (name, got), expected in zip(
+        module.named_parameters(), reference.parameters(), strict=True
+    ):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=name)
 
 
@@ -146,9 +148,7 @@ def test_should_stop_waits_for_the_window_to_close() -> None:
         def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
             trainer.should_stop = True
 
-    trainer = Trainer(
-        accumulate_grad_batches=3, callbacks=[StopAtOnce()], **bare_trainer_kwargs()
-    )
+    trainer = Trainer(accumulate_grad_batches=3, callbacks=[StopAtOnce()], **bare_trainer_kwargs())
     trainer.fit(TinyModule(), loader(64, batch_size=8))
     assert trainer.global_step == 1
     assert trainer.state.batch_idx == 3
@@ -165,7 +165,9 @@ def test_none_from_training_step_skips_the_batch() -> None:
     trainer = Trainer(max_epochs=1, **bare_trainer_kwargs())
     trainer.fit(module, loader(32, batch_size=8))
     assert trainer.global_step == 2
-    _assert_same_weights(module.net, _plain_sgd([b for i, b in enumerate(_big_batches(32, [8] * 4)) if i % 2 == 0]))
+    _assert_same_weights(
+        module.net, _plain_sgd([b for i, b in enumerate(_big_batches(32, [8] * 4)) if i % 2 == 0])
+    )
 
 
 def test_dict_output_reaches_on_train_batch_end() -> None:
@@ -244,7 +246,9 @@ def test_clipping_by_value() -> None:
 
 def test_no_clipping_leaves_gradients_alone() -> None:
     norms = GradNorms()
-    Trainer(max_epochs=1, callbacks=[norms], **bare_trainer_kwargs()).fit(TinyModule(), loader(32, batch_size=8))
+    Trainer(max_epochs=1, callbacks=[norms], **bare_trainer_kwargs()).fit(
+        TinyModule(), loader(32, batch_size=8)
+    )
     assert max(norms.norms) > 0.05
 
 
@@ -264,7 +268,11 @@ class WithScheduler(TinyModule):
             return [optimizer], [scheduler]
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.interval, "frequency": self.frequency},
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.interval,
+                "frequency": self.frequency,
+            },
         }
 
 
@@ -295,8 +303,13 @@ def test_reduce_lr_on_plateau_reads_the_monitored_metric() -> None:
 
         def configure_optimizers(self) -> Any:
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"}}
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, patience=0, factor=0.5
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"},
+            }
 
     trainer = Trainer(max_epochs=3, num_sanity_val_steps=0, **bare_trainer_kwargs())
     trainer.fit(Plateau(), loader(16), loader(16))
@@ -354,7 +367,13 @@ def test_limits_and_sanity_steps() -> None:
     assert counter.batches == 3
     # limit_test_batches and all sanity batches (-1)
     counter = CountValidation()
-    trainer = Trainer(max_epochs=1, num_sanity_val_steps=-1, limit_test_batches=0.25, callbacks=[counter], **bare_trainer_kwargs())
+    trainer = Trainer(
+        max_epochs=1,
+        num_sanity_val_steps=-1,
+        limit_test_batches=0.25,
+        callbacks=[counter],
+        **bare_trainer_kwargs(),
+    )
     trainer.fit(TinyModule(), loader(16, batch_size=8), loader(40, batch_size=8))
     assert counter.sanity_batches == 5
     test_batches: list[int] = []
@@ -408,7 +427,9 @@ def test_compile_compiles_the_module() -> None:
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
 def test_each_precision_trains_on_cpu(precision: str) -> None:
     module = TinyModule(hidden=16, lr=0.05)
-    trainer = Trainer(max_epochs=4, precision=precision, num_sanity_val_steps=0, **bare_trainer_kwargs())
+    trainer = Trainer(
+        max_epochs=4, precision=precision, num_sanity_val_steps=0, **bare_trainer_kwargs()
+    )
     before = trainer.validate(module, loader(64))[0]["val_loss"]
     trainer.fit(module, loader(64), loader(64))
     after = trainer.callback_metrics["val_loss"]

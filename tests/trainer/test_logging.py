@@ -44,9 +44,14 @@ class MemoryLogger(Logger):
         self.status = status
 
 
-def _values_loader(values: list[float], sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _values_loader(
+    values: list[float], sizes: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches whose first tensor has the given sizes and whose 'value' is given."""
-    return [(torch.full((size, 4), value), torch.zeros(size, 1)) for value, size in zip(values, sizes, strict=True)]
+    return [
+        (torch.full((size, 4), value), torch.zeros(size, 1))
+        for value, size in zip(values, sizes, strict=True)
+    ]
 
 
 class LogsBatchValues(TinyModule):
@@ -72,7 +77,7 @@ def test_epoch_reductions_weighted_by_batch_size() -> None:
     batches = _values_loader(values, sizes)
     trainer.fit(LogsBatchValues(), batches, [batches])  # a list of val loaders: one loader
     metrics = trainer.callback_metrics
-    weighted = sum(v * s for v, s in zip(values, sizes)) / sum(sizes)
+    weighted = sum(v * s for v, s in zip(values, sizes, strict=True)) / sum(sizes)
     assert metrics["train_mean"] == pytest.approx(weighted)
     assert metrics["train_sum"] == pytest.approx(sum(values))
     assert metrics["train_min"] == pytest.approx(min(values))
@@ -218,7 +223,9 @@ def test_logger_false_keeps_value_out_of_loggers() -> None:
             return super().training_step(batch, batch_idx)
 
     logger = MemoryLogger()
-    Trainer(max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False).fit(Private(), loader(16))
+    Trainer(max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False).fit(
+        Private(), loader(16)
+    )
     assert all("private" not in metrics for _, metrics in logger.metrics)
 
 

@@ -441,6 +441,8 @@ def _apply_to_tensors(data: Any, function: Callable[[Tensor], Tensor]) -> Any:
         return function(data)
     if isinstance(data, Mapping):
         return type(data)({key: _apply_to_tensors(value, function) for key, value in data.items()})  # type: ignore[call-arg]
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple: fields are positional
+        return type(data)(*(_apply_to_tensors(value, function) for value in data))
     if isinstance(data, (list, tuple)):
         return type(data)(_apply_to_tensors(value, function) for value in data)
     return data

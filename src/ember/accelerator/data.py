@@ -208,26 +208,23 @@ class _SkipLoader:
 
 def infer_batch_size(batch: Any) -> int:
     """The size of dim 0 of the first tensor found in ``batch`` (1 when there is none)."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.ndim > 0 else 1
-    if isinstance(batch, Mapping):
-        for value in batch.values():
-            size = _first_size(value)
-            if size is not None:
-                return size
-    elif isinstance(batch, (list, tuple)):
-        for value in batch:
-            size = _first_size(value)
-            if size is not None:
-                return size
-    return 1
+    size = _first_size(batch)
+    return 1 if size is None else size
 
 
 def _first_size(value: Any) -> int | None:
+    # None (not 1) when a nested container holds no tensor, so the search goes on past it:
+    # a batch like ``(["name", ...], tensor)`` gets the tensor's size.
     if isinstance(value, Tensor):
         return value.shape[0] if value.ndim > 0 else 1
-    if isinstance(value, (Mapping, list, tuple)):
-        return infer_batch_size(value)
+    if isinstance(value, Mapping):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return None
+    for item in value:
+        size = _first_size(item)
+        if size is not None:
+            return size
     return None
 
 

@@ -82,7 +82,9 @@ class GradientState:
         steps = self.accumulation_steps
         position = frame.batches_seen % steps
         if position == 0:
-            remaining = None if frame.num_batches is None else frame.num_batches - frame.batches_seen
+            remaining = (
+                None if frame.num_batches is None else frame.num_batches - frame.batches_seen
+            )
             # A last window with fewer than `steps` batches is divided by its own size.
             self.window_size = steps if remaining is None else max(1, min(steps, remaining))
             self.item_total = None
@@ -99,7 +101,8 @@ class GradientState:
 
     def window_correction(self) -> float:
         """Factor that fixes a window cut short by a loader of unknown length (else 1)."""
-        if self.window_batches < self.window_size:
+        # window_batches is 0 when `accumulate` was never entered (a plain loop): no window.
+        if 0 < self.window_batches < self.window_size:
             return self.window_size / self.window_batches
         return 1.0
 
@@ -129,7 +132,7 @@ class AcceleratedOptimizer(Optimizer):
         #: Whether the last ``step`` was skipped (fp16 inf/NaN gradients).
         self.step_was_skipped = False
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self.optimizer.state
 
@@ -137,7 +140,7 @@ class AcceleratedOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         self.optimizer.state = value
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -145,7 +148,7 @@ class AcceleratedOptimizer(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
@@ -167,7 +170,7 @@ class AcceleratedOptimizer(Optimizer):
         if self.gradient_state.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """Step at the end of an accumulation window; do nothing before it."""
         if not self.gradient_state.sync_gradients:
             return None

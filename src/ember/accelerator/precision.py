@@ -34,7 +34,12 @@ PRECISION_ALIASES: dict[Any, str] = {
 }
 
 #: The Accelerate-style name of each mode (``Accelerator.mixed_precision``).
-ACCELERATE_NAMES = {"32-true": "no", "16-mixed": "fp16", "bf16-mixed": "bf16", "bf16-true": "bf16-true"}
+ACCELERATE_NAMES = {
+    "32-true": "no",
+    "16-mixed": "fp16",
+    "bf16-mixed": "bf16",
+    "bf16-true": "bf16-true",
+}
 
 
 def canonical_precision(value: Any, argument: str = "precision") -> str:
@@ -146,7 +151,7 @@ class TruePrecision(Precision):
         return _default_dtype(self.dtype)
 
 
-class _default_dtype(AbstractContextManager[Any]):  # noqa: N801 - reads like a context function
+class _default_dtype(AbstractContextManager[Any]):
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.previous = torch.get_default_dtype()

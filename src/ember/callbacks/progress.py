@@ -120,7 +120,8 @@ class ProgressBar(Callback):
     # --- evaluation ---------------------------------------------------------------------------
     def _eval_start(self, trainer: Trainer, description: str, totals: list[int | None]) -> None:
         if self._enabled(trainer) and self.is_terminal:
-            total = sum(totals) if totals and all(t is not None for t in totals) else None  # type: ignore[misc]
+            known = [t for t in totals if t is not None]
+            total = sum(known) if totals and len(known) == len(totals) else None
             if trainer.sanity_checking and trainer.num_sanity_val_steps > 0 and total is not None:
                 total = min(total, trainer.num_sanity_val_steps * len(totals))
             self._eval_bar = self._bar(total, description, leave=False)

@@ -212,7 +212,9 @@ class MetricStore:
             series.add(value, weight)
 
     def _suffixed(self, name: str) -> str:
-        return name if self.dataloader_idx is None else f"{name}/dataloader_idx_{self.dataloader_idx}"
+        return (
+            name if self.dataloader_idx is None else f"{name}/dataloader_idx_{self.dataloader_idx}"
+        )
 
     def _new_series(
         self,
@@ -226,9 +228,7 @@ class MetricStore:
         sync_dist: bool,
     ) -> _Series:
         if not isinstance(name, str) or not name:
-            raise MisconfigurationError(
-                f"self.log needs a non-empty string name, got {name!r}."
-            )
+            raise MisconfigurationError(f"self.log needs a non-empty string name, got {name!r}.")
         if reduce_fx not in REDUCTIONS:
             raise MisconfigurationError(one_of("reduce_fx", reduce_fx, REDUCTIONS))
         on_step = self.default_on_step if on_step is None else on_step
@@ -273,7 +273,7 @@ class MetricStore:
         for key, value in self._latest.items():
             if not isinstance(value, float):
                 self._latest[key] = to_float(value)
-        return self._latest  # type: ignore[return-value]
+        return self._latest
 
     def progress_bar_metrics(self) -> dict[str, float]:
         """The latest values of the names logged with ``prog_bar=True``."""
@@ -288,7 +288,9 @@ class MetricStore:
         self._unflushed.clear()
         return metrics
 
-    def reduce_epoch(self, reducer: Reducer | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    def reduce_epoch(
+        self, reducer: Reducer | None = None
+    ) -> tuple[dict[str, float], dict[str, float]]:
         """Reduce every on_epoch series and reset the logged metrics.
 
         Returns:

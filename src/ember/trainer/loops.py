@@ -44,6 +44,7 @@ def train_epoch(trainer: Trainer) -> None:
     state = trainer.state
     module = trainer.module
     loader = trainer._train_loader
+    assert loader is not None, "fit prepares the training loader before the loop"
     metrics = trainer._train_metrics
     hooks = trainer._hooks
     loader.set_epoch(state.epoch)
@@ -95,7 +96,7 @@ def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
     module = trainer.module
     state = trainer.state
     hooks = trainer._hooks
-    with accelerator.accumulate(trainer._model):
+    with accelerator.accumulate(trainer._model or module):
         with accelerator.autocast():
             outputs = module.training_step(batch, batch_idx)
         loss, num_items = _loss_of(outputs, batch_idx)
@@ -155,6 +156,7 @@ def optimizer_step(trainer: Trainer) -> None:
     losses = trainer._window_losses
     trainer._window_losses = []
     optimizer = trainer._optimizer
+    assert optimizer is not None, "fit prepares the optimizer before the loop"
     if not losses:  # every batch of the window returned None: nothing to apply
         return
     if not _all_finite(losses):
@@ -194,6 +196,7 @@ def _nonfinite_loss(trainer: Trainer, losses: list[tuple[int, Tensor]]) -> None:
             "of that batch, or pass Trainer(on_nonfinite_loss='skip') to drop such updates."
         )
     # "skip": drop the whole window's update; the gradient holds NaN/inf, so clear it.
+    assert trainer._optimizer is not None
     trainer._optimizer.optimizer.zero_grad(set_to_none=True)
     state.skipped_steps += 1
     trainer._train_metrics.set_latest("skipped_steps", float(state.skipped_steps))

@@ -102,7 +102,11 @@ def _scheduler_config(item: Any) -> SchedulerConfig:
             f"lr_scheduler `interval={config.interval!r}` is not supported. Accepted values: "
             "'step', 'epoch'."
         )
-    if not isinstance(config.frequency, int) or isinstance(config.frequency, bool) or config.frequency < 1:
+    if (
+        not isinstance(config.frequency, int)
+        or isinstance(config.frequency, bool)
+        or config.frequency < 1
+    ):
         raise MisconfigurationError(
             f"lr_scheduler `frequency={config.frequency!r}` is not supported: it must be an "
             "integer >= 1."

@@ -20,7 +20,7 @@ from ember.accelerator.accelerator import Accelerator
 from ember.accelerator.data import DataLoaderConfiguration, PreparedDataLoader
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
-from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
+from ember.accelerator.strategies import pick_device, resolve_strategy
 from ember.errors import MisconfigurationError, one_of
 from ember.hooks import EVENTS, Callback, ModuleHooks
 from ember.loggers.base import Logger
@@ -105,7 +105,9 @@ class Trainer:
         self.max_steps = _check_count("max_steps", max_steps)
         if self.max_epochs is None:
             self.max_epochs = 1000 if self.max_steps == -1 else -1
-        self.accumulate_grad_batches = _check_positive("accumulate_grad_batches", accumulate_grad_batches)
+        self.accumulate_grad_batches = _check_positive(
+            "accumulate_grad_batches", accumulate_grad_batches
+        )
         self.gradient_clip_val = _check_clip_value(gradient_clip_val)
         if gradient_clip_algorithm not in _CLIP_ALGORITHMS:
             raise MisconfigurationError(
@@ -132,7 +134,9 @@ class Trainer:
         self.num_sanity_val_steps = num_sanity_val_steps
         self.log_every_n_steps = _check_positive("log_every_n_steps", log_every_n_steps)
         if on_nonfinite_loss not in _NONFINITE_MODES:
-            raise MisconfigurationError(one_of("on_nonfinite_loss", on_nonfinite_loss, _NONFINITE_MODES))
+            raise MisconfigurationError(
+                one_of("on_nonfinite_loss", on_nonfinite_loss, _NONFINITE_MODES)
+            )
         self.on_nonfinite_loss = on_nonfinite_loss
         if not isinstance(compile, (bool, dict)):
             raise MisconfigurationError(
@@ -140,7 +144,9 @@ class Trainer:
                 "torch.compile arguments such as {'mode': 'max-autotune'}."
             )
         self.compile = compile
-        self.default_root_dir = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
+        self.default_root_dir = (
+            Path(default_root_dir) if default_root_dir is not None else Path.cwd()
+        )
         self.enable_checkpointing = bool(enable_checkpointing)
 
         if seed is not None:
@@ -187,7 +193,9 @@ class Trainer:
     def module(self) -> TrainModule:
         """The module being run."""
         if self._module is None:
-            raise MisconfigurationError("The Trainer has no module yet: call fit/validate/test first.")
+            raise MisconfigurationError(
+                "The Trainer has no module yet: call fit/validate/test first."
+            )
         return self._module
 
     @property
@@ -286,7 +294,9 @@ class Trainer:
                 f"{type(module).__name__} does not define configure_optimizers(); return an "
                 "optimizer from it, e.g. torch.optim.AdamW(self.parameters(), lr=1e-3)."
             )
-        train_dataloaders = train_dataloaders if train_dataloaders is not None else module.train_dataloader()
+        train_dataloaders = (
+            train_dataloaders if train_dataloaders is not None else module.train_dataloader()
+        )
         if train_dataloaders is None:
             raise MisconfigurationError(
                 "fit() got no training data: pass train_dataloaders or define "
@@ -415,7 +425,9 @@ class Trainer:
                 f"Trainer.{entry}() needs {type(module).__name__}.{stage}_step(batch, batch_idx)."
             )
         if dataloaders is None:
-            dataloaders = getattr(module, "val_dataloader" if stage == "validation" else "test_dataloader")()
+            dataloaders = getattr(
+                module, "val_dataloader" if stage == "validation" else "test_dataloader"
+            )()
         if dataloaders is None:
             raise MisconfigurationError(
                 f"Trainer.{entry}() got no data: pass dataloaders or define "
@@ -469,7 +481,9 @@ class Trainer:
         lengths: list[int | None] = []
         for loader in loaders:
             length = _length(loader)
-            max_batches = _apply_limit(f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length)
+            max_batches = _apply_limit(
+                f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
+            )
             item = self.accelerator.prepare_data_loader(loader, max_batches=max_batches)
             prepared.append(item)
             lengths.append(item.known_length())
@@ -572,7 +586,9 @@ def _check_positive(name: str, value: Any, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MisconfigurationError(f"`{name}={value!r}` is not supported: it must be an integer >= 1.")
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: it must be an integer >= 1."
+        )
     return value
 
 
@@ -599,7 +615,9 @@ def _check_val_check_interval(value: Any) -> int | float:
             "number of batches pass an int."
         )
     if isinstance(value, int) and value < 1:
-        raise MisconfigurationError(f"`val_check_interval={value!r}` is not supported: an int must be >= 1.")
+        raise MisconfigurationError(
+            f"`val_check_interval={value!r}` is not supported: an int must be >= 1."
+        )
     return value
 
 
@@ -612,7 +630,9 @@ def _check_limit(name: str, value: Any) -> int | float | None:
             "batches) or a float in [0, 1] (that fraction)."
         )
     if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise MisconfigurationError(f"`{name}={value!r}` is not supported: a float must be in [0, 1].")
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: a float must be in [0, 1]."
+        )
     if isinstance(value, int) and value < 0:
         raise MisconfigurationError(f"`{name}={value!r}` is not supported: an int must be >= 0.")
     return value
@@ -658,7 +678,9 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
 
 def _set_deterministic(deterministic: bool | str) -> None:
     if deterministic not in (True, False, "warn"):
-        raise MisconfigurationError(one_of("deterministic", deterministic, ["True", "False", "warn"]))
+        raise MisconfigurationError(
+            one_of("deterministic", deterministic, ["True", "False", "warn"])
+        )
     if deterministic is False:
         return
     # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
@@ -670,7 +692,9 @@ def _set_deterministic(deterministic: bool | str) -> None:
 
 def _resolve_device(accelerator: str, devices: Any, num_nodes: Any) -> torch.device:
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
-        raise MisconfigurationError(f"`num_nodes={num_nodes!r}` is not supported: it must be an integer >= 1.")
+        raise MisconfigurationError(
+            f"`num_nodes={num_nodes!r}` is not supported: it must be an integer >= 1."
+        )
     if num_nodes > 1:
         raise MisconfigurationError(
             f"`num_nodes={num_nodes}`: multi-machine training is not available in this version of "
