@@ -1,0 +1,34 @@
+"""The README's quick start runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+
+
+def test_readme_starts_with_the_two_commands() -> None:
+    text = README.read_text()
+    first_block = text.index("```bash")
+    assert text.index("make demo") > first_block
+    assert text.index("make test") > first_block
+    assert text.index("make demo") < text.index("## Quick start")
+
+
+def test_quick_start_trains(capsys: pytest.CaptureFixture[str]) -> None:
+    quick_start = _python_blocks()[0]
+    namespace: dict[str, object] = {"__name__": "__readme__"}
+    exec(compile(quick_start, str(README), "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.global_step == 5 * 7  # type: ignore[attr-defined]
+    output = capsys.readouterr().out
+    assert "Epoch 5/5" in output
+    assert "logs in" in output
+    assert trainer.callback_metrics["val_loss"] < 1.0  # type: ignore[attr-defined]
