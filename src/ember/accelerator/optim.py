@@ -40,6 +40,9 @@ class GradientState:
         self.window_batches = 0
         #: Sum of ``num_items`` over the window, when the steps report it.
         self.item_total: Tensor | int | None = None
+        #: Whether an optimizer stepped on ``item_total``: the next ``add_items`` starts a new
+        #: count (loops without ``accumulate`` never reach the reset in ``next_batch``).
+        self.items_used = False
         self._default_frame = _LoaderFrame()
         self._frames: list[_LoaderFrame] = []
 
@@ -97,7 +100,11 @@ class GradientState:
         """Count the items whose summed loss the current batch backpropagated."""
         if isinstance(num_items, Tensor):
             num_items = num_items.detach()
-        self.item_total = num_items if self.item_total is None else self.item_total + num_items
+        if self.item_total is None or self.items_used:
+            self.item_total = num_items
+            self.items_used = False
+        else:
+            self.item_total = self.item_total + num_items
 
     def window_correction(self) -> float:
         """Factor that fixes a window cut short by a loader of unknown length (else 1)."""
@@ -178,6 +185,7 @@ class AcceleratedOptimizer(Optimizer):
             self._prepare_gradients(self)
         stepped = self.precision.optimizer_step(self.optimizer)
         self.step_was_skipped = not stepped
+        self.gradient_state.items_used = True
         self.gradients_prepared = False
         return None
 
