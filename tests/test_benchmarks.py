@@ -1,0 +1,76 @@
+"""Smoke test of ``benchmarks/overhead.py``: it runs and writes complete results.
+
+No timing is asserted: a few steps on a shared machine measure nothing reliable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+VARIANTS = ("plain", "trainer_bare", "trainer_defaults", "accelerator_loop")
+
+
+def test_overhead_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
+    output = tmp_path / "results" / "overhead.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--steps",
+            "30",
+            "--rounds",
+            "1",
+            "--warmup",
+            "5",
+            "--json",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    document = json.loads(output.read_text())
+    variants = document["variants"]
+    assert set(variants) == set(VARIANTS)
+    for name in VARIANTS:
+        entry = variants[name]
+        assert entry["us_per_step"] > 0, name
+        assert entry["ratio"] > 0, name
+        assert entry["cpu_us_per_step"] >= 0, name
+        assert len(entry["rounds_us_per_step"]) == 1, name
+    assert variants["plain"]["ratio"] == 1.0
+    assert document["config"]["steps"] == 30
+    assert document["machine"]["torch_threads"] == 1
+    for name in VARIANTS:
+        assert name in completed.stdout
+    # The progress bar of the trainer_defaults variant is kept out of the output.
+    assert "Epoch 1" not in completed.stdout
+
+
+def test_overhead_benchmark_options_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The other loader and clock, run in this process (torch is imported already: fast).
+    spec = importlib.util.spec_from_file_location("ember_bench_overhead", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    overhead = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, overhead)  # dataclasses look the module up
+    spec.loader.exec_module(overhead)
+    output = tmp_path / "overhead.json"
+    argv = ["--steps", "4", "--rounds", "1", "--warmup", "0", "--loader", "batched"]
+    with torch.random.fork_rng():  # the benchmark seeds torch; leave the global RNG as it was
+        assert overhead.main([*argv, "--clock", "cpu", "--json", str(output)]) == 0
+    document = json.loads(output.read_text())
+    assert document["config"]["loader"] == "batched"
+    assert document["config"]["clock"] == "cpu"
+    assert all(entry["us_per_step"] > 0 for entry in document["variants"].values())
