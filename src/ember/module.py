@@ -146,7 +146,10 @@ class TrainModule(nn.Module, ModuleHooks):
             sync_dist: reduce over processes at epoch end.
             batch_size: the weight of this value in the mean (inferred from the batch).
         """
-        self.trainer._metrics.log(
+        trainer = self._trainer
+        if trainer is None:
+            trainer = self.trainer  # raises the "not attached" error
+        trainer._metrics.log(
             name,
             value,
             on_step=on_step,

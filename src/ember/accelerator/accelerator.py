@@ -315,11 +315,14 @@ class Accelerator:
         """Unscale (fp16) and normalise the window's gradient, once per step."""
         if optimizer.gradients_prepared:
             return
+        optimizer.gradients_prepared = True
         self.precision.unscale(optimizer.optimizer)
+        state = self.gradient_state
+        if state.item_total is None and state.window_batches >= state.window_size:
+            return  # a whole window of mean losses: already normalised
         factor = self._gradient_factor()
         if factor is not None:
             scale_gradients(optimizer.optimizer, factor)
-        optimizer.gradients_prepared = True
 
     def _gradient_factor(self) -> Tensor | float | None:
         state = self.gradient_state

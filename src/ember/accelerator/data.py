@@ -157,8 +157,7 @@ class PreparedDataLoader:
             return
         # Each loop over a loader opens its own frame in the gradient state, so a validation
         # run in the middle of a training epoch leaves the training windows untouched.
-        if state is not None:
-            state.begin_epoch(self.known_length())
+        frame = state.begin_epoch(self.known_length()) if state is not None else None
         try:
             index = 0
             while True:
@@ -172,8 +171,8 @@ class PreparedDataLoader:
                         following, last = next(iterator), False
                     except StopIteration:
                         following, last = None, True
-                if state is not None:
-                    state.end_of_dataloader = last
+                if frame is not None:
+                    frame.end_of_dataloader = last
                 yield current if transfer is None else transfer(current)
                 if last:
                     return

@@ -51,9 +51,12 @@ class GradientState:
     def _frame(self) -> _LoaderFrame:
         return self._frames[-1] if self._frames else self._default_frame
 
-    def begin_epoch(self, num_batches: int | None) -> None:
-        """A loader starts a pass of ``num_batches`` batches (None when unknown)."""
-        self._frames.append(_LoaderFrame(num_batches))
+    def begin_epoch(self, num_batches: int | None) -> _LoaderFrame:
+        """A loader starts a pass of ``num_batches`` batches (None when unknown); the loader
+        keeps the returned frame to mark its last batch."""
+        frame = _LoaderFrame(num_batches)
+        self._frames.append(frame)
+        return frame
 
     def end_epoch(self) -> None:
         """The loader that began last finished its pass."""
@@ -81,8 +84,14 @@ class GradientState:
     # --- one call per batch --------------------------------------------------------------------
     def next_batch(self) -> bool:
         """Advance to the next batch; return whether it closes its accumulation window."""
-        frame = self._frame
+        frame = self._frames[-1] if self._frames else self._default_frame
         steps = self.accumulation_steps
+        if steps == 1:  # every batch is a whole window: the common case, kept cheap
+            frame.batches_seen += 1
+            self.window_size = self.window_batches = 1
+            self.item_total = None
+            self.sync_gradients = True
+            return True
         position = frame.batches_seen % steps
         if position == 0:
             remaining = (

@@ -42,6 +42,11 @@ ACCELERATE_NAMES = {
 }
 
 
+# One shared instance: nullcontext holds no state, and creating one per step shows up in the
+# per-step overhead.
+_NO_AUTOCAST = nullcontext()
+
+
 def canonical_precision(value: Any, argument: str = "precision") -> str:
     """The canonical name for any accepted spelling; a clear error for anything else."""
     try:
@@ -63,7 +68,7 @@ class Precision:
 
     def autocast(self) -> AbstractContextManager[Any]:
         """The context the forward pass runs in."""
-        return nullcontext()
+        return _NO_AUTOCAST
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Cast the module's weights where the mode keeps them in a low precision."""

@@ -177,7 +177,8 @@ class MetricStore:
         batch_size: int | None = None,
     ) -> None:
         """Record ``value`` under ``name`` (see ``TrainModule.log``)."""
-        series = self.series.get(self._suffixed(name))
+        key = name if self.dataloader_idx is None else self._suffixed(name)
+        series = self.series.get(key)
         if series is None:
             series = self._new_series(
                 name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist

@@ -47,6 +47,9 @@ def train_epoch(trainer: Trainer) -> None:
     assert loader is not None, "fit prepares the training loader before the loop"
     metrics = trainer._train_metrics
     hooks = trainer._hooks
+    batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
+    validates = trainer._validation_enabled()
+    max_steps = trainer.max_steps if trainer.max_steps != -1 else float("inf")
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
     module.train()
@@ -56,16 +59,19 @@ def train_epoch(trainer: Trainer) -> None:
     for batch_idx, batch in enumerate(loader):
         state.batch_idx = batch_idx
         metrics.batch = batch
-        for hook in hooks["on_train_batch_start"]:
+        for hook in batch_start:
             hook(batch, batch_idx)
         outputs = training_batch(trainer, batch, batch_idx)
         state.batch_idx = batch_idx + 1
         state.total_batch_idx += 1
-        for hook in hooks["on_train_batch_end"]:
+        for hook in batch_end:
             hook(outputs, batch, batch_idx)
-        if trainer._validation_due(batch_idx):
+        if validates and trainer._validation_due(batch_idx):
             evaluate(trainer, "validation", trainer._val_loaders)
-        if state.accumulation_position == 0 and trainer._should_stop_now():
+        # Stop only between windows, so no half-accumulated gradient is left behind.
+        if state.accumulation_position == 0 and (
+            trainer.should_stop or state.global_step >= max_steps
+        ):
             finished = batch_idx + 1 == trainer.num_training_batches
             break
     if batch_idx < 0:
@@ -93,22 +99,29 @@ def train_epoch(trainer: Trainer) -> None:
 def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
     """Forward, backward and, at the window's end, the optimizer step for one batch."""
     accelerator = trainer.accelerator
-    module = trainer.module
+    module = trainer._module
+    assert module is not None
     state = trainer.state
     hooks = trainer._hooks
     with accelerator.accumulate(trainer._model or module):
-        with accelerator.autocast():
+        with trainer._autocast():
             outputs = module.training_step(batch, batch_idx)
-        loss, num_items = _loss_of(outputs, batch_idx)
+        loss: Tensor | None
+        if type(outputs) is Tensor and outputs.requires_grad and outputs.numel() == 1:
+            loss, num_items = outputs, None  # the common case, checked in one line
+        else:
+            loss, num_items = _loss_of(outputs, batch_idx)
         if loss is not None:
-            trainer._window_losses.append((batch_idx, loss.detach()))
-            trainer._train_metrics.set_progress_only("loss", trainer._window_losses[-1][1])
+            # Kept as is (not detached: one op less per batch); backward frees the graph's
+            # buffers, and the list is cleared when the window closes.
+            trainer._window_losses.append((batch_idx, loss))
+            trainer._progress_only["loss"] = loss
             for hook in hooks["on_before_backward"]:
                 hook(loss)
             accelerator.backward(loss, num_items=num_items)
             for hook in hooks["on_after_backward"]:
                 hook()
-    if accelerator.sync_gradients:
+    if accelerator.gradient_state.sync_gradients:
         state.accumulation_position = 0
         optimizer_step(trainer)
     else:
@@ -159,18 +172,21 @@ def optimizer_step(trainer: Trainer) -> None:
     assert optimizer is not None, "fit prepares the optimizer before the loop"
     if not losses:  # every batch of the window returned None: nothing to apply
         return
-    if not _all_finite(losses):
+    # One host sync per optimizer step, none per batch.
+    if not (math.isfinite(losses[0][1].item()) if len(losses) == 1 else _all_finite(losses)):
         _nonfinite_loss(trainer, losses)
         return
     hooks = trainer._hooks
-    trainer.accelerator.unscale_gradients()
-    for hook in hooks["on_before_optimizer_step"]:
-        hook(optimizer)
+    before_step = hooks["on_before_optimizer_step"]
+    if before_step:  # they must see the unscaled gradient; step() unscales otherwise
+        trainer.accelerator.unscale_gradients()
+        for hook in before_step:
+            hook(optimizer)
     trainer._clip_gradients()
     optimizer.step()
     for hook in hooks["on_before_zero_grad"]:
         hook(optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.optimizer.zero_grad(set_to_none=True)  # at the window's end: clear directly
     state.global_step += 1
     for config in trainer._schedulers:
         if config.interval == "step" and state.global_step % config.frequency == 0:
@@ -180,10 +196,8 @@ def optimizer_step(trainer: Trainer) -> None:
 
 
 def _all_finite(losses: list[tuple[int, Tensor]]) -> bool:
-    # One host sync per optimizer step, none per batch.
-    if len(losses) == 1:
-        return math.isfinite(losses[0][1].item())
-    return bool(torch.stack([loss.float() for _, loss in losses]).isfinite().all())
+    stacked = torch.stack([loss.detach().float().reshape(()) for _, loss in losses])
+    return bool(stacked.isfinite().all())
 
 
 def _nonfinite_loss(trainer: Trainer, losses: list[tuple[int, Tensor]]) -> None:

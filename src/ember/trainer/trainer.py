@@ -174,6 +174,7 @@ class Trainer:
         self._eval_metrics._latest = self._train_metrics._latest
         self._eval_metrics._prog_bar = self._train_metrics._prog_bar
         self._metrics = self._train_metrics
+        self._progress_only = self._train_metrics._progress_only
         self._module: TrainModule | None = None
         self._model: torch.nn.Module | None = None
         self._hooks: dict[str, tuple[Callable[..., Any], ...]] = {event: () for event in EVENTS}
@@ -183,6 +184,7 @@ class Trainer:
         self._val_loaders: list[PreparedDataLoader] = []
         self._window_losses: list[tuple[int, Tensor]] = []
         self._clip_gradients: Callable[[], Any] = _do_nothing
+        self._autocast = self.accelerator.precision.autocast
         #: What the last validation / test run logged (also in ``callback_metrics``).
         self.last_eval_metrics: dict[str, float] = {}
         self.num_training_batches: int | None = None
