@@ -37,6 +37,8 @@ An exception during fit/validate/test/predict calls ``on_exception`` on every ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -385,3 +387,24 @@ class ModuleHooks:
 
     def on_exception(self, exception: BaseException) -> None:
         """fit/validate/test/predict is about to re-raise ``exception``."""
+
+
+def collect_hooks(
+    callbacks: list[Callback], module: ModuleHooks, trainer: Any
+) -> dict[str, tuple[Callable[..., Any], ...]]:
+    """For each event, the overridden methods to call: callbacks first, then the module.
+
+    Methods left at their no-op default are not called at all, so an unused event costs
+    one empty loop.
+    """
+    hooks: dict[str, tuple[Callable[..., Any], ...]] = {}
+    for event in EVENTS:
+        found: list[Callable[..., Any]] = [
+            partial(getattr(callback, event), trainer, module)
+            for callback in callbacks
+            if getattr(type(callback), event) is not getattr(Callback, event)
+        ]
+        if getattr(type(module), event, None) is not getattr(ModuleHooks, event):
+            found.append(getattr(module, event))
+        hooks[event] = tuple(found)
+    return hooks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import pytest
@@ -317,3 +319,23 @@ def test_bad_log_calls(call: Any, message: str) -> None:
 def test_log_outside_a_trainer_is_a_clear_error() -> None:
     with pytest.raises(MisconfigurationError, match="not attached to a Trainer"):
         TinyModule().log("x", 1.0)
+
+
+def test_logger_true_is_tensorboard_when_installed_else_csv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from ember.loggers import CSVLogger, TensorBoardLogger
+
+    trainer = Trainer(max_epochs=1, enable_progress_bar=False, default_root_dir=tmp_path)
+    assert isinstance(trainer.logger, TensorBoardLogger)
+    trainer.fit(TinyModule(), loader(16))
+    assert trainer.log_dir == str(tmp_path / "ember_logs" / "version_0")
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(trainer.log_dir))
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    trainer = Trainer(max_epochs=1, enable_progress_bar=False, default_root_dir=tmp_path)
+    assert isinstance(trainer.logger, CSVLogger)
+    trainer.fit(TinyModule(), loader(16))
+    assert trainer.log_dir == str(tmp_path / "ember_logs" / "version_1")
+    assert os.path.exists(os.path.join(trainer.log_dir, "metrics.csv"))
+    assert Trainer(logger=False).loggers == []

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import yaml
 
 from ember.errors import MisconfigurationError
+from ember.loggers.base import Logger
 
 HPARAMS_FILE = "hparams.yaml"
 _VERSION_FOLDER = re.compile(r"version_(\d+)")
@@ -246,3 +247,24 @@ def require(package: str, extra: str, logger: str) -> None:
     """Raise ``ModuleNotFoundError`` naming the ``pip install`` when ``package`` is missing."""
     if not is_installed(package):
         raise ModuleNotFoundError(missing_extra_message(package, extra, logger), name=package)
+
+
+class FolderLogger(Logger):
+    """A logger writing into ``save_dir/name/version_N``: the three properties it shares."""
+
+    _folder: VersionedFolder
+
+    @property
+    def name(self) -> str:
+        """The experiment's folder name inside ``save_dir``."""
+        return self._folder.name
+
+    @property
+    def version(self) -> int | str:
+        """``N`` of ``version_N`` (picked on first read), or the str version that was given."""
+        return self._folder.version
+
+    @property
+    def log_dir(self) -> str:
+        """The version folder, ``save_dir/name/version_N``; created on first read."""
+        return str(self._folder.path)

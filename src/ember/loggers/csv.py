@@ -11,14 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import MisconfigurationError
-from ember.loggers._files import VersionedFolder, open_atomically, write_hparams_yaml
-from ember.loggers.base import Logger
+from ember.loggers._files import (
+    FolderLogger,
+    VersionedFolder,
+    open_atomically,
+    write_hparams_yaml,
+)
 
 METRICS_FILE = "metrics.csv"
 STEP_COLUMN = "step"
 
 
-class CSVLogger(Logger):
+class CSVLogger(FolderLogger):
     """Write metrics to ``save_dir/name/version_N/metrics.csv`` and hparams to ``hparams.yaml``.
 
     The CSV has a ``step`` column, then one column per metric name in the order the names
@@ -65,21 +69,6 @@ class CSVLogger(Logger):
         # The header of metrics.csv as it is on disk; None until the first write looks.
         self._columns: list[str] | None = None
         self._hparams: dict[str, Any] = {}
-
-    @property
-    def name(self) -> str:
-        """The experiment's folder name inside ``save_dir``."""
-        return self._folder.name
-
-    @property
-    def version(self) -> int | str:
-        """``N`` of ``version_N`` (picked on first read), or the str version that was given."""
-        return self._folder.version
-
-    @property
-    def log_dir(self) -> str:
-        """The version folder, ``save_dir/name/version_N``; created on first read."""
-        return str(self._folder.path)
 
     @property
     def metrics_file(self) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ember.loggers._files import (
+    FolderLogger,
     VersionedFolder,
     is_installed,
     missing_extra_message,
@@ -19,7 +20,6 @@ from ember.loggers._files import (
     sanitize,
     write_hparams_yaml,
 )
-from ember.loggers.base import Logger
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -34,7 +34,7 @@ def tensorboard_available() -> bool:
     return is_installed("tensorboard")
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(FolderLogger):
     """Write scalars and hyperparameters to event files in ``save_dir/name/version_N``.
 
     Each metric is a scalar under its logged name at the given step. Hyperparameters go to
@@ -67,21 +67,6 @@ class TensorBoardLogger(Logger):
         self._writer: SummaryWriter | None = None
         self._hparams: dict[str, Any] = {}
         self._hparams_in_events = False
-
-    @property
-    def name(self) -> str:
-        """The experiment's folder name inside ``save_dir``."""
-        return self._folder.name
-
-    @property
-    def version(self) -> int | str:
-        """``N`` of ``version_N`` (picked on first read), or the str version that was given."""
-        return self._folder.version
-
-    @property
-    def log_dir(self) -> str:
-        """The version folder holding the event files; created on first read."""
-        return str(self._folder.path)
 
     @property
     def experiment(self) -> SummaryWriter:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ember.errors import MisconfigurationError
+from ember.module import overrides
 
 if TYPE_CHECKING:
     from ember.accelerator.data import PreparedDataLoader
@@ -26,14 +27,14 @@ if TYPE_CHECKING:
 def fit(trainer: Trainer) -> None:
     """Train until ``max_epochs``, ``max_steps`` or ``should_stop``."""
     trainer._fire("on_fit_start")
-    if trainer.num_sanity_val_steps != 0 and trainer._validation_enabled():
+    if trainer.num_sanity_val_steps != 0 and validation_enabled(trainer):
         trainer.state.sanity_checking = True
         try:
             evaluate(trainer, "validation", trainer._val_loaders, sanity=True)
         finally:
             trainer.state.sanity_checking = False
     trainer._fire("on_train_start")
-    while not trainer._fit_done():
+    while not fit_done(trainer):
         train_epoch(trainer)
     trainer._fire("on_train_end")
     trainer._fire("on_fit_end")
@@ -48,7 +49,7 @@ def train_epoch(trainer: Trainer) -> None:
     metrics = trainer._train_metrics
     hooks = trainer._hooks
     batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
-    validates = trainer._validation_enabled()
+    validates = validation_enabled(trainer)
     max_steps = trainer.max_steps if trainer.max_steps != -1 else float("inf")
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
@@ -66,7 +67,7 @@ def train_epoch(trainer: Trainer) -> None:
         state.total_batch_idx += 1
         for hook in batch_end:
             hook(outputs, batch, batch_idx)
-        if validates and trainer._validation_due(batch_idx):
+        if validates and validation_due(trainer, batch_idx):
             evaluate(trainer, "validation", trainer._val_loaders)
         # Stop only between windows, so no half-accumulated gradient is left behind.
         if state.accumulation_position == 0 and (
@@ -94,6 +95,50 @@ def train_epoch(trainer: Trainer) -> None:
         state.batch_idx = 0
     for logger in trainer.loggers if trainer.is_global_zero else ():
         logger.save()
+
+
+def validation_enabled(trainer: Trainer) -> bool:
+    """Whether fit has validation loaders, a validation_step and a non-zero limit."""
+    return (
+        bool(trainer._val_loaders)
+        and overrides(trainer.module, "validation_step")
+        and trainer.limit_val_batches != 0
+    )
+
+
+def validation_due(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether validation runs after training batch ``batch_idx`` (val_check_interval and
+    check_val_every_n_epoch); the caller checked ``validation_enabled``."""
+    interval = trainer.val_check_interval
+    if trainer.check_val_every_n_epoch is None:
+        return trainer.state.total_batch_idx % int(interval) == 0
+    if (trainer.state.epoch + 1) % trainer.check_val_every_n_epoch != 0:
+        return False
+    done = batch_idx + 1
+    total = trainer.num_training_batches
+    if isinstance(interval, float):
+        if total is None:
+            return trainer.accelerator.gradient_state.end_of_dataloader
+        every = max(1, int(total * interval))
+        return done % every == 0 or (interval == 1.0 and done == total)
+    return done % interval == 0
+
+
+def sanity_limit(trainer: Trainer) -> int | None:
+    return None if trainer.num_sanity_val_steps == -1 else trainer.num_sanity_val_steps
+
+
+def should_stop_now(trainer: Trainer) -> bool:
+    if trainer.should_stop:
+        return True
+    return trainer.max_steps != -1 and trainer.state.global_step >= trainer.max_steps
+
+
+def fit_done(trainer: Trainer) -> bool:
+    """Whether fit should not start another epoch."""
+    if should_stop_now(trainer):
+        return True
+    return trainer.max_epochs != -1 and trainer.state.epoch >= (trainer.max_epochs or 0)
 
 
 def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
@@ -227,7 +272,7 @@ def evaluate(
     step = getattr(module, f"{stage}_step")
     batch_start = hooks[f"on_{stage}_batch_start"]
     batch_end = hooks[f"on_{stage}_batch_end"]
-    limit = trainer._sanity_limit() if sanity else None
+    limit = sanity_limit(trainer) if sanity else None
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(step)
     was_training = module.training

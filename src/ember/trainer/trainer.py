@@ -6,9 +6,8 @@ the callbacks and the loggers, and hands the loop itself to ``loops.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,13 @@ from ember.accelerator.accelerator import Accelerator
 from ember.accelerator.data import DataLoaderConfiguration, PreparedDataLoader
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
-from ember.accelerator.strategies import pick_device, resolve_strategy
-from ember.errors import MisconfigurationError, one_of
-from ember.hooks import EVENTS, Callback, ModuleHooks
+from ember.accelerator.strategies import resolve_strategy
+from ember.errors import MisconfigurationError
+from ember.hooks import EVENTS, Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
-from ember.trainer import loops
+from ember.trainer import arguments, loops
 from ember.trainer.logging import MetricStore
 from ember.trainer.optimizers import SchedulerConfig, parse_optimizers
 from ember.trainer.state import LoopState
@@ -101,21 +100,19 @@ class Trainer:
         compile: bool | dict[str, Any] = False,
         on_nonfinite_loss: str = "raise",
     ) -> None:
-        self.max_epochs = _check_count("max_epochs", max_epochs, allow_none=True)
-        self.max_steps = _check_count("max_steps", max_steps)
+        self.max_epochs = arguments.check_count("max_epochs", max_epochs, allow_none=True)
+        self.max_steps = arguments.check_count("max_steps", max_steps)
         if self.max_epochs is None:
             self.max_epochs = 1000 if self.max_steps == -1 else -1
-        self.accumulate_grad_batches = _check_positive(
+        self.accumulate_grad_batches = arguments.check_positive(
             "accumulate_grad_batches", accumulate_grad_batches
         )
-        self.gradient_clip_val = _check_clip_value(gradient_clip_val)
-        if gradient_clip_algorithm not in _CLIP_ALGORITHMS:
-            raise MisconfigurationError(
-                one_of("gradient_clip_algorithm", gradient_clip_algorithm, _CLIP_ALGORITHMS)
-            )
-        self.gradient_clip_algorithm = gradient_clip_algorithm
-        self.val_check_interval = _check_val_check_interval(val_check_interval)
-        self.check_val_every_n_epoch = _check_positive(
+        self.gradient_clip_val = arguments.check_clip_value(gradient_clip_val)
+        self.gradient_clip_algorithm = arguments.check_choice(
+            "gradient_clip_algorithm", gradient_clip_algorithm, _CLIP_ALGORITHMS
+        )
+        self.val_check_interval = arguments.check_val_check_interval(val_check_interval)
+        self.check_val_every_n_epoch = arguments.check_positive(
             "check_val_every_n_epoch", check_val_every_n_epoch, allow_none=True
         )
         if self.check_val_every_n_epoch is None and not isinstance(self.val_check_interval, int):
@@ -123,27 +120,17 @@ class Trainer:
                 "`check_val_every_n_epoch=None` counts batches over epochs and needs an integer "
                 f"`val_check_interval` (got {val_check_interval!r})."
             )
-        self.limit_train_batches = _check_limit("limit_train_batches", limit_train_batches)
-        self.limit_val_batches = _check_limit("limit_val_batches", limit_val_batches)
-        self.limit_test_batches = _check_limit("limit_test_batches", limit_test_batches)
-        if not isinstance(num_sanity_val_steps, int) or num_sanity_val_steps < -1:
-            raise MisconfigurationError(
-                f"`num_sanity_val_steps={num_sanity_val_steps!r}` is not supported: use an "
-                "integer >= 0, or -1 for every validation batch."
-            )
-        self.num_sanity_val_steps = num_sanity_val_steps
-        self.log_every_n_steps = _check_positive("log_every_n_steps", log_every_n_steps)
-        if on_nonfinite_loss not in _NONFINITE_MODES:
-            raise MisconfigurationError(
-                one_of("on_nonfinite_loss", on_nonfinite_loss, _NONFINITE_MODES)
-            )
-        self.on_nonfinite_loss = on_nonfinite_loss
-        if not isinstance(compile, (bool, dict)):
-            raise MisconfigurationError(
-                f"`compile={compile!r}` is not supported: use True, False, or a dict of "
-                "torch.compile arguments such as {'mode': 'max-autotune'}."
-            )
-        self.compile = compile
+        self.limit_train_batches = arguments.check_limit("limit_train_batches", limit_train_batches)
+        self.limit_val_batches = arguments.check_limit("limit_val_batches", limit_val_batches)
+        self.limit_test_batches = arguments.check_limit("limit_test_batches", limit_test_batches)
+        self.num_sanity_val_steps = arguments.check_count(
+            "num_sanity_val_steps", num_sanity_val_steps, meaning_of_minus_one="every batch"
+        )
+        self.log_every_n_steps = arguments.check_positive("log_every_n_steps", log_every_n_steps)
+        self.on_nonfinite_loss = arguments.check_choice(
+            "on_nonfinite_loss", on_nonfinite_loss, _NONFINITE_MODES
+        )
+        self.compile = arguments.check_compile(compile)
         self.default_root_dir = (
             Path(default_root_dir) if default_root_dir is not None else Path.cwd()
         )
@@ -151,9 +138,9 @@ class Trainer:
 
         if seed is not None:
             seed_everything(seed)
-        _set_deterministic(deterministic)
+        arguments.set_deterministic(deterministic)
         precision_name = canonical_precision(precision)
-        device = _resolve_device(accelerator, devices, num_nodes)
+        device = arguments.resolve_device(accelerator, devices, num_nodes)
         self.accelerator = Accelerator(
             mixed_precision=precision_name,
             gradient_accumulation_steps=self.accumulate_grad_batches,
@@ -161,12 +148,11 @@ class Trainer:
             strategy=resolve_strategy(strategy, device),
             project_dir=self.default_root_dir,
         )
-        self.callbacks = _resolve_callbacks(callbacks, enable_progress_bar)
-        self.loggers = _resolve_loggers(logger, self.default_root_dir)
+        self.callbacks = arguments.resolve_callbacks(callbacks, enable_progress_bar)
+        self.loggers = arguments.resolve_loggers(logger, self.default_root_dir)
 
         self.state = LoopState()
         self.should_stop = False
-        self._latest: dict[str, Any] = {}
         self._logged: dict[str, float] = {}
         self._train_metrics = MetricStore()
         self._eval_metrics = MetricStore()
@@ -284,8 +270,8 @@ class Trainer:
         ckpt_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """Train ``module`` on ``train_dataloaders``, validating on ``val_dataloaders``."""
-        _check_module(module)
-        _check_ckpt_path(ckpt_path)
+        arguments.check_module(module)
+        arguments.check_ckpt_path(ckpt_path)
         if not overrides(module, "training_step"):
             raise MisconfigurationError(
                 f"{type(module).__name__} does not define training_step(batch, batch_idx); "
@@ -334,9 +320,9 @@ class Trainer:
     ) -> list[Any]:
         """Run ``predict_step`` over ``dataloaders`` and return its outputs in order."""
         module = module if module is not None else self._module
-        _check_module(module)
+        arguments.check_module(module)
         assert module is not None
-        _check_ckpt_path(ckpt_path)
+        arguments.check_ckpt_path(ckpt_path)
         dataloaders = dataloaders if dataloaders is not None else module.predict_dataloader()
         loaders = self._prepare_eval_loaders(dataloaders, None, "predict")
 
@@ -360,7 +346,7 @@ class Trainer:
         object.__setattr__(module, "_trainer", self)
         self._module = module
         self.state.stage = stage
-        self._hooks = _collect_hooks(self.callbacks, module, self)
+        self._hooks = collect_hooks(self.callbacks, module, self)
         status = "success"
         try:
             self._fire("setup", stage)
@@ -419,9 +405,9 @@ class Trainer:
         ckpt_path: str | os.PathLike[str] | None,
     ) -> list[dict[str, float]]:
         module = module if module is not None else self._module
-        _check_module(module)
+        arguments.check_module(module)
         assert module is not None
-        _check_ckpt_path(ckpt_path)
+        arguments.check_ckpt_path(ckpt_path)
         if not overrides(module, f"{stage}_step"):
             raise MisconfigurationError(
                 f"Trainer.{entry}() needs {type(module).__name__}.{stage}_step(batch, batch_idx)."
@@ -446,13 +432,13 @@ class Trainer:
         return result
 
     def _prepare_train_loader(self, loader: Any) -> PreparedDataLoader:
-        length = _length(loader)
+        length = arguments.length(loader)
         if length == 0:
             raise MisconfigurationError(
                 "The training loader is empty (0 batches). Check the dataset's length and "
                 "the batch size (with drop_last=True a dataset smaller than one batch is empty)."
             )
-        limit = _apply_limit("limit_train_batches", self.limit_train_batches, length)
+        limit = arguments.apply_limit("limit_train_batches", self.limit_train_batches, length)
         if limit == 0:
             raise MisconfigurationError(
                 f"`limit_train_batches={self.limit_train_batches!r}` leaves 0 of the loader's "
@@ -482,8 +468,8 @@ class Trainer:
         prepared = []
         lengths: list[int | None] = []
         for loader in loaders:
-            length = _length(loader)
-            max_batches = _apply_limit(
+            length = arguments.length(loader)
+            max_batches = arguments.apply_limit(
                 f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
             )
             item = self.accelerator.prepare_data_loader(loader, max_batches=max_batches)
@@ -501,43 +487,6 @@ class Trainer:
         if self.gradient_clip_algorithm == "norm":
             return partial(self.accelerator.clip_grad_norm_, parameters, self.gradient_clip_val)
         return partial(self.accelerator.clip_grad_value_, parameters, self.gradient_clip_val)
-
-    def _validation_enabled(self) -> bool:
-        return (
-            bool(self._val_loaders)
-            and overrides(self.module, "validation_step")
-            and self.limit_val_batches != 0
-        )
-
-    def _validation_due(self, batch_idx: int) -> bool:
-        if not self._val_loaders or not self._validation_enabled():
-            return False
-        interval = self.val_check_interval
-        if self.check_val_every_n_epoch is None:
-            return self.state.total_batch_idx % int(interval) == 0
-        if (self.state.epoch + 1) % self.check_val_every_n_epoch != 0:
-            return False
-        done = batch_idx + 1
-        total = self.num_training_batches
-        if isinstance(interval, float):
-            if total is None:
-                return self.accelerator.gradient_state.end_of_dataloader
-            every = max(1, int(total * interval))
-            return done % every == 0 or (interval == 1.0 and done == total)
-        return done % interval == 0
-
-    def _sanity_limit(self) -> int | None:
-        return None if self.num_sanity_val_steps == -1 else self.num_sanity_val_steps
-
-    def _should_stop_now(self) -> bool:
-        if self.should_stop:
-            return True
-        return self.max_steps != -1 and self.state.global_step >= self.max_steps
-
-    def _fit_done(self) -> bool:
-        if self._should_stop_now():
-            return True
-        return self.max_epochs != -1 and self.state.epoch >= (self.max_epochs or 0)
 
     def _step_scheduler(self, config: SchedulerConfig, wrapped: bool) -> None:
         # Epoch schedulers step whatever the last optimizer step did; step schedulers only
@@ -567,232 +516,5 @@ class Trainer:
                 logger.log_metrics(metrics, self.state.global_step)
 
 
-# --- argument checks ------------------------------------------------------------------------------
-
-
 def _do_nothing() -> None:
     return None
-
-
-def _check_count(name: str, value: Any, allow_none: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
-        raise MisconfigurationError(
-            f"`{name}={value!r}` is not supported: use an integer >= 0, or -1 for no limit."
-        )
-    return value
-
-
-def _check_positive(name: str, value: Any, allow_none: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MisconfigurationError(
-            f"`{name}={value!r}` is not supported: it must be an integer >= 1."
-        )
-    return value
-
-
-def _check_clip_value(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise MisconfigurationError(
-            f"`gradient_clip_val={value!r}` is not supported: use a number >= 0, or None for no "
-            "clipping."
-        )
-    return float(value)
-
-
-def _check_val_check_interval(value: Any) -> int | float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MisconfigurationError(
-            f"`val_check_interval={value!r}` is not supported: use a float in (0, 1] (a fraction "
-            "of the epoch) or an int >= 1 (a number of training batches)."
-        )
-    if isinstance(value, float) and not 0.0 < value <= 1.0:
-        raise MisconfigurationError(
-            f"`val_check_interval={value!r}` is not supported: a float must be in (0, 1]; for a "
-            "number of batches pass an int."
-        )
-    if isinstance(value, int) and value < 1:
-        raise MisconfigurationError(
-            f"`val_check_interval={value!r}` is not supported: an int must be >= 1."
-        )
-    return value
-
-
-def _check_limit(name: str, value: Any) -> int | float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MisconfigurationError(
-            f"`{name}={value!r}` is not supported: use None (every batch), an int >= 0 (that many "
-            "batches) or a float in [0, 1] (that fraction)."
-        )
-    if isinstance(value, float) and not 0.0 <= value <= 1.0:
-        raise MisconfigurationError(
-            f"`{name}={value!r}` is not supported: a float must be in [0, 1]."
-        )
-    if isinstance(value, int) and value < 0:
-        raise MisconfigurationError(f"`{name}={value!r}` is not supported: an int must be >= 0.")
-    return value
-
-
-def _length(loader: Any) -> int | None:
-    try:
-        return len(loader)
-    except TypeError:
-        return None
-
-
-def _apply_limit(name: str, limit: int | float | None, length: int | None) -> int | None:
-    if limit is None:
-        return None
-    if isinstance(limit, int):
-        return limit
-    if length is None:
-        if limit == 1.0:
-            return None
-        raise MisconfigurationError(
-            f"`{name}={limit}` is a fraction, but the loader has no length; give an int."
-        )
-    return int(length * limit)
-
-
-def _check_module(module: Any) -> None:
-    if not isinstance(module, TrainModule):
-        raise MisconfigurationError(
-            f"Expected a TrainModule (a subclass of ember.TrainModule), got "
-            f"{type(module).__name__}. Subclass TrainModule and define training_step and "
-            "configure_optimizers."
-        )
-
-
-def _check_ckpt_path(ckpt_path: Any) -> None:
-    if ckpt_path is not None:
-        raise MisconfigurationError(
-            f"`ckpt_path={ckpt_path!r}`: resuming from checkpoints is not available in this "
-            "version of ember yet; pass ckpt_path=None."
-        )
-
-
-def _set_deterministic(deterministic: bool | str) -> None:
-    if deterministic not in (True, False, "warn"):
-        raise MisconfigurationError(
-            one_of("deterministic", deterministic, ["True", "False", "warn"])
-        )
-    if deterministic is False:
-        return
-    # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def _resolve_device(accelerator: str, devices: Any, num_nodes: Any) -> torch.device:
-    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
-        raise MisconfigurationError(
-            f"`num_nodes={num_nodes!r}` is not supported: it must be an integer >= 1."
-        )
-    if num_nodes > 1:
-        raise MisconfigurationError(
-            f"`num_nodes={num_nodes}`: multi-machine training is not available in this version of "
-            "ember yet; use num_nodes=1."
-        )
-    index = 0
-    if devices == "auto":
-        count = 1
-    elif isinstance(devices, int) and not isinstance(devices, bool):
-        count = devices
-    elif isinstance(devices, str) and devices.strip().isdigit():
-        count = int(devices)
-    elif isinstance(devices, (list, tuple)) and all(isinstance(d, int) for d in devices):
-        count = len(devices)
-        index = devices[0] if devices else 0
-    else:
-        raise MisconfigurationError(
-            f"`devices={devices!r}` is not supported: use 'auto', a positive integer, or a "
-            "list of device indices such as [0]."
-        )
-    if count < 1:
-        raise MisconfigurationError(
-            f"`devices={devices!r}` selects no device: use 'auto' or an integer >= 1."
-        )
-    if count > 1:
-        raise MisconfigurationError(
-            f"`devices={devices!r}`: training on several devices (DDP/FSDP) is not available in "
-            "this version of ember yet; use devices=1."
-        )
-    return pick_device(accelerator, index)
-
-
-def _resolve_callbacks(callbacks: Any, enable_progress_bar: bool) -> list[Callback]:
-    from ember.callbacks.progress import ProgressBar
-
-    if callbacks is None:
-        callbacks = []
-    elif isinstance(callbacks, Callback):
-        callbacks = [callbacks]
-    elif isinstance(callbacks, Iterable) and not isinstance(callbacks, (str, bytes)):
-        callbacks = list(callbacks)
-    else:
-        raise MisconfigurationError(
-            f"`callbacks` must be a Callback or a list of them, got {type(callbacks).__name__}."
-        )
-    wrong = [type(cb).__name__ for cb in callbacks if not isinstance(cb, Callback)]
-    if wrong:
-        raise MisconfigurationError(
-            f"`callbacks` must hold ember.Callback instances; got {', '.join(wrong)}."
-        )
-    has_bar = any(isinstance(cb, ProgressBar) for cb in callbacks)
-    if has_bar and not enable_progress_bar:
-        raise MisconfigurationError(
-            "`enable_progress_bar=False` but a ProgressBar was passed in `callbacks`; remove one."
-        )
-    if enable_progress_bar and not has_bar:
-        callbacks.append(ProgressBar())
-    return callbacks
-
-
-def _resolve_loggers(logger: Any, root: Path) -> list[Logger]:
-    if logger is True:
-        if importlib.util.find_spec("tensorboard") is not None:
-            from ember.loggers.tensorboard import TensorBoardLogger
-
-            return [TensorBoardLogger(root, name="ember_logs")]
-        from ember.loggers.csv import CSVLogger
-
-        return [CSVLogger(root, name="ember_logs")]
-    if logger is False or logger is None:
-        return []
-    loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
-    wrong = [type(item).__name__ for item in loggers if not isinstance(item, Logger)]
-    if wrong:
-        raise MisconfigurationError(
-            f"`logger` must be True, False, an ember Logger or a list of them; got {', '.join(wrong)}."
-        )
-    return loggers
-
-
-def _collect_hooks(
-    callbacks: list[Callback], module: TrainModule, trainer: Trainer
-) -> dict[str, tuple[Callable[..., Any], ...]]:
-    """For each event, the overridden methods to call: callbacks first, then the module.
-
-    Methods left at their no-op default are not called at all, so an unused event costs
-    one empty loop.
-    """
-    hooks: dict[str, tuple[Callable[..., Any], ...]] = {}
-    for event in EVENTS:
-        found: list[Callable[..., Any]] = [
-            partial(getattr(callback, event), trainer, module)
-            for callback in callbacks
-            if getattr(type(callback), event) is not getattr(Callback, event)
-        ]
-        if getattr(type(module), event, None) is not getattr(ModuleHooks, event):
-            found.append(getattr(module, event))
-        hooks[event] = tuple(found)
-    return hooks

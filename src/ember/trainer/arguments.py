@@ -1,0 +1,244 @@
+"""Checking and resolving the Trainer's arguments.
+
+Every check raises ``MisconfigurationError`` naming the argument, the value given and what is
+accepted, before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.accelerator.strategies import pick_device
+from ember.errors import MisconfigurationError, one_of
+from ember.hooks import Callback
+from ember.loggers.base import Logger
+from ember.module import TrainModule
+
+
+def check_count(
+    name: str, value: Any, allow_none: bool = False, meaning_of_minus_one: str = "no limit"
+) -> Any:
+    """An integer >= 0, or -1 (which means ``meaning_of_minus_one``)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: use an integer >= 0, or -1 for "
+            f"{meaning_of_minus_one}."
+        )
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """One of ``choices``."""
+    if value not in choices:
+        raise MisconfigurationError(one_of(name, value, choices))
+    return str(value)
+
+
+def check_compile(value: Any) -> bool | dict[str, Any]:
+    """True, False, or a dict of ``torch.compile`` arguments."""
+    if not isinstance(value, (bool, dict)):
+        raise MisconfigurationError(
+            f"`compile={value!r}` is not supported: use True, False, or a dict of "
+            "torch.compile arguments such as {'mode': 'max-autotune'}."
+        )
+    return value
+
+
+def check_positive(name: str, value: Any, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: it must be an integer >= 1."
+        )
+    return value
+
+
+def check_clip_value(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise MisconfigurationError(
+            f"`gradient_clip_val={value!r}` is not supported: use a number >= 0, or None for no "
+            "clipping."
+        )
+    return float(value)
+
+
+def check_val_check_interval(value: Any) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MisconfigurationError(
+            f"`val_check_interval={value!r}` is not supported: use a float in (0, 1] (a fraction "
+            "of the epoch) or an int >= 1 (a number of training batches)."
+        )
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise MisconfigurationError(
+            f"`val_check_interval={value!r}` is not supported: a float must be in (0, 1]; for a "
+            "number of batches pass an int."
+        )
+    if isinstance(value, int) and value < 1:
+        raise MisconfigurationError(
+            f"`val_check_interval={value!r}` is not supported: an int must be >= 1."
+        )
+    return value
+
+
+def check_limit(name: str, value: Any) -> int | float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: use None (every batch), an int >= 0 (that many "
+            "batches) or a float in [0, 1] (that fraction)."
+        )
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: a float must be in [0, 1]."
+        )
+    if isinstance(value, int) and value < 0:
+        raise MisconfigurationError(f"`{name}={value!r}` is not supported: an int must be >= 0.")
+    return value
+
+
+def length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def apply_limit(name: str, limit: int | float | None, length: int | None) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, int):
+        return limit
+    if length is None:
+        if limit == 1.0:
+            return None
+        raise MisconfigurationError(
+            f"`{name}={limit}` is a fraction, but the loader has no length; give an int."
+        )
+    return int(length * limit)
+
+
+def check_module(module: Any) -> None:
+    if not isinstance(module, TrainModule):
+        raise MisconfigurationError(
+            f"Expected a TrainModule (a subclass of ember.TrainModule), got "
+            f"{type(module).__name__}. Subclass TrainModule and define training_step and "
+            "configure_optimizers."
+        )
+
+
+def check_ckpt_path(ckpt_path: Any) -> None:
+    if ckpt_path is not None:
+        raise MisconfigurationError(
+            f"`ckpt_path={ckpt_path!r}`: resuming from checkpoints is not available in this "
+            "version of ember yet; pass ckpt_path=None."
+        )
+
+
+def set_deterministic(deterministic: bool | str) -> None:
+    if deterministic not in (True, False, "warn"):
+        raise MisconfigurationError(
+            one_of("deterministic", deterministic, ["True", "False", "warn"])
+        )
+    if deterministic is False:
+        return
+    # cuBLAS needs a fixed workspace to be deterministic; it must be set before CUDA starts.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=deterministic == "warn")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(accelerator: str, devices: Any, num_nodes: Any) -> torch.device:
+    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+        raise MisconfigurationError(
+            f"`num_nodes={num_nodes!r}` is not supported: it must be an integer >= 1."
+        )
+    if num_nodes > 1:
+        raise MisconfigurationError(
+            f"`num_nodes={num_nodes}`: multi-machine training is not available in this version of "
+            "ember yet; use num_nodes=1."
+        )
+    index = 0
+    if devices == "auto":
+        count = 1
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        count = devices
+    elif isinstance(devices, str) and devices.strip().isdigit():
+        count = int(devices)
+    elif isinstance(devices, (list, tuple)) and all(isinstance(d, int) for d in devices):
+        count = len(devices)
+        index = devices[0] if devices else 0
+    else:
+        raise MisconfigurationError(
+            f"`devices={devices!r}` is not supported: use 'auto', a positive integer, or a "
+            "list of device indices such as [0]."
+        )
+    if count < 1:
+        raise MisconfigurationError(
+            f"`devices={devices!r}` selects no device: use 'auto' or an integer >= 1."
+        )
+    if count > 1:
+        raise MisconfigurationError(
+            f"`devices={devices!r}`: training on several devices (DDP/FSDP) is not available in "
+            "this version of ember yet; use devices=1."
+        )
+    return pick_device(accelerator, index)
+
+
+def resolve_callbacks(callbacks: Any, enable_progress_bar: bool) -> list[Callback]:
+    from ember.callbacks.progress import ProgressBar
+
+    if callbacks is None:
+        callbacks = []
+    elif isinstance(callbacks, Callback):
+        callbacks = [callbacks]
+    elif isinstance(callbacks, Iterable) and not isinstance(callbacks, (str, bytes)):
+        callbacks = list(callbacks)
+    else:
+        raise MisconfigurationError(
+            f"`callbacks` must be a Callback or a list of them, got {type(callbacks).__name__}."
+        )
+    wrong = [type(cb).__name__ for cb in callbacks if not isinstance(cb, Callback)]
+    if wrong:
+        raise MisconfigurationError(
+            f"`callbacks` must hold ember.Callback instances; got {', '.join(wrong)}."
+        )
+    has_bar = any(isinstance(cb, ProgressBar) for cb in callbacks)
+    if has_bar and not enable_progress_bar:
+        raise MisconfigurationError(
+            "`enable_progress_bar=False` but a ProgressBar was passed in `callbacks`; remove one."
+        )
+    if enable_progress_bar and not has_bar:
+        callbacks.append(ProgressBar())
+    return callbacks
+
+
+def resolve_loggers(logger: Any, root: Path) -> list[Logger]:
+    if logger is True:
+        from ember.loggers.tensorboard import TensorBoardLogger, tensorboard_available
+
+        if tensorboard_available():
+            return [TensorBoardLogger(root, name="ember_logs")]
+        from ember.loggers.csv import CSVLogger
+
+        return [CSVLogger(root, name="ember_logs")]
+    if logger is False or logger is None:
+        return []
+    loggers = list(logger) if isinstance(logger, (list, tuple)) else [logger]
+    wrong = [type(item).__name__ for item in loggers if not isinstance(item, Logger)]
+    if wrong:
+        raise MisconfigurationError(
+            f"`logger` must be True, False, an ember Logger or a list of them; got {', '.join(wrong)}."
+        )
+    return loggers
