@@ -14,8 +14,17 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every test runs in its own folder with its own ember config and offline W&B."""
+def _isolated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[None]:
+    """Every test runs in its own folder with its own ember config and offline W&B.
+
+    Tests not marked ``gpu`` see no accelerator, so ``accelerator="auto"`` means the CPU and
+    their exact comparisons against CPU references hold on a GPU machine too.
+    """
+    if "gpu" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EMBER_CONFIG_FILE", str(tmp_path / "ember_config.yaml"))
     monkeypatch.delenv("EMBER_MIXED_PRECISION", raising=False)
