@@ -1,0 +1,187 @@
+"""The examples: their data and model pieces, and short end-to-end runs as subprocesses."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from itertools import pairwise
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# Tiny settings: a little text, short windows, a handful of steps.
+TINY = ["--max-steps", "3", "--batch-size", "4", "--block-size", "16", "--max-chars", "20000"]
+
+
+@pytest.fixture(scope="module")
+def example() -> ModuleType:
+    """``examples/char_transformer.py`` imported as a module (nothing trains on import)."""
+    spec = importlib.util.spec_from_file_location(
+        "char_transformer", EXAMPLES / "char_transformer.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_example(script: str, *args: str, cwd: Path) -> str:
+    """Run an example with the test's Python; return its output, failing with it on error."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    return output
+
+
+def final_perplexity(output: str) -> float:
+    found = re.search(r"final validation perplexity: (\S+)", output)
+    assert found is not None, output
+    return float(found.group(1))
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def test_stdlib_text_is_deterministic_and_within_budget(example: ModuleType) -> None:
+    text = example.load_stdlib_text(5000)
+    assert len(text) == 5000
+    assert text == example.load_stdlib_text(5000)
+    assert text.isascii()
+
+
+def test_vocab_round_trip(example: ModuleType) -> None:
+    text = example.load_stdlib_text(20000)
+    vocab = example.CharVocab.from_text(text)
+    assert len(vocab) == len(set(text))
+    ids = vocab.encode(text[:500])
+    assert ids.dtype == torch.long and ids.shape == (500,)
+    assert int(ids.min()) >= 0 and int(ids.max()) < len(vocab)
+    assert vocab.decode(ids) == text[:500]
+    assert vocab.decode([int(i) for i in ids[:10]]) == text[:10]
+
+
+def test_windows_are_inputs_and_targets_shifted_by_one(example: ModuleType) -> None:
+    data = torch.arange(100)
+    windows = example.Windows(data, block_size=8)
+    assert len(windows) == 12  # 12 windows of 8 need 97 ids; a 13th would need 105
+    for index in (0, 5, len(windows) - 1):
+        inputs, targets = windows[index]
+        assert inputs.shape == targets.shape == (8,)
+        assert torch.equal(inputs, data[index * 8 : index * 8 + 8])
+        assert torch.equal(targets[:-1], inputs[1:])
+        assert int(targets[-1]) == int(inputs[-1]) + 1
+    batch_inputs, batch_targets = next(iter(torch.utils.data.DataLoader(windows, batch_size=4)))
+    assert batch_inputs.shape == batch_targets.shape == (4, 8)
+
+
+def test_warmup_then_cosine_decay(example: ModuleType) -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = example.warmup_cosine(optimizer, warmup_steps=10, total_steps=100)
+    rates = []
+    for _ in range(120):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1)
+    assert rates[9] == pytest.approx(1.0)
+    assert all(before < after for before, after in pairwise(rates[:10]))
+    assert all(before >= after for before, after in pairwise(rates[9:]))
+    assert rates[100] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.1)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_model_output_shape_and_loss_at_init(example: ModuleType, tie_weights: bool) -> None:
+    torch.manual_seed(0)
+    vocab_size, block_size = 96, 32
+    model = example.CharTransformer(vocab_size, block_size=block_size, tie_weights=tie_weights)
+    assert (model.head.weight is model.token_embedding.weight) == tie_weights
+    ids = torch.randint(0, vocab_size, (8, block_size))
+    logits = model(ids)
+    assert logits.shape == (8, block_size, vocab_size)
+    # Near-uniform predictions at first: the loss is close to ln(vocab_size).
+    targets = torch.randint(0, vocab_size, (8, block_size))
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert loss.item() == pytest.approx(math.log(vocab_size), abs=0.1)
+    # Shorter inputs work too (generation starts from a short prompt).
+    assert model(ids[:, :5]).shape == (8, 5, vocab_size)
+
+
+def test_model_is_causal(example: ModuleType) -> None:
+    torch.manual_seed(0)
+    model = example.CharTransformer(20, block_size=16)
+    ids = torch.randint(0, 20, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 20
+    # Changing later characters must not change the predictions at earlier positions.
+    assert torch.allclose(model(ids)[0, :10], model(changed)[0, :10], atol=1e-6)
+
+
+def test_generate_extends_the_prompt(example: ModuleType) -> None:
+    torch.manual_seed(0)
+    model = example.CharTransformer(20, block_size=8)
+    prompt = torch.tensor([1, 2, 3])
+    ids = example.generate(model, prompt, new_tokens=12, seed=0)
+    assert ids.shape == (15,)
+    assert torch.equal(ids[:3], prompt)
+    assert int(ids.max()) < 20
+    assert torch.equal(ids, example.generate(model, prompt, new_tokens=12, seed=0))
+    greedy = example.generate(model, prompt, new_tokens=4, temperature=0)
+    assert greedy.shape == (7,)
+    assert model.training  # restored
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--precision", "bf16-mixed", "--accumulate-grad-batches", "2"]],
+    ids=["fp32", "bf16-mixed-accumulate"],
+)
+def test_char_transformer_script(tmp_path: Path, extra: list[str]) -> None:
+    root = tmp_path / "runs"
+    output = run_example(
+        "char_transformer.py", *TINY, *extra, "--default-root-dir", str(root), cwd=tmp_path
+    )
+    perplexity = final_perplexity(output)
+    assert math.isfinite(perplexity) and 1.0 < perplexity < 200.0
+    assert re.search(r"sample:\ndef ", output), output
+    assert "3 steps in" in output
+    found = re.search(r"logs: (.+)", output)
+    assert found is not None, output
+    log_dir = Path(found.group(1).strip())
+    assert log_dir.is_dir() and log_dir.is_relative_to(root)
+    files = [path.name for path in log_dir.iterdir()]
+    assert any(name.startswith("events.out.tfevents") or name == "metrics.csv" for name in files)
+    # save_hyperparameters() reached the logger.
+    assert "vocab_size" in (log_dir / "hparams.yaml").read_text()
+
+
+def test_accelerator_loop_script(tmp_path: Path) -> None:
+    out = tmp_path / "weights"
+    args = [*TINY, "--gradient-accumulation-steps", "2", "--cpu", "--output-dir", str(out)]
+    output = run_example("accelerator_loop.py", *args, cwd=tmp_path)
+    perplexity = final_perplexity(output)
+    assert math.isfinite(perplexity) and 1.0 < perplexity < 200.0
+    assert re.search(r"sample:\ndef ", output), output
+    assert "step 3: train_loss" in output
+    weights = load_file(str(out / "model.safetensors"))
+    assert {"token_embedding.weight", "head.weight", "position_embedding.weight"} <= set(weights)
+    assert weights["position_embedding.weight"].shape[0] == 16
