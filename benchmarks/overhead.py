@@ -24,7 +24,7 @@ Method: every run iterates a loader of exactly ``warmup + steps`` batches. The f
 ``warmup`` steps are not timed. The clock starts at the beginning of step ``warmup`` (after its
 batch was fetched) and stops at the end of the last step, so each variant's measured interval
 holds the same work: ``steps`` steps and ``steps - 1`` batch fetches (ember's prepared loader
-reads one batch ahead, so its window holds one fetch fewer: 0.05% of 2000). The Trainer is
+reads one batch ahead for loaders of unknown length only, which this one is not). The Trainer is
 timed from inside, by a callback (``on_train_batch_start`` / ``on_train_batch_end``): its
 one-time costs (fit set-up, loader preparation, the TensorBoard writer created at the first
 logger write, at step 50, within the default warm-up; and, after the last step, epoch end,
@@ -32,7 +32,9 @@ logger flush and close) are excluded from the per-step figure; the time from the
 to ``fit`` returning is printed separately. Periodic costs (the logger write every
 ``log_every_n_steps``) are inside the timed steps. The callback's own two hook calls per step
 are counted against ember. Variants run interleaved (plain, bare, defaults, accelerator, plain,
-...) for ``--rounds`` rounds; the table shows each variant's median over rounds.
+...) for ``--rounds`` rounds; the table shows each variant's median time over rounds, and as
+its ratio to plain the median of the per-round ratios (each round's pair shares the machine's
+state, which damps the noise of a busy 2-core machine).
 
 Two clocks are read at both ends: ``time.perf_counter`` (wall time, the default for the
 goals) and ``time.process_time`` (CPU time of this process, all its threads). On a busy
@@ -318,6 +320,14 @@ class VariantResult:
     def median_us(self, clock: str) -> float:
         return statistics.median(self.wall_us if clock == "wall" else self.cpu_us)
 
+    def paired_ratio(self, base: VariantResult, clock: str) -> float:
+        """The median over rounds of this variant's time divided by the base's time in the
+        same round. Each round runs the variants back to back, so a pair shares the state of
+        the machine; on a busy 2-core box this is steadier than a ratio of medians."""
+        mine = self.wall_us if clock == "wall" else self.cpu_us
+        theirs = base.wall_us if clock == "wall" else base.cpu_us
+        return statistics.median(m / t for m, t in zip(mine, theirs, strict=True))
+
 
 #: Steps of the (untimed) pass that counts function calls per step, and its least warm-up:
 #: past the Trainer's first logger write (``log_every_n_steps=50``), which creates the
@@ -371,8 +381,6 @@ def report(
 ) -> dict[str, Any]:
     """Print the table; return the JSON document."""
     clock = args.clock
-    wall_base = results["plain"].median_us("wall")
-    cpu_base = results["plain"].median_us("cpu")
     load = info["load_average"]
     print(
         f"ember overhead benchmark: MLP {'-'.join(map(str, SIZES))}, batch {BATCH_SIZE}, "
@@ -384,8 +392,9 @@ def report(
         + (f", load average {load[0]:.2f}" if load else "")
     )
     print(
-        f"{args.steps} timed steps after {args.warmup} warm-up steps; median of {args.rounds} "
-        f"interleaved rounds; goals judged on {clock} time"
+        f"{args.steps} timed steps after {args.warmup} warm-up steps; {args.rounds} interleaved "
+        f"rounds; us/step: median over rounds; ratio: median of the per-round ratios to plain; "
+        f"goals judged on {clock} time"
     )
     print()
     header = (
@@ -411,7 +420,8 @@ def report(
     }
     for name, result in results.items():
         wall, cpu = result.median_us("wall"), result.median_us("cpu")
-        wall_ratio, cpu_ratio = wall / wall_base, cpu / cpu_base
+        wall_ratio = result.paired_ratio(results["plain"], "wall")
+        cpu_ratio = result.paired_ratio(results["plain"], "cpu")
         ratio = wall_ratio if clock == "wall" else cpu_ratio
         goal = result.goal
         met = goal is None or ratio <= goal

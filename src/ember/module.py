@@ -149,16 +149,9 @@ class TrainModule(nn.Module, ModuleHooks):
         trainer = self._trainer
         if trainer is None:
             trainer = self.trainer  # raises the "not attached" error
+        # Positional: this runs every step, and keyword matching costs more.
         trainer._metrics.log(
-            name,
-            value,
-            on_step=on_step,
-            on_epoch=on_epoch,
-            prog_bar=prog_bar,
-            logger=logger,
-            reduce_fx=reduce_fx,
-            sync_dist=sync_dist,
-            batch_size=batch_size,
+            name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist, batch_size
         )
 
     def log_dict(self, metrics: dict[str, Any], **kwargs: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Any
@@ -12,6 +13,7 @@ import torchmetrics
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Callback, MisconfigurationError, Trainer
+from ember.callbacks import ProgressBar
 from ember.loggers import Logger
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
@@ -208,14 +210,18 @@ def test_prog_bar_metrics_and_loss() -> None:
             loss = super().training_step(batch, batch_idx)
             self.log("shown", 2.0, prog_bar=True)
             self.log("hidden", 3.0)
-            return loss
+            return {"loss": loss}
 
-    trainer = Trainer(max_epochs=1, **bare_trainer_kwargs())
-    trainer.fit(Shown(), loader(16))
-    bar = trainer.progress_bar_metrics
-    assert bar["shown"] == 2.0
-    assert "hidden" not in bar
-    assert "loss" in bar and "loss" not in trainer.callback_metrics
+    bar = ProgressBar(stream=io.StringIO())
+    trainer = Trainer(max_epochs=1, logger=False, callbacks=[bar])
+    module = Shown()
+    trainer.fit(module, loader(16))
+    assert trainer.progress_bar_metrics == {"shown": 2.0}
+    assert "loss" not in trainer.callback_metrics
+    # The bar shows the last training loss first, then the prog_bar metrics.
+    shown = bar.metrics(trainer)
+    assert list(shown) == ["loss", "shown"]
+    assert shown["loss"] > 0
 
 
 def test_logger_false_keeps_value_out_of_loggers() -> None:

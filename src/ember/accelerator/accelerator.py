@@ -309,7 +309,10 @@ class Accelerator:
             state.add_items(num_items)
         elif state.window_size > 1:
             loss = loss / state.window_size
-        self.precision.backward(loss, **kwargs)
+        if self.precision.scales_gradients:
+            self.precision.backward(loss, **kwargs)
+        else:
+            loss.backward(**kwargs)
 
     def _prepare_gradients(self, optimizer: AcceleratedOptimizer) -> None:
         """Unscale (fp16) and normalise the window's gradient, once per step."""

@@ -10,14 +10,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 if TYPE_CHECKING:
-    from ember.accelerator.optim import GradientState
+    from ember.accelerator.optim import GradientState, _LoaderFrame
 
 
 @dataclasses.dataclass
@@ -144,8 +145,61 @@ class PreparedDataLoader:
             if callable(set_epoch):
                 set_epoch(epoch)
 
+    def exact_length(self) -> int | None:
+        """The number of batches a pass yields, when it is certain (None otherwise).
+
+        A map-style loader's length is exact; an ``IterableDataset``'s is only an estimate.
+        """
+        if isinstance(self.dataset, IterableDataset):
+            return None
+        try:
+            return len(self)
+        except TypeError:
+            return None
+
     def __iter__(self) -> Iterator[Any]:
         state = self.gradient_state
+        length = self.exact_length()
+        if (
+            self.transfer is None
+            and length is not None
+            and (state is None or state.accumulation_steps == 1)
+        ):
+            # Nothing to do per batch (no transfer, every batch is a whole window, the end is
+            # known by count): hand out the loader's own iterator, without a Python frame
+            # per batch. This is the CPU fast path.
+            return islice(self.loader, length)
+        return self._tracked(length)
+
+    def _tracked(self, length: int | None) -> Iterator[Any]:
+        state = self.gradient_state
+        # Each loop over a loader opens its own frame in the gradient state, so a validation
+        # run in the middle of a training epoch leaves the training windows untouched.
+        frame = state.begin_epoch(self.known_length()) if state is not None else None
+        try:
+            if length is not None:
+                yield from self._counted(frame, length)
+            else:
+                yield from self._looking_ahead(frame)
+        finally:
+            if state is not None:
+                state.end_epoch()
+
+    def _counted(self, frame: _LoaderFrame | None, length: int) -> Iterator[Any]:
+        """Batches of a loader whose length is exact: the last one is known by its index."""
+        if length == 0:
+            return
+        transfer = self.transfer
+        for index, batch in enumerate(self.loader, start=1):
+            last = index >= length
+            if frame is not None:
+                frame.end_of_dataloader = last
+            yield batch if transfer is None else transfer(batch)
+            if last:
+                return
+
+    def _looking_ahead(self, frame: _LoaderFrame | None) -> Iterator[Any]:
+        """Batches of a loader of unknown length: reading one batch ahead finds the last."""
         transfer = self.transfer
         limit = self.max_batches
         if limit == 0:
@@ -155,31 +209,22 @@ class PreparedDataLoader:
             current = next(iterator)
         except StopIteration:
             return
-        # Each loop over a loader opens its own frame in the gradient state, so a validation
-        # run in the middle of a training epoch leaves the training windows untouched.
-        frame = state.begin_epoch(self.known_length()) if state is not None else None
-        try:
-            index = 0
-            while True:
-                index += 1
-                if limit is not None and index >= limit:
+        index = 0
+        while True:
+            index += 1
+            if limit is not None and index >= limit:
+                following, last = None, True
+            else:
+                try:
+                    following, last = next(iterator), False
+                except StopIteration:
                     following, last = None, True
-                else:
-                    # Look one batch ahead: the only way to know the last batch of a loader
-                    # without a length, and free for one that has one.
-                    try:
-                        following, last = next(iterator), False
-                    except StopIteration:
-                        following, last = None, True
-                if frame is not None:
-                    frame.end_of_dataloader = last
-                yield current if transfer is None else transfer(current)
-                if last:
-                    return
-                current = following
-        finally:
-            if state is not None:
-                state.end_epoch()
+            if frame is not None:
+                frame.end_of_dataloader = last
+            yield current if transfer is None else transfer(current)
+            if last:
+                return
+            current = following
 
 
 def skip_first_batches(loader: Any, num_batches: int) -> Any:

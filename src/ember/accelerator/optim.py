@@ -188,13 +188,22 @@ class AcceleratedOptimizer(Optimizer):
 
     def step(self, closure: Any = None) -> Any:
         """Step at the end of an accumulation window; do nothing before it."""
-        if not self.gradient_state.sync_gradients:
+        state = self.gradient_state
+        if not state.sync_gradients:
             return None
-        if not self.gradients_prepared:
-            self._prepare_gradients(self)
-        stepped = self.precision.optimizer_step(self.optimizer)
-        self.step_was_skipped = not stepped
-        self.gradient_state.items_used = True
+        if self.precision.scales_gradients:
+            if not self.gradients_prepared:
+                self._prepare_gradients(self)
+            self.step_was_skipped = not self.precision.optimizer_step(self.optimizer)
+        else:
+            # Nothing to unscale and nothing can be skipped: the plain step, unless the window
+            # needs its gradient normalised (num_items, or a window cut short).
+            if not self.gradients_prepared and (
+                state.item_total is not None or state.window_batches < state.window_size
+            ):
+                self._prepare_gradients(self)
+            self.optimizer.step()
+        state.items_used = True
         self.gradients_prepared = False
         return None
 

@@ -62,6 +62,10 @@ class Precision:
     name = "32-true"
     #: Whether ``convert_input`` changes anything (lets loaders skip it when it does not).
     casts_inputs = False
+    #: Whether gradients are scaled (``backward``, ``unscale`` and ``optimizer_step`` then do
+    #: more than the plain calls). When False the accelerator calls torch directly: each layer
+    #: of Python per step shows in the overhead benchmark.
+    scales_gradients = False
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -112,6 +116,8 @@ class MixedPrecision(Precision):
 
 class ScaledMixedPrecision(MixedPrecision):
     """fp16 autocast with a ``torch.amp.GradScaler`` (works on CPU as on CUDA)."""
+
+    scales_gradients = True
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device, torch.float16)

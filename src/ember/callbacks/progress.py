@@ -44,7 +44,7 @@ class ProgressBar(Callback):
         self._train_bar: tqdm[Any] | None = None
         self._eval_bar: tqdm[Any] | None = None
         self._epoch_started = 0.0
-        self._batches = 0
+        self._loss: Any = None
 
     @property
     def stream(self) -> TextIO:
@@ -75,7 +75,6 @@ class ProgressBar(Callback):
     # --- training ----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._epoch_started = time.perf_counter()
-        self._batches = 0
         if self._enabled(trainer) and self.is_terminal:
             self._train_bar = self._bar(
                 trainer.num_training_batches, self._epoch_label(trainer), leave=True
@@ -84,25 +83,30 @@ class ProgressBar(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batches += 1
-        bar = self._train_bar
-        if bar is not None and self._batches % self.refresh_rate == 0:
-            bar.set_postfix_str(format_metrics(trainer.progress_bar_metrics), refresh=False)
-            bar.update(self._batches - bar.n)
+        # The loss comes from what training_step returned; it is read (one sync) only when
+        # the bar is redrawn or the epoch's line printed.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._loss = loss
+        bar = self._train_bar  # None when the output is not a terminal: nothing to redraw
+        if bar is not None and (batch_idx + 1) % self.refresh_rate == 0:
+            bar.set_postfix_str(format_metrics(self.metrics(trainer)), refresh=False)
+            bar.update(batch_idx + 1 - bar.n)
 
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
         if not self._enabled(trainer):
             return
-        metrics = trainer.progress_bar_metrics
+        metrics = self.metrics(trainer)
+        batches = trainer.state.batch_idx  # batches of this epoch processed so far
         bar = self._train_bar
         if bar is not None:
-            bar.update(self._batches - bar.n)
+            bar.update(batches - bar.n)
             bar.set_postfix_str(format_metrics(metrics))
             bar.close()
             self._train_bar = None
         elif not self.is_terminal:
             elapsed = time.perf_counter() - self._epoch_started
-            line = f"{self._epoch_label(trainer)}: {self._batches} batches in {elapsed:.1f}s"
+            line = f"{self._epoch_label(trainer)}: {batches} batches in {elapsed:.1f}s"
             if metrics:
                 line += f", {format_metrics(metrics)}"
             print(line, file=self.stream, flush=True)
@@ -111,6 +115,12 @@ class ProgressBar(Callback):
         if self._train_bar is not None:
             self._train_bar.close()
             self._train_bar = None
+
+    def metrics(self, trainer: Trainer) -> dict[str, float]:
+        """What the bar shows: the latest training loss, then the ``prog_bar`` metrics."""
+        shown = {} if self._loss is None else {"loss": float(self._loss.item())}
+        shown.update(trainer.progress_bar_metrics)
+        return shown
 
     def _epoch_label(self, trainer: Trainer) -> str:
         limit = trainer.max_epochs

@@ -159,15 +159,12 @@ class MetricStore:
         self._unflushed: dict[str, Any] = {}
         #: names shown in the progress bar
         self._prog_bar: set[str] = set()
-        #: values shown in the progress bar only (not in callback_metrics)
-        self._progress_only: dict[str, Any] = {}
 
     # --- writing -----------------------------------------------------------------------------
     def log(
         self,
         name: str,
         value: Any,
-        *,
         on_step: bool | None = None,
         on_epoch: bool | None = None,
         prog_bar: bool = False,
@@ -183,7 +180,7 @@ class MetricStore:
             series = self._new_series(
                 name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist
             )
-        if isinstance(value, Tensor):
+        if type(value) is Tensor or isinstance(value, Tensor):
             if value.numel() != 1:
                 raise MisconfigurationError(
                     f"self.log({name!r}, ...) got a tensor of shape {tuple(value.shape)}; "
@@ -264,10 +261,6 @@ class MetricStore:
         """Record a value the trainer computed itself (``skipped_steps``, say)."""
         self._latest[key] = value
 
-    def set_progress_only(self, key: str, value: Any) -> None:
-        """Show a value in the progress bar without logging it (the training loss)."""
-        self._progress_only[key] = value
-
     # --- reading -------------------------------------------------------------------------------
     def latest(self) -> dict[str, float]:
         """Every name's latest value as a float (converts pending tensors once)."""
@@ -279,9 +272,7 @@ class MetricStore:
     def progress_bar_metrics(self) -> dict[str, float]:
         """The latest values of the names logged with ``prog_bar=True``."""
         latest = self.latest()
-        shown = {key: to_float(value) for key, value in self._progress_only.items()}
-        shown.update((key, latest[key]) for key in latest if key in self._prog_bar)
-        return shown
+        return {key: latest[key] for key in latest if key in self._prog_bar}
 
     def pop_step_metrics(self) -> dict[str, float]:
         """Step values logged since the last call, as floats, for the loggers."""

@@ -21,6 +21,8 @@ from ember.module import overrides
 
 if TYPE_CHECKING:
     from ember.accelerator.data import PreparedDataLoader
+    from ember.accelerator.optim import AcceleratedOptimizer
+    from ember.module import TrainModule
     from ember.trainer.trainer import Trainer
 
 
@@ -58,7 +60,7 @@ def train_epoch(trainer: Trainer) -> None:
     finished = True
     batch_idx = -1
     for batch_idx, batch in enumerate(loader):
-        state.batch_idx = batch_idx
+        # state.batch_idx already equals batch_idx: it counts the batches processed so far.
         metrics.batch = batch
         for hook in batch_start:
             hook(batch, batch_idx)
@@ -144,8 +146,7 @@ def fit_done(trainer: Trainer) -> bool:
 def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
     """Forward, backward and, at the window's end, the optimizer step for one batch."""
     accelerator = trainer.accelerator
-    module = trainer._module
-    assert module is not None
+    module: TrainModule = trainer._module  # type: ignore[assignment]  # set before the loop
     state = trainer.state
     hooks = trainer._hooks
     with accelerator.accumulate(trainer._model or module):
@@ -160,7 +161,6 @@ def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
             # Kept as is (not detached: one op less per batch); backward frees the graph's
             # buffers, and the list is cleared when the window closes.
             trainer._window_losses.append((batch_idx, loss))
-            trainer._progress_only["loss"] = loss
             for hook in hooks["on_before_backward"]:
                 hook(loss)
             accelerator.backward(loss, num_items=num_items)
@@ -213,8 +213,7 @@ def optimizer_step(trainer: Trainer) -> None:
     state = trainer.state
     losses = trainer._window_losses
     trainer._window_losses = []
-    optimizer = trainer._optimizer
-    assert optimizer is not None, "fit prepares the optimizer before the loop"
+    optimizer: AcceleratedOptimizer = trainer._optimizer  # type: ignore[assignment]
     if not losses:  # every batch of the window returned None: nothing to apply
         return
     # One host sync per optimizer step, none per batch.
@@ -227,7 +226,8 @@ def optimizer_step(trainer: Trainer) -> None:
         trainer.accelerator.unscale_gradients()
         for hook in before_step:
             hook(optimizer)
-    trainer._clip_gradients()
+    if trainer._clip_gradients is not None:  # an `if`, not a no-op call: measured per step
+        trainer._clip_gradients()
     optimizer.step()
     for hook in hooks["on_before_zero_grad"]:
         hook(optimizer)

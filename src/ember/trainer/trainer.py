@@ -160,7 +160,6 @@ class Trainer:
         self._eval_metrics._latest = self._train_metrics._latest
         self._eval_metrics._prog_bar = self._train_metrics._prog_bar
         self._metrics = self._train_metrics
-        self._progress_only = self._train_metrics._progress_only
         self._module: TrainModule | None = None
         self._model: torch.nn.Module | None = None
         self._hooks: dict[str, tuple[Callable[..., Any], ...]] = {event: () for event in EVENTS}
@@ -169,7 +168,7 @@ class Trainer:
         self._train_loader: PreparedDataLoader | None = None
         self._val_loaders: list[PreparedDataLoader] = []
         self._window_losses: list[tuple[int, Tensor]] = []
-        self._clip_gradients: Callable[[], Any] = _do_nothing
+        self._clip_gradients: Callable[[], Any] | None = None
         self._autocast = self.accelerator.precision.autocast
         #: What the last validation / test run logged (also in ``callback_metrics``).
         self.last_eval_metrics: dict[str, float] = {}
@@ -208,7 +207,7 @@ class Trainer:
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
-        """The latest values logged with ``prog_bar=True`` (and the training loss)."""
+        """The latest values logged with ``prog_bar=True``."""
         return self._train_metrics.progress_bar_metrics()
 
     @property
@@ -479,10 +478,9 @@ class Trainer:
             self.num_val_batches = lengths
         return prepared
 
-    def _make_clipper(self, module: TrainModule) -> Callable[[], Any]:
-        # No clipping is a function that does nothing, not an `if` in the loop.
+    def _make_clipper(self, module: TrainModule) -> Callable[[], Any] | None:
         if self.gradient_clip_val is None:
-            return _do_nothing
+            return None
         parameters = [p for p in module.parameters() if p.requires_grad]
         if self.gradient_clip_algorithm == "norm":
             return partial(self.accelerator.clip_grad_norm_, parameters, self.gradient_clip_val)
@@ -514,7 +512,3 @@ class Trainer:
         if self.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(metrics, self.state.global_step)
-
-
-def _do_nothing() -> None:
-    return None
