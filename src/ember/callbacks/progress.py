@@ -44,7 +44,7 @@ class ProgressBar(Callback):
         self._train_bar: tqdm[Any] | None = None
         self._eval_bar: tqdm[Any] | None = None
         self._epoch_started = 0.0
-        self._loss: Any = None
+        self._outputs: Any = None  # the last training_step output that was not None
 
     @property
     def stream(self) -> TextIO:
@@ -85,9 +85,8 @@ class ProgressBar(Callback):
     ) -> None:
         # The loss comes from what training_step returned; it is read (one sync) only when
         # the bar is redrawn or the epoch's line printed.
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self._loss = loss
+        if outputs is not None:
+            self._outputs = outputs
         bar = self._train_bar  # None when the output is not a terminal: nothing to redraw
         if bar is not None and (batch_idx + 1) % self.refresh_rate == 0:
             bar.set_postfix_str(format_metrics(self.metrics(trainer)), refresh=False)
@@ -118,7 +117,8 @@ class ProgressBar(Callback):
 
     def metrics(self, trainer: Trainer) -> dict[str, float]:
         """What the bar shows: the latest training loss, then the ``prog_bar`` metrics."""
-        shown = {} if self._loss is None else {"loss": float(self._loss.item())}
+        loss = self._outputs.get("loss") if isinstance(self._outputs, dict) else self._outputs
+        shown = {} if loss is None else {"loss": float(loss.item())}
         shown.update(trainer.progress_bar_metrics)
         return shown
 

@@ -1,8 +1,9 @@
 """The loops: plain for-loops over batches that fire events by name.
 
-``fit`` runs ``train_epoch`` until a stopping condition; ``train_epoch`` runs
-``training_batch`` for each batch and ``evaluate`` when validation is due; ``evaluate`` serves
-validation and test; ``predict`` collects ``predict_step`` outputs. The order of events is in
+``fit`` runs ``train_epoch`` until a stopping condition; ``train_epoch`` runs each batch
+(forward, backward, and ``optimizer_step`` at the end of each accumulation window) and
+``evaluate`` when validation is due; ``evaluate`` serves validation and test; ``predict``
+collects ``predict_step`` outputs. The order of events is in
 ``ember/hooks.py`` and ``docs/hooks.md``.
 """
 
@@ -43,14 +44,24 @@ def fit(trainer: Trainer) -> None:
 
 
 def train_epoch(trainer: Trainer) -> None:
-    """One pass over the training loader (or until a stop), then the epoch's bookkeeping."""
+    """One pass over the training loader (or until a stop), then the epoch's bookkeeping.
+
+    The whole batch is written out in this one loop, top to bottom: it runs every step, and
+    what is set up once per epoch (the names below) is not looked up again per batch.
+    """
     state = trainer.state
-    module = trainer.module
+    module: TrainModule = trainer._module  # type: ignore[assignment]  # set before the loop
+    model = trainer._model or module
+    accelerator = trainer.accelerator
+    gradient_state = accelerator.gradient_state
+    autocast = trainer._autocast
     loader = trainer._train_loader
     assert loader is not None, "fit prepares the training loader before the loop"
     metrics = trainer._train_metrics
     hooks = trainer._hooks
     batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
+    before_backward, after_backward = hooks["on_before_backward"], hooks["on_after_backward"]
+    window_losses = trainer._window_losses  # (batch_idx, loss) of the open window
     validates = validation_enabled(trainer)
     max_steps = trainer.max_steps if trainer.max_steps != -1 else float("inf")
     loader.set_epoch(state.epoch)
@@ -64,7 +75,30 @@ def train_epoch(trainer: Trainer) -> None:
         metrics.batch = batch
         for hook in batch_start:
             hook(batch, batch_idx)
-        outputs = training_batch(trainer, batch, batch_idx)
+        # Forward under autocast, backward (divided by the window's size); distributed
+        # backward keeps its gradients local until the window's last batch.
+        with accelerator.accumulate(model):
+            with autocast():
+                outputs = module.training_step(batch, batch_idx)
+            loss: Tensor | None
+            if type(outputs) is Tensor and outputs.requires_grad and outputs.numel() == 1:
+                loss, num_items = outputs, None  # the common case, checked in one line
+            else:
+                loss, num_items = _loss_of(outputs, batch_idx)
+            if loss is not None:
+                # Not detached (one op less per batch): backward frees the graph's buffers,
+                # and the list is cleared when the window closes.
+                window_losses.append((batch_idx, loss))
+                for hook in before_backward:
+                    hook(loss)
+                accelerator.backward(loss, num_items=num_items)
+                for hook in after_backward:
+                    hook()
+        if gradient_state.sync_gradients:
+            state.accumulation_position = 0
+            optimizer_step(trainer)
+        else:
+            state.accumulation_position += 1
         state.batch_idx = batch_idx + 1
         state.total_batch_idx += 1
         for hook in batch_end:
@@ -143,37 +177,6 @@ def fit_done(trainer: Trainer) -> bool:
     return trainer.max_epochs != -1 and trainer.state.epoch >= (trainer.max_epochs or 0)
 
 
-def training_batch(trainer: Trainer, batch: Any, batch_idx: int) -> Any:
-    """Forward, backward and, at the window's end, the optimizer step for one batch."""
-    accelerator = trainer.accelerator
-    module: TrainModule = trainer._module  # type: ignore[assignment]  # set before the loop
-    state = trainer.state
-    hooks = trainer._hooks
-    with accelerator.accumulate(trainer._model or module):
-        with trainer._autocast():
-            outputs = module.training_step(batch, batch_idx)
-        loss: Tensor | None
-        if type(outputs) is Tensor and outputs.requires_grad and outputs.numel() == 1:
-            loss, num_items = outputs, None  # the common case, checked in one line
-        else:
-            loss, num_items = _loss_of(outputs, batch_idx)
-        if loss is not None:
-            # Kept as is (not detached: one op less per batch); backward frees the graph's
-            # buffers, and the list is cleared when the window closes.
-            trainer._window_losses.append((batch_idx, loss))
-            for hook in hooks["on_before_backward"]:
-                hook(loss)
-            accelerator.backward(loss, num_items=num_items)
-            for hook in hooks["on_after_backward"]:
-                hook()
-    if accelerator.gradient_state.sync_gradients:
-        state.accumulation_position = 0
-        optimizer_step(trainer)
-    else:
-        state.accumulation_position += 1
-    return outputs
-
-
 def _loss_of(outputs: Any, batch_idx: int) -> tuple[Tensor | None, Any]:
     """The loss and item count in what ``training_step`` returned, checked."""
     if outputs is None:
@@ -212,14 +215,16 @@ def optimizer_step(trainer: Trainer) -> None:
     """Close the accumulation window: check the losses, unscale, clip, step, zero."""
     state = trainer.state
     losses = trainer._window_losses
-    trainer._window_losses = []
     optimizer: AcceleratedOptimizer = trainer._optimizer  # type: ignore[assignment]
     if not losses:  # every batch of the window returned None: nothing to apply
         return
     # One host sync per optimizer step, none per batch.
-    if not (math.isfinite(losses[0][1].item()) if len(losses) == 1 else _all_finite(losses)):
+    finite = math.isfinite(losses[0][1].item()) if len(losses) == 1 else _all_finite(losses)
+    if not finite:
         _nonfinite_loss(trainer, losses)
+        losses.clear()
         return
+    losses.clear()
     hooks = trainer._hooks
     before_step = hooks["on_before_optimizer_step"]
     if before_step:  # they must see the unscaled gradient; step() unscales otherwise
