@@ -32,3 +32,18 @@ def test_quick_start_trains(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Epoch 5/5" in output
     assert "logs in" in output
     assert trainer.callback_metrics["val_loss"] < 1.0  # type: ignore[attr-defined]
+
+
+def test_callbacks_page_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    page = README.parent / "docs" / "callbacks.md"
+    example = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)[0]
+    namespace: dict[str, object] = {}
+    exec(compile(example, str(page), "exec"), namespace)
+    from tests.helpers import TinyModule, loader
+
+    trainer = namespace["trainer"]
+    trainer.max_epochs = 2  # type: ignore[attr-defined]
+    trainer.fit(TinyModule(), loader(16), loader(16))  # type: ignore[attr-defined]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "val_loss=" in line]
+    assert printed[0].startswith("step 2: val_loss=")
+    assert printed[1].startswith("step 4: val_loss=")
