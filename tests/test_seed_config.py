@@ -14,13 +14,6 @@ from ember import MisconfigurationError, seed_everything
 from ember.config import config_path, load_config, save_config
 
 
-@pytest.fixture(autouse=True)
-def _restore_seed_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``seed_everything`` exports variables; undo them after each test."""
-    monkeypatch.delenv("EMBER_GLOBAL_SEED", raising=False)
-    monkeypatch.delenv("EMBER_SEED_WORKERS", raising=False)
-
-
 def draw() -> tuple[torch.Tensor, float, np.ndarray]:
     return torch.rand(3), random.random(), np.random.rand(3)
 
@@ -45,11 +38,28 @@ def test_another_seed_gives_other_numbers() -> None:
     assert not np.array_equal(first[2], second[2])
 
 
-def test_seed_is_exported_for_workers() -> None:
-    import os
+class RandomDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Each item draws from every generator a worker process has."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(()))])
+
+
+def test_loader_workers_are_seeded_reproducibly_and_differently() -> None:
+    def draw_with_workers() -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(RandomDataset(), batch_size=2, num_workers=2)
+        return torch.cat(list(loader))
 
     seed_everything(42)
-    assert os.environ["EMBER_GLOBAL_SEED"] == "42"
+    first = draw_with_workers()
+    seed_everything(42)
+    second = draw_with_workers()
+    assert torch.equal(first, second)
+    # Worker 0 made rows 0-1, worker 1 rows 2-3: different streams for every generator.
+    assert (first[0] != first[2]).all()
 
 
 @pytest.mark.parametrize("seed", [0, 2**32 - 1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -13,13 +12,14 @@ from ember.errors import MisconfigurationError
 _MAX_SEED = 2**32 - 1
 
 
-def seed_everything(seed: int, workers: bool = True) -> int:
+def seed_everything(seed: int) -> int:
     """Seed Python's ``random``, NumPy and torch (CPU and every CUDA device).
+
+    Data-loader worker processes need nothing more: torch derives each worker's seed for
+    ``random``, NumPy and torch from the generator seeded here.
 
     Args:
         seed: an integer in ``[0, 2**32 - 1]``.
-        workers: also export ``EMBER_GLOBAL_SEED`` so data-loader worker processes can derive
-            their own seeds from it.
 
     Returns:
         The seed, for logging.
@@ -31,7 +31,4 @@ def seed_everything(seed: int, workers: bool = True) -> int:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds CUDA devices too
-    os.environ["EMBER_GLOBAL_SEED"] = str(seed)
-    if workers:
-        os.environ["EMBER_SEED_WORKERS"] = "1"
     return seed
