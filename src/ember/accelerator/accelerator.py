@@ -83,7 +83,8 @@ class Accelerator:
         cpu: run on the CPU even when an accelerator is present.
         dataloader_config: how loaders are prepared (``DataLoaderConfiguration``).
         strategy: "auto" (one device) or a strategy object; "ddp"/"fsdp" are not available yet.
-        project_dir: where ``save_state`` and trackers write by default.
+        project_dir: the default folder for files the accelerator writes (kept as
+            ``accelerator.project_dir``; ``save_state`` will write there once it exists).
         step_scheduler_with_optimizer: prepared schedulers step only when their optimizer did.
     """
 
