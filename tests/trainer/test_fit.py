@@ -481,3 +481,25 @@ def test_module_properties_inside_the_loop() -> None:
 
     Trainer(max_epochs=2, **bare_trainer_kwargs()).fit(Peek(), loader(16))
     assert seen == [(0, 0, "cpu"), (1, 0, "cpu"), (2, 1, "cpu"), (3, 1, "cpu")]
+
+
+def test_val_loaders_without_validation_step_warn_and_skip() -> None:
+    from ember import TrainModule
+
+    class NoValidation(TinyModule):
+        validation_step = TrainModule.validation_step  # type: ignore[assignment]
+
+    counter = CountValidation()
+    trainer = Trainer(max_epochs=1, callbacks=[counter], **bare_trainer_kwargs())
+    with pytest.warns(UserWarning, match="no validation_step: validation is skipped"):
+        trainer.fit(NoValidation(), loader(16), loader(16))
+    assert counter.at == [] and counter.sanity_batches == 0
+
+
+def test_limit_val_batches_zero_disables_validation() -> None:
+    counter = CountValidation()
+    trainer = Trainer(
+        max_epochs=2, limit_val_batches=0, callbacks=[counter], **bare_trainer_kwargs()
+    )
+    trainer.fit(TinyModule(), loader(16), loader(16))
+    assert counter.at == [] and counter.sanity_batches == 0 and counter.batches == 0

@@ -7,6 +7,7 @@ the callbacks and the loggers, and hands the loop itself to ``loops.py``.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -389,6 +390,14 @@ class Trainer:
             if val_dataloaders is not None
             else []
         )
+        if self._val_loaders and not overrides(module, "validation_step"):
+            warnings.warn(
+                f"fit() got validation loaders but {type(module).__name__} has no "
+                "validation_step: validation is skipped. Define validation_step(batch, batch_idx) "
+                "to validate.",
+                UserWarning,
+                stacklevel=3,
+            )
         self._window_losses = []
         if module.hparams and self.is_global_zero:
             for logger in self.loggers:
