@@ -503,3 +503,24 @@ def test_limit_val_batches_zero_disables_validation() -> None:
     )
     trainer.fit(TinyModule(), loader(16), loader(16))
     assert counter.at == [] and counter.sanity_batches == 0 and counter.batches == 0
+
+
+def test_second_fit_on_one_trainer_is_a_fresh_correct_run() -> None:
+    """A Trainer reused for a second fit forgets the first optimizer (no double rescaling)
+    and starts its loop progress from zero."""
+
+    def weights_after_fit(trainer: Trainer) -> Tensor:
+        module = SummedLoss()
+        trainer.fit(module, [(x[:3], y[:3]), (x[3:8], y[3:8])])
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    x, y = regression_data(8).tensors
+    kwargs = dict(max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=100.0)
+    reused = Trainer(**kwargs, **bare_trainer_kwargs())
+    first = weights_after_fit(reused)
+    second = weights_after_fit(reused)
+    fresh = weights_after_fit(Trainer(**kwargs, **bare_trainer_kwargs()))
+    torch.testing.assert_close(second, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(first, fresh, rtol=0, atol=0)
+    assert reused.global_step == 1 and reused.current_epoch == 1
+    assert len(reused.accelerator._optimizers) == 1

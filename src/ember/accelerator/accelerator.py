@@ -21,6 +21,7 @@ plugin (``precision.py``), a ``GradientState`` (``optim.py``) and prepared loade
 from __future__ import annotations
 
 import builtins
+import gc
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -408,6 +409,22 @@ class Accelerator:
     def split_between_processes(self, inputs: Any) -> Iterator[Any]:
         """Give each process its contiguous share of a list, tuple, tensor or dict of them."""
         yield _share(inputs, self.process_index, self.num_processes)
+
+    def free_memory(self, *objects: Any) -> list[None]:
+        """Forget every prepared module, optimizer and scheduler and start a fresh gradient
+        state, so the next ``prepare`` starts clean (the Trainer calls this at each ``fit``).
+
+        Returns a ``None`` for each object passed, so ``model, opt = accelerator.free_memory(
+        model, opt)`` drops your references too.
+        """
+        self._models.clear()
+        self._optimizers.clear()
+        self._schedulers.clear()
+        self.gradient_state = GradientState(self.gradient_state.accumulation_steps)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return [None for _ in objects]
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on the main process only."""

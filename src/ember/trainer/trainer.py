@@ -376,7 +376,11 @@ class Trainer:
             module.compile(**(self.compile if isinstance(self.compile, dict) else {}))
 
     def _fit(self, module: TrainModule, train_dataloaders: Any, val_dataloaders: Any) -> None:
+        # Each fit is a new run: fresh loop progress and nothing left of an earlier fit's
+        # optimizer in the accelerator (resuming will come from ckpt_path).
+        self.state = LoopState(stage="fit")
         self.should_stop = False
+        self.accelerator.free_memory()
         self._setup_module(module)
         optimizer, schedulers = parse_optimizers(module.configure_optimizers())
         self._optimizer = self.accelerator.prepare_optimizer(optimizer)
