@@ -524,3 +524,55 @@ def test_second_fit_on_one_trainer_is_a_fresh_correct_run() -> None:
     torch.testing.assert_close(first, fresh, rtol=0, atol=0)
     assert reused.global_step == 1 and reused.current_epoch == 1
     assert len(reused.accelerator._optimizers) == 1
+
+
+class LyingLength:
+    """An iterable of batches whose __len__ says more than it yields."""
+
+    def __init__(self, batches: list[Any], claimed: int) -> None:
+        self.batches = batches
+        self.claimed = claimed
+
+    def __len__(self) -> int:
+        return self.claimed
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+
+def test_a_length_that_overstates_still_closes_every_window() -> None:
+    batches = _big_batches(40, [8] * 5)
+    module = TinyModule()
+    trainer = Trainer(max_epochs=2, accumulate_grad_batches=2, **bare_trainer_kwargs())
+    trainer.fit(module, LyingLength(batches, claimed=6))
+    assert trainer.global_step == 6  # windows of 2, 2, 1 in each epoch
+    assert trainer._window_losses == []
+    reference = _big_batches(40, [16, 16, 8])
+    _assert_same_weights(module.net, _plain_sgd(reference, epochs=2))
+
+
+class EstimatedLength(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """An IterableDataset whose __len__ is only an estimate."""
+
+    def __init__(self, samples: int, estimate: int) -> None:
+        self.data = regression_data(samples)
+        self.estimate = estimate
+
+    def __len__(self) -> int:
+        return self.estimate
+
+    def __iter__(self) -> Any:
+        return iter(zip(*self.data.tensors, strict=True))
+
+
+@pytest.mark.parametrize("estimate", [16, 128])  # 64 samples really
+def test_iterable_dataset_length_estimates_do_not_drive_the_loop(estimate: int) -> None:
+    counter = CountValidation()
+    module = TinyModule()
+    trainer = Trainer(
+        max_epochs=1, accumulate_grad_batches=2, callbacks=[counter], **bare_trainer_kwargs()
+    )
+    trainer.fit(module, DataLoader(EstimatedLength(64, estimate), batch_size=8), loader(16))
+    assert trainer.global_step == 4  # 8 real batches, windows of 2
+    assert counter.at == [(0, 8)]  # validated once, at the real end of the epoch
+    _assert_same_weights(module.net, _plain_sgd(_big_batches(64, [16] * 4)))

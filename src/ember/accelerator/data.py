@@ -148,14 +148,14 @@ class PreparedDataLoader:
     def exact_length(self) -> int | None:
         """The number of batches a pass yields, when it is certain (None otherwise).
 
-        A map-style loader's length is exact; an ``IterableDataset``'s is only an estimate.
+        Certain: a ``DataLoader`` over a map-style dataset, or a list or tuple of batches. An
+        ``IterableDataset``'s length is only an estimate, and so may be any other object's.
         """
-        if isinstance(self.dataset, IterableDataset):
-            return None
-        try:
-            return len(self)
-        except TypeError:
-            return None
+        loader = self.loader
+        certain = isinstance(loader, (list, tuple)) or (
+            isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+        )
+        return len(self) if certain else None
 
     def __iter__(self) -> Iterator[Any]:
         state = self.gradient_state
@@ -175,7 +175,7 @@ class PreparedDataLoader:
         state = self.gradient_state
         # Each loop over a loader opens its own frame in the gradient state, so a validation
         # run in the middle of a training epoch leaves the training windows untouched.
-        frame = state.begin_epoch(self.known_length()) if state is not None else None
+        frame = state.begin_epoch(length) if state is not None else None
         try:
             if length is not None:
                 yield from self._counted(frame, length)

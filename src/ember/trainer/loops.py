@@ -111,6 +111,12 @@ def train_epoch(trainer: Trainer) -> None:
         ):
             finished = batch_idx + 1 == trainer.num_training_batches
             break
+    if state.accumulation_position != 0:
+        # The loader ended before the length it announced: close the open window (its
+        # gradient is rescaled to the batches it really holds) rather than carry it over.
+        gradient_state.sync_gradients = True
+        state.accumulation_position = 0
+        optimizer_step(trainer)
     if batch_idx < 0:
         raise MisconfigurationError(
             "The training loader produced no batch. Check that its dataset is not empty and "

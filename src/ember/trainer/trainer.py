@@ -457,7 +457,9 @@ class Trainer:
                 f"{length} batches to train on; raise it."
             )
         prepared = self.accelerator.prepare_data_loader(loader, max_batches=limit)
-        self.num_training_batches = prepared.known_length()
+        # Only a certain length decides windows and validation timing (an IterableDataset's
+        # __len__ is an estimate).
+        self.num_training_batches = prepared.exact_length()
         interval = self.val_check_interval
         if isinstance(interval, int) and self.num_training_batches is not None:
             if interval > self.num_training_batches and self.check_val_every_n_epoch is not None:
