@@ -345,3 +345,50 @@ def test_logger_true_is_tensorboard_when_installed_else_csv(
     assert trainer.log_dir == str(tmp_path / "ember_logs" / "version_1")
     assert os.path.exists(os.path.join(trainer.log_dir, "metrics.csv"))
     assert Trainer(logger=False).loggers == []
+
+
+def test_nothing_of_the_sanity_check_remains() -> None:
+    seen: dict[str, float] = {}
+
+    class StepValues(TinyModule):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("v", 1.0, on_step=True, on_epoch=True)
+
+    class AtTrainStart(Callback):
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            seen.update(trainer.callback_metrics)
+
+    logger = MemoryLogger()
+    trainer = Trainer(
+        max_epochs=1, callbacks=[AtTrainStart()], logger=logger, enable_progress_bar=False
+    )
+    trainer.fit(StepValues(), loader(16), loader(16))
+    assert seen == {}
+    assert trainer.callback_metrics["v_epoch"] == 1.0  # the real validation ran and logged
+    assert all(step == 2 for step, metrics in logger.metrics if "v_epoch" in metrics)
+
+
+@pytest.mark.parametrize(
+    "hook", ["on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "on_validation_end"]
+)
+def test_log_where_nothing_would_record_it_is_an_error(hook: str) -> None:
+    def log_here(self: Any, *args: Any) -> None:
+        self.log("x", 1.0)
+
+    Module = type("LogsInHook", (TinyModule,), {hook: log_here})
+    with pytest.raises(MisconfigurationError, match="self.log\\('x', ...\\) was called where"):
+        Trainer(max_epochs=1, num_sanity_val_steps=0, **bare_trainer_kwargs()).fit(
+            Module(), loader(16), loader(16)
+        )
+
+
+def test_log_in_predict_step_is_an_error() -> None:
+    class LogsInPredict(TinyModule):
+        def predict_step(self, batch: Any, batch_idx: int) -> Any:
+            self.log("p", 1.0)
+            return super().predict_step(batch, batch_idx)
+
+    trainer = Trainer(max_epochs=1, **bare_trainer_kwargs())
+    trainer.fit(LogsInPredict(), loader(16))
+    with pytest.raises(MisconfigurationError, match="self.log\\('p', ...\\) was called where"):
+        trainer.predict(trainer.module, loader(16))

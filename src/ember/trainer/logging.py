@@ -153,6 +153,9 @@ class MetricStore:
         self.default_on_epoch = False
         self.batch: Any = None
         self.dataloader_idx: int | None = None
+        #: Whether a loop run is under way (between ``start`` and ``close``): values logged
+        #: outside one would never be reduced, so ``log`` refuses them.
+        self.open = False
         #: latest value of every name, possibly still a tensor until read
         self._latest: dict[str, Any] = {}
         #: step values waiting for the next flush to the loggers
@@ -174,6 +177,13 @@ class MetricStore:
         batch_size: int | None = None,
     ) -> None:
         """Record ``value`` under ``name`` (see ``TrainModule.log``)."""
+        if not self.open:
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...) was called where ember cannot record it. Log in "
+                "training_step, validation_step, test_step, their batch hooks, or the "
+                "on_*_epoch_start / on_*_epoch_end hooks; not in setup, teardown, on_fit_*, "
+                "on_train_start/end, on_validation_start/end, on_test_start/end or predict."
+            )
         key = name if self.dataloader_idx is None else self._suffixed(name)
         series = self.series.get(key)
         if series is None:
@@ -323,6 +333,17 @@ class MetricStore:
         self.default_on_step = on_step
         self.default_on_epoch = on_epoch
         self.dataloader_idx = None
+        self.open = True
+
+    def close(self) -> None:
+        """End the run: from here on ``log`` refuses values (nothing would reduce them)."""
+        self.open = False
+
+    def keys(self) -> list[str]:
+        """Every key the series of this run write (step and epoch keys)."""
+        return [
+            key for series in self.series.values() for key in (series.step_key, series.epoch_key)
+        ]
 
     def forget(self, keys: list[str]) -> None:
         """Drop values that must not survive (those of the sanity check)."""

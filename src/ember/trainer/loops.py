@@ -129,6 +129,7 @@ def train_epoch(trainer: Trainer) -> None:
     trainer._fire("on_train_epoch_end")
     _, more_for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
     trainer._send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
+    metrics.close()
     if finished:
         for config in trainer._schedulers:
             if config.interval == "epoch" and (state.epoch + 1) % config.frequency == 0:
@@ -289,10 +290,10 @@ def evaluate(
     was_training = module.training
     previous_metrics = trainer._metrics
     trainer._metrics = metrics
-    metrics.start(on_step=False, on_epoch=True)
     module.eval()
     try:
         trainer._fire(f"on_{stage}_start")
+        metrics.start(on_step=False, on_epoch=True)
         trainer._fire(f"on_{stage}_epoch_start")
         with torch.no_grad():
             for dataloader_idx, loader in enumerate(loaders):
@@ -315,9 +316,10 @@ def evaluate(
         more_values, more_for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
         values.update(more_values)
         for_loggers.update(more_for_loggers)
+        metrics.close()
         trainer.last_eval_metrics = {} if sanity else dict(values)
-        if sanity:
-            metrics.forget(list(values))
+        if sanity:  # nothing of the sanity check may remain, step values included
+            metrics.forget(metrics.keys())
         else:
             trainer._send_to_loggers({**metrics.pop_step_metrics(), **for_loggers})
         trainer._fire(f"on_{stage}_end")

@@ -358,6 +358,9 @@ class Trainer:
             module.on_exception(exception)
             raise
         finally:
+            self._train_metrics.close()
+            self._eval_metrics.close()
+            self._metrics = self._train_metrics
             if self.is_global_zero:
                 for logger in self.loggers:
                     logger.finalize(status)
