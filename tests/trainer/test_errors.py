@@ -270,3 +270,59 @@ def test_ckpt_path_not_yet_available() -> None:
 def test_val_check_interval_longer_than_the_epoch() -> None:
     with pytest.raises(MisconfigurationError, match="val_check_interval=100.*2 training batches"):
         _fit(TinyModule(), loader(16), val_check_interval=100)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"gradient_clip_val": float("nan")}, "gradient_clip_val=nan"),
+        ({"gradient_clip_val": float("inf")}, "gradient_clip_val=inf"),
+        ({"default_root_dir": 123}, "default_root_dir=123"),
+        ({"enable_progress_bar": "no"}, "enable_progress_bar='no'"),
+        ({"enable_checkpointing": 1}, "enable_checkpointing=1"),
+        ({"compile": {"bogus": 1}}, "['bogus']"),
+        ({"compile": {"mode": "fastest"}}, "compile['mode']='fastest'"),
+    ],
+)
+def test_more_bad_trainer_arguments(kwargs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(MisconfigurationError) as error:
+        Trainer(**kwargs)
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "fragment"),
+    [
+        (lambda t, m: t.fit(m, 5), "fit() got int, which is not a data loader"),
+        (lambda t, m: t.fit(m, loader(16), 5), "validation (dataloaders) got int"),
+        (lambda t, m: t.fit(m, [loader(16), loader(16)]), "got 2 training loaders"),
+        (lambda t, m: t.fit(m, loader(16), {"a": loader(16)}), "got a dict of loaders (['a'])"),
+        (lambda t, m: t.validate(m, "data"), "got str, which is not a data loader"),
+        (lambda t, m: t.predict(m), "predict() got no data"),
+    ],
+)
+def test_bad_loaders(call: Any, fragment: str) -> None:
+    with pytest.raises(MisconfigurationError) as error:
+        call(Trainer(max_epochs=1, **bare_trainer_kwargs()), TinyModule())
+    assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("num_items", "fragment"),
+    [("eight", "num_items='eight'"), (-1, "num_items=-1"), (torch.ones(2), "shape (2,)")],
+)
+def test_bad_num_items(num_items: Any, fragment: str) -> None:
+    class BadItems(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return {"loss": super().training_step(batch, batch_idx), "num_items": num_items}
+
+    with pytest.raises(MisconfigurationError) as error:
+        _fit(BadItems())
+    assert fragment in str(error.value)
+
+
+def test_predict_restores_the_training_mode() -> None:
+    module = TinyModule()
+    module.train()
+    Trainer(**bare_trainer_kwargs()).predict(module, loader(16))
+    assert module.training

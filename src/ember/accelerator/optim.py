@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ember.accelerator.precision import Precision
+from ember.errors import MisconfigurationError
 
 
 @dataclass
@@ -108,7 +109,17 @@ class GradientState:
     def add_items(self, num_items: Tensor | int) -> None:
         """Count the items whose summed loss the current batch backpropagated."""
         if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise MisconfigurationError(
+                    f"`num_items` must be one number, got a tensor of shape "
+                    f"{tuple(num_items.shape)}."
+                )
             num_items = num_items.detach()
+        elif isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 0:
+            raise MisconfigurationError(
+                f"`num_items={num_items!r}` is not supported: give the number of items the "
+                "summed loss covers, as an int >= 0 or a one-element tensor."
+            )
         if self.item_total is None or self.items_used:
             self.item_total = num_items
             self.items_used = False

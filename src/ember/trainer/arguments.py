@@ -6,8 +6,10 @@ accepted, before any work starts.
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,26 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def check_compile(value: Any) -> bool | dict[str, Any]:
-    """True, False, or a dict of ``torch.compile`` arguments."""
+    """True, False, or a dict of ``torch.compile`` arguments (checked against its signature)."""
     if not isinstance(value, (bool, dict)):
         raise MisconfigurationError(
             f"`compile={value!r}` is not supported: use True, False, or a dict of "
             "torch.compile arguments such as {'mode': 'max-autotune'}."
         )
+    if isinstance(value, dict):
+        accepted = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+        unknown = sorted(set(value) - set(accepted))
+        if unknown:
+            raise MisconfigurationError(
+                f"`compile={value!r}` has arguments torch.compile does not take: {unknown}. "
+                f"Accepted: {accepted}."
+            )
+        if value.get("mode") is not None and value["mode"] not in _COMPILE_MODES:
+            raise MisconfigurationError(one_of("compile['mode']", value["mode"], _COMPILE_MODES))
     return value
 
 
@@ -64,12 +79,46 @@ def check_positive(name: str, value: Any, allow_none: bool = False) -> Any:
 def check_clip_value(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise MisconfigurationError(
-            f"`gradient_clip_val={value!r}` is not supported: use a number >= 0, or None for no "
-            "clipping."
+            f"`gradient_clip_val={value!r}` is not supported: use a finite number >= 0, or None "
+            "for no clipping."
         )
     return float(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """True or False."""
+    if not isinstance(value, bool):
+        raise MisconfigurationError(f"`{name}={value!r}` is not supported: use True or False.")
+    return value
+
+
+def check_directory(name: str, value: Any) -> Path:
+    """A path (str or os.PathLike)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise MisconfigurationError(
+            f"`{name}={value!r}` is not supported: give a folder path (str or pathlib.Path)."
+        )
+    return Path(value)
+
+
+def check_loader(role: str, loader: Any) -> None:
+    """Something to iterate over batches (a DataLoader, or any iterable of batches)."""
+    if isinstance(loader, Mapping):
+        raise MisconfigurationError(
+            f"{role} got a dict of loaders ({sorted(loader)}); pass one loader or a list of them."
+        )
+    if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+        raise MisconfigurationError(
+            f"{role} got {type(loader).__name__}, which is not a data loader: pass a "
+            "torch.utils.data.DataLoader (or any iterable of batches)."
+        )
 
 
 def check_val_check_interval(value: Any) -> int | float:

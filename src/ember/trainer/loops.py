@@ -357,6 +357,7 @@ def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
     hooks = trainer._hooks
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(module.predict_step)
+    was_training = module.training
     module.eval()
     results: list[list[Any]] = []
     trainer._fire("on_predict_start")
@@ -377,4 +378,5 @@ def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
             results.append(outputs_of_loader)
     trainer._fire("on_predict_epoch_end")
     trainer._fire("on_predict_end")
+    module.train(was_training)
     return results if several else results[0]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from ember.accelerator.accelerator import Accelerator
 from ember.accelerator.data import DataLoaderConfiguration, PreparedDataLoader
@@ -133,9 +134,14 @@ class Trainer:
         )
         self.compile = arguments.check_compile(compile)
         self.default_root_dir = (
-            Path(default_root_dir) if default_root_dir is not None else Path.cwd()
+            arguments.check_directory("default_root_dir", default_root_dir)
+            if default_root_dir is not None
+            else Path.cwd()
         )
-        self.enable_checkpointing = bool(enable_checkpointing)
+        self.enable_checkpointing = arguments.check_flag(
+            "enable_checkpointing", enable_checkpointing
+        )
+        arguments.check_flag("enable_progress_bar", enable_progress_bar)
 
         if seed is not None:
             seed_everything(seed)
@@ -324,6 +330,11 @@ class Trainer:
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
         dataloaders = dataloaders if dataloaders is not None else module.predict_dataloader()
+        if dataloaders is None:
+            raise MisconfigurationError(
+                "Trainer.predict() got no data: pass dataloaders or define "
+                f"{type(module).__name__}.predict_dataloader()."
+            )
         loaders = self._prepare_eval_loaders(dataloaders, None, "predict")
 
         def run() -> list[Any]:
@@ -447,6 +458,14 @@ class Trainer:
         return result
 
     def _prepare_train_loader(self, loader: Any) -> PreparedDataLoader:
+        arguments.check_loader("fit()", loader)
+        if isinstance(loader, (list, tuple)) and any(
+            isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
+        ):
+            raise MisconfigurationError(
+                f"fit() got {len(loader)} training loaders; it trains on one. Combine their "
+                "datasets (torch.utils.data.ConcatDataset) into one loader."
+            )
         length = arguments.length(loader)
         if length == 0:
             raise MisconfigurationError(
@@ -481,7 +500,10 @@ class Trainer:
     def _prepare_eval_loaders(
         self, dataloaders: Any, limit: int | float | None, stage: str
     ) -> list[PreparedDataLoader]:
+        arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
         loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+        for loader in loaders:
+            arguments.check_loader(f"{stage} (dataloaders)", loader)
         prepared = []
         lengths: list[int | None] = []
         for loader in loaders:
