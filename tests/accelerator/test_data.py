@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from ember import Accelerator, DataLoaderConfiguration
+from ember import Accelerator, DataLoaderConfiguration, MisconfigurationError
 from ember.accelerator.data import infer_batch_size, move_to_device
 from tests.helpers import regression_data
 
@@ -127,8 +127,12 @@ def test_set_epoch_reaches_the_sampler() -> None:
         DataLoader(regression_data(8), sampler=sampler, batch_size=2)
     )
     prepared.set_epoch(3)
+    assert sampler.epochs == []  # it takes effect when the next pass begins
+    list(prepared)
     assert sampler.epochs == [3]
-    assert prepared.epoch == 3
+    list(prepared)  # each pass advances the epoch, as in a hand-written loop
+    assert sampler.epochs == [3, 4]
+    assert prepared.epoch == 5
 
 
 def test_device_placement_false_leaves_batches_alone() -> None:
@@ -266,3 +270,55 @@ def test_prepared_loader_moves_nested_batches_to_cuda() -> None:
         assert batch["x"].device.type == "cuda"
         assert batch["label"].device.type == "cuda"
         assert torch.equal(batch["x"].cpu(), raw["x"])
+
+
+def _orders(accelerator: Accelerator, passes: int) -> list[list[int]]:
+    indices = torch.arange(12).float().unsqueeze(1)
+    loader = DataLoader(torch.utils.data.TensorDataset(indices), batch_size=12, shuffle=True)
+    prepared = accelerator.prepare(loader)
+    return [next(iter(prepared))[0].flatten().int().tolist() for _ in range(passes)]
+
+
+def test_seedable_sampler_orders_depend_only_on_data_seed_and_epoch() -> None:
+    config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=5)
+    torch.manual_seed(1)
+    first = _orders(Accelerator(cpu=True, dataloader_config=config), passes=3)
+    torch.manual_seed(2)  # the global generator does not matter
+    second = _orders(Accelerator(cpu=True, dataloader_config=config), passes=3)
+    assert first == second
+    assert first[0] != first[1] != first[2]  # a new order every epoch
+    expected = torch.randperm(12, generator=torch.Generator().manual_seed(5 + 1)).tolist()
+    assert first[1] == expected
+    other = _orders(
+        Accelerator(
+            cpu=True,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=6),
+        ),
+        passes=1,
+    )
+    assert other[0] != first[0]
+
+
+def test_without_seedable_sampler_the_global_generator_decides() -> None:
+    torch.manual_seed(1)
+    first = _orders(Accelerator(cpu=True), passes=1)
+    torch.manual_seed(2)
+    second = _orders(Accelerator(cpu=True), passes=1)
+    assert first != second
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"even_batches": "yes"}, "even_batches='yes'"),
+        ({"split_batches": 3}, "split_batches=3"),
+        ({"data_seed": "abc"}, "data_seed='abc'"),
+        ({"data_seed": -1}, "data_seed=-1"),
+        ({"dispatch_batches": 1}, "dispatch_batches=1"),
+        ({"use_stateful_dataloader": True}, "StatefulDataLoader"),
+    ],
+)
+def test_bad_dataloader_configuration(kwargs: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(MisconfigurationError) as error:
+        DataLoaderConfiguration(**kwargs)
+    assert fragment in str(error.value)

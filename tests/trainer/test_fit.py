@@ -576,3 +576,26 @@ def test_iterable_dataset_length_estimates_do_not_drive_the_loop(estimate: int) 
     assert trainer.global_step == 4  # 8 real batches, windows of 2
     assert counter.at == [(0, 8)]  # validated once, at the real end of the epoch
     _assert_same_weights(module.net, _plain_sgd(_big_batches(64, [16] * 4)))
+
+
+def test_seedable_sampler_through_the_trainer() -> None:
+    from ember import DataLoaderConfiguration
+
+    def first_targets(global_seed: int) -> list[list[float]]:
+        seen: list[list[float]] = []
+
+        class Record(TinyModule):
+            def training_step(self, batch: Any, batch_idx: int) -> Any:
+                if batch_idx == 0:
+                    seen.append(batch[1].flatten().tolist())
+                return super().training_step(batch, batch_idx)
+
+        torch.manual_seed(global_seed)
+        config = DataLoaderConfiguration(use_seedable_sampler=True, data_seed=11)
+        trainer = Trainer(max_epochs=3, dataloader_config=config, **bare_trainer_kwargs())
+        trainer.fit(Record(), DataLoader(regression_data(32), batch_size=8, shuffle=True))
+        return seen
+
+    first, second = first_targets(1), first_targets(2)
+    assert first == second  # the order comes from data_seed and the epoch alone
+    assert first[0] != first[1]  # and changes every epoch

@@ -261,7 +261,16 @@ class Accelerator:
             if self.device_placement
             else convert
         )
-        return PreparedDataLoader(data_loader, self.gradient_state, transfer, max_batches)
+        config = self.dataloader_config
+        data_seed = None
+        if config.use_seedable_sampler:
+            # Without data_seed, one draw from torch's generator: seed_everything decides it.
+            data_seed = config.data_seed
+            if data_seed is None:
+                data_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return PreparedDataLoader(
+            data_loader, self.gradient_state, transfer, max_batches, data_seed=data_seed
+        )
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         """A loader that starts after the first ``num_batches`` batches (for resuming)."""
@@ -271,6 +280,7 @@ class Accelerator:
                 dataloader.gradient_state,
                 dataloader.transfer,
                 dataloader.max_batches,
+                data_seed=dataloader.data_seed,
             )
         return skip_first_batches(dataloader, num_batches)
 

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+
+from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
     from ember.accelerator.optim import GradientState, _LoaderFrame
@@ -43,6 +45,37 @@ class DataLoaderConfiguration:
     data_seed: int | None = None
     non_blocking: bool = False
     use_stateful_dataloader: bool = False
+
+    def __post_init__(self) -> None:
+        for name in (
+            "split_batches",
+            "even_batches",
+            "use_seedable_sampler",
+            "non_blocking",
+            "use_stateful_dataloader",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise MisconfigurationError(
+                    f"`DataLoaderConfiguration({name}={value!r})` is not supported: use True or "
+                    "False."
+                )
+        if self.dispatch_batches is not None and not isinstance(self.dispatch_batches, bool):
+            raise MisconfigurationError(
+                f"`DataLoaderConfiguration(dispatch_batches={self.dispatch_batches!r})` is not "
+                "supported: use True, False or None."
+            )
+        seed = self.data_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise MisconfigurationError(
+                f"`DataLoaderConfiguration(data_seed={seed!r})` is not supported: use an "
+                "integer >= 0, or None."
+            )
+        if self.use_stateful_dataloader:
+            raise MisconfigurationError(
+                "`DataLoaderConfiguration(use_stateful_dataloader=True)` needs torchdata's "
+                "StatefulDataLoader, which ember does not support yet; leave it False."
+            )
 
 
 def move_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -107,11 +140,16 @@ class PreparedDataLoader:
         gradient_state: GradientState | None = None,
         transfer: Callable[[Any], Any] | None = None,
         max_batches: int | None = None,
+        data_seed: int | None = None,
     ) -> None:
         self.loader = loader
         self.gradient_state = gradient_state
         self.transfer = transfer
         self.max_batches = max_batches
+        #: With a seed, a shuffling RandomSampler draws each epoch's order from a generator
+        #: seeded with ``data_seed + epoch``: the same order in every run and on every rank.
+        self.data_seed = data_seed
+        #: The epoch of the next pass; each pass advances it (the Trainer sets it first).
         self.epoch = 0
 
     @property
@@ -138,9 +176,17 @@ class PreparedDataLoader:
             return self.max_batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the sampler (and a batch sampler) which epoch comes, for per-epoch shuffling."""
+        """Make ``epoch`` the epoch of the next pass (its shuffling order)."""
         self.epoch = epoch
-        for holder in (self.sampler, getattr(self.loader, "batch_sampler", None)):
+
+    def _begin_pass(self) -> None:
+        # Tell the samplers which epoch comes, then count it as started.
+        epoch = self.epoch
+        self.epoch += 1
+        sampler = self.sampler
+        if self.data_seed is not None and isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(self.data_seed + epoch)
+        for holder in (sampler, getattr(self.loader, "batch_sampler", None)):
             set_epoch = getattr(holder, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
@@ -158,6 +204,7 @@ class PreparedDataLoader:
         return len(self) if certain else None
 
     def __iter__(self) -> Iterator[Any]:
+        self._begin_pass()
         state = self.gradient_state
         length = self.exact_length()
         if (
