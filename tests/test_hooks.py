@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -151,13 +152,35 @@ def test_exception_fires_on_exception_then_teardown() -> None:
     assert events[-4:] == _both("on_exception") + _both("teardown")
 
 
-def test_every_event_has_a_noop_on_both_bases() -> None:
-    for event in EVENTS:
-        assert callable(getattr(BaseCallback, event)), event
-        assert callable(getattr(ModuleHooks, event)), event
+def test_every_event_has_matching_noops_on_both_bases() -> None:
+    """Callback.<event>(self, trainer, module, *args) mirrors ModuleHooks.<event>(self, *args),
+    both do nothing, and docs/hooks.md names the event."""
     documented = _docs_path().read_text()
     for event in EVENTS:
+        callback_params = list(inspect.signature(getattr(BaseCallback, event)).parameters)
+        module_params = list(inspect.signature(getattr(ModuleHooks, event)).parameters)
+        assert callback_params[:3] == ["self", "trainer", "module"], event
+        assert callback_params[3:] == module_params[1:], event
         assert f"`{event}" in documented, f"{event} is missing from docs/hooks.md"
+    assert {name for name in dir(BaseCallback) if name.startswith("on_")} | {
+        "setup",
+        "teardown",
+    } == set(EVENTS)
+
+
+def test_dataloader_idx_is_passed_only_with_several_loaders() -> None:
+    received: list[tuple[Any, ...]] = []
+
+    class Record(Callback):
+        def on_validation_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+            received.append(args[3:])  # after outputs, batch, batch_idx
+
+    trainer = Trainer(callbacks=[Record()], **bare_trainer_kwargs())
+    trainer.validate(TinyModule(), loader(8, batch_size=8))
+    assert received == [()]
+    received.clear()
+    trainer.validate(TinyModule(), [loader(8, batch_size=8), loader(8, batch_size=8)])
+    assert received == [(0,), (1,)]
 
 
 def test_hooks_receive_their_arguments() -> None:

@@ -15,6 +15,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or does not fit the module."""
 
 
+def not_available_yet(feature: str, instead: str) -> MisconfigurationError:
+    """The error for a name of the contract whose capability has not landed yet."""
+    return MisconfigurationError(
+        f"{feature} is not available in this version of ember yet. {instead}"
+    )
+
+
 def one_of(argument: str, given: object, accepted: list[str] | tuple[str, ...]) -> str:
     """The standard message for an argument outside a fixed set of choices."""
     choices = ", ".join(repr(choice) for choice in accepted)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ember.errors import MisconfigurationError
+from ember.errors import MisconfigurationError, not_available_yet
 from ember.hooks import ModuleHooks
 
 if TYPE_CHECKING:
@@ -201,6 +201,15 @@ class TrainModule(nn.Module, ModuleHooks):
                 )
             collected = {name: collected[name] for name in names}
         self.hparams.update({key: value for key, value in collected.items() if key not in ignored})
+
+    @classmethod
+    def load_from_checkpoint(cls, path: Any, **overrides: Any) -> TrainModule:
+        """Build the module from a checkpoint (arrives with checkpoint support)."""
+        raise not_available_yet(
+            "TrainModule.load_from_checkpoint",
+            "Save weights with `trainer.accelerator.save_model(module, directory)` and load "
+            "them with `module.load_state_dict(safetensors.torch.load_file(path))`.",
+        )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TrainModule:
         # A copy (an EMA model, say) must not drag the trainer along.

@@ -161,33 +161,39 @@ def test_failed_run_finalizes_loggers_with_failed() -> None:
 
 
 def test_torchmetrics_metric_is_computed_and_reset_each_epoch() -> None:
-    class WithAccuracy(TinyModule):
+    class WithMetrics(TinyModule):
         def __init__(self) -> None:
             super().__init__()
             self.accuracy = torchmetrics.classification.BinaryAccuracy()
-            self.per_epoch: list[float] = []
+            self.seen = torchmetrics.SumMetric()  # counts validation samples
+            self.per_epoch: list[tuple[float, float]] = []
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch
             self.accuracy(x[:, 0], y[:, 0])
+            self.seen(torch.tensor(float(x.shape[0])))
             self.log("val_acc", self.accuracy)
+            self.log("val_seen", self.seen)
 
         def on_validation_epoch_end(self) -> None:
-            self.per_epoch.append(self.trainer.callback_metrics["val_acc"])
+            metrics = self.trainer.callback_metrics
+            self.per_epoch.append((metrics["val_acc"], metrics["val_seen"]))
 
-    # Validation data: epoch-independent; accuracy of x[:,0] > 0.5 vs y.
+    # Validation data: accuracy of x[:, 0] > 0.5 against y is 3 of 4.
     x = torch.tensor([[0.9], [0.1], [0.8], [0.7]]).repeat(1, 4)
     y = torch.tensor([[1.0], [0.0], [0.0], [1.0]])
     val = DataLoader(TensorDataset(x, y), batch_size=2)
-    module = WithAccuracy()
-    trainer = Trainer(max_epochs=2, num_sanity_val_steps=0, **bare_trainer_kwargs())
+    module = WithMetrics()
+    trainer = Trainer(max_epochs=3, num_sanity_val_steps=0, **bare_trainer_kwargs())
     trainer.fit(module, loader(16), val)
-    # 3 of 4 right; the same each epoch because the metric is reset between epochs.
-    assert module.per_epoch == [0.75, 0.75]
-    assert trainer.callback_metrics["val_acc"] == 0.75
+    # Reset between epochs: each epoch counts its own 4 samples (12 by the third without reset).
+    assert module.per_epoch == [(0.75, 4.0), (0.75, 4.0), (0.75, 4.0)]
+    assert module.seen.update_count == 0  # reset after the last epoch too
 
 
 def test_metric_step_values_in_training() -> None:
+    epoch_values: list[float] = []
+
     class TrainMetric(TinyModule):
         def __init__(self) -> None:
             super().__init__()
@@ -198,10 +204,13 @@ def test_metric_step_values_in_training() -> None:
             self.log("total", self.total, on_step=True, on_epoch=True)
             return super().training_step(batch, batch_idx)
 
-    trainer = Trainer(max_epochs=1, **bare_trainer_kwargs())
+        def on_train_epoch_end(self) -> None:
+            epoch_values.append(self.trainer.callback_metrics["total_epoch"])
+
+    trainer = Trainer(max_epochs=2, **bare_trainer_kwargs())
     trainer.fit(TrainMetric(), loader(24, batch_size=8))
     assert trainer.callback_metrics["total_step"] == 3.0  # the last batch's own value
-    assert trainer.callback_metrics["total_epoch"] == 6.0  # 1 + 2 + 3
+    assert epoch_values == [6.0, 6.0]  # 1 + 2 + 3 per epoch: reset in between
 
 
 def test_prog_bar_metrics_and_loss() -> None:

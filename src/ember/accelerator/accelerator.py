@@ -54,7 +54,7 @@ from ember.accelerator.precision import (
 )
 from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
 from ember.config import load_config
-from ember.errors import MisconfigurationError
+from ember.errors import MisconfigurationError, not_available_yet
 
 _NO_CONTEXT = nullcontext()
 
@@ -446,6 +446,24 @@ class Accelerator:
         self.wait_for_everyone()
 
     # --- models and files --------------------------------------------------------------------
+    def save_state(self, output_dir: str | os.PathLike[str] | None = None) -> None:
+        """Save everything needed to resume (arrives with checkpoint support)."""
+        raise not_available_yet(
+            "Accelerator.save_state", "Use save_model(model, directory) to keep the weights."
+        )
+
+    def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> None:
+        """Restore what ``save_state`` wrote (arrives with checkpoint support)."""
+        raise not_available_yet(
+            "Accelerator.load_state", "Load weights saved by save_model with safetensors."
+        )
+
+    def register_for_checkpointing(self, *objects: Any) -> None:
+        """Add objects to what ``save_state`` saves (arrives with checkpoint support)."""
+        raise not_available_yet(
+            "Accelerator.register_for_checkpointing", "It comes together with save_state."
+        )
+
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         """The user's module, without the distributed or compile wrappers."""
         return self.strategy.unwrap_module(model)

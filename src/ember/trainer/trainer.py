@@ -22,7 +22,7 @@ from ember.accelerator.data import DataLoaderConfiguration, PreparedDataLoader
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
 from ember.accelerator.strategies import resolve_strategy
-from ember.errors import MisconfigurationError
+from ember.errors import MisconfigurationError, not_available_yet
 from ember.hooks import EVENTS, Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.module import TrainModule, overrides
@@ -346,9 +346,9 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Write a checkpoint (not available in this version of ember yet)."""
-        raise MisconfigurationError(
-            "Trainer.save_checkpoint is not available in this version of ember yet. To keep "
-            "the weights, use `trainer.accelerator.save_model(module, directory)`."
+        raise not_available_yet(
+            "Trainer.save_checkpoint",
+            "To keep the weights, use `trainer.accelerator.save_model(module, directory)`.",
         )
 
     # --- internals used by the loops ------------------------------------------------------------
