@@ -1,5 +1,15 @@
 """Built-in callbacks."""
 
+from ember.callbacks.checkpoint import ModelCheckpoint
+from ember.callbacks.early_stopping import EarlyStopping
+from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.progress import ProgressBar
+from ember.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["ProgressBar"]
+__all__ = [
+    "EarlyStopping",
+    "LearningRateMonitor",
+    "ModelCheckpoint",
+    "ProgressBar",
+    "ThroughputMonitor",
+]

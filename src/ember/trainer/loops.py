@@ -64,6 +64,8 @@ def train_epoch(trainer: Trainer) -> None:
     window_losses = trainer._window_losses  # (batch_idx, loss) of the open window
     validates = validation_enabled(trainer)
     max_steps = trainer.max_steps if trainer.max_steps != -1 else float("inf")
+    log_every = trainer.log_every_n_steps
+    flushed_at = state.global_step  # the step whose values the loggers last received
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
     module.train()
@@ -103,6 +105,10 @@ def train_epoch(trainer: Trainer) -> None:
         state.total_batch_idx += 1
         for hook in batch_end:
             hook(outputs, batch, batch_idx)
+        # After on_train_batch_end, so what it logs goes out with the step it measured.
+        if state.global_step % log_every == 0 and state.global_step != flushed_at:
+            flushed_at = state.global_step
+            trainer._send_to_loggers(metrics.pop_step_metrics())
         if validates and validation_due(trainer, batch_idx):
             evaluate(trainer, "validation", trainer._val_loaders)
         # Stop only between windows, so no half-accumulated gradient is left behind.
@@ -248,8 +254,6 @@ def optimizer_step(trainer: Trainer) -> None:
     for config in trainer._schedulers:
         if config.interval == "step" and state.global_step % config.frequency == 0:
             trainer._step_scheduler(config, wrapped=True)
-    if state.global_step % trainer.log_every_n_steps == 0:
-        trainer._send_to_loggers(trainer._train_metrics.pop_step_metrics())
 
 
 def _all_finite(losses: list[tuple[int, Tensor]]) -> bool:

@@ -1,0 +1,112 @@
+"""``LearningRateMonitor``: logs the optimizer's learning rate, per step or per epoch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from ember.errors import MisconfigurationError
+from ember.hooks import Callback
+
+if TYPE_CHECKING:
+    from torch.optim import Optimizer
+
+    from ember.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+_INTERVALS = (None, "step", "epoch")
+
+
+class LearningRateMonitor(Callback):
+    """Logs the learning rate of the Trainer's optimizer as ``lr-<OptimizerClass>``.
+
+    With one parameter group the name is e.g. ``lr-AdamW``; with several, each group gets
+    its own name: ``lr-AdamW/pg1``, ``lr-AdamW/pg2``, ... The values go through ``self.log``,
+    so they reach ``trainer.callback_metrics`` and the loggers like any other metric.
+
+    - ``"step"``: every optimizer step logs the rate that step used (read just before
+      ``optimizer.step()``), sent to the loggers every ``log_every_n_steps`` steps with the
+      step's other values.
+    - ``"epoch"``: once per epoch, the rate in force when the epoch starts.
+    - ``None``: ``"step"`` when a scheduler steps per step, else ``"epoch"``.
+
+    It needs a logger: fit raises ``MisconfigurationError`` when the Trainer has none.
+
+    Args:
+        logging_interval: None, "step" or "epoch".
+    """
+
+    def __init__(self, logging_interval: str | None = None) -> None:
+        if logging_interval not in _INTERVALS:
+            raise MisconfigurationError(
+                f"`logging_interval={logging_interval!r}` is not supported. Accepted values: "
+                "None, 'step', 'epoch'."
+            )
+        self.logging_interval = logging_interval
+        #: the interval used in the current fit ("step" or "epoch"), decided at fit start
+        self.interval: str | None = logging_interval
+        self._names: list[str] = []
+
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        if stage == "fit" and not trainer.loggers:
+            raise MisconfigurationError(
+                "LearningRateMonitor needs a logger to write the learning rate to, but the "
+                "Trainer has none. Pass one, e.g. `Trainer(logger=True)` or "
+                "`Trainer(logger=CSVLogger('logs'))`, or remove the callback."
+            )
+
+    def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
+        # Schedulers exist only after configure_optimizers, i.e. after setup.
+        interval = self.logging_interval
+        if interval is None:
+            schedulers = trainer.lr_scheduler_configs
+            interval = "step" if any(c.interval == "step" for c in schedulers) else "epoch"
+        self.interval = interval
+        self._names = []
+
+    def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.interval == "epoch":
+            for optimizer in trainer.optimizers:
+                # One value per epoch: batch_size=1 keeps the epoch "mean" equal to it.
+                self._log(module, optimizer, on_step=False, on_epoch=True, batch_size=1)
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, module: TrainModule, optimizer: Optimizer
+    ) -> None:
+        if self.interval == "step":
+            # Schedulers step after optimizer.step(): this is the rate the step uses.
+            self._log(module, optimizer, on_step=True, on_epoch=False, batch_size=None)
+
+    def names(self, optimizer: Optimizer) -> list[str]:
+        """The logged name of each parameter group of ``optimizer`` (wrapped or raw)."""
+        raw = getattr(optimizer, "optimizer", optimizer)  # ember's AcceleratedOptimizer wraps it
+        groups = raw.param_groups
+        if len(self._names) != len(groups):  # computed once, again only if groups were added
+            base = f"lr-{type(raw).__name__}"
+            self._names = (
+                [base] if len(groups) == 1 else [f"{base}/pg{i}" for i in range(1, len(groups) + 1)]
+            )
+        return self._names
+
+    def _log(
+        self,
+        module: TrainModule,
+        optimizer: Optimizer,
+        on_step: bool,
+        on_epoch: bool,
+        batch_size: int | None,
+    ) -> None:
+        for name, group in zip(self.names(optimizer), optimizer.param_groups, strict=True):
+            lr: Any = group["lr"]
+            # A tensor learning rate stays a tensor: converting it here would sync the device.
+            value = lr.detach() if isinstance(lr, Tensor) else float(lr)
+            module.log(
+                name,
+                value,
+                on_step=on_step,
+                on_epoch=on_epoch,
+                prog_bar=False,
+                logger=True,
+                batch_size=batch_size,
+            )

@@ -1,0 +1,48 @@
+"""Names of the contract whose capability has not landed yet fail at once, clearly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from ember import Accelerator, MisconfigurationError, Trainer
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda: Trainer(**bare_trainer_kwargs()).save_checkpoint("x"), "Trainer.save_checkpoint"),
+        (lambda: TinyModule.load_from_checkpoint("x"), "TrainModule.load_from_checkpoint"),
+        (lambda: Accelerator(cpu=True).save_state("x"), "Accelerator.save_state"),
+        (lambda: Accelerator(cpu=True).load_state("x"), "Accelerator.load_state"),
+        (
+            lambda: Accelerator(cpu=True).register_for_checkpointing(object()),
+            "Accelerator.register_for_checkpointing",
+        ),
+    ],
+)
+def test_checkpoint_names_raise_a_clear_error(call: Any, name: str) -> None:
+    with pytest.raises(MisconfigurationError, match=f"{name} is not available in this version"):
+        call()
+
+
+def test_model_checkpoint_is_importable_and_refuses_clearly() -> None:
+    from ember.callbacks import ModelCheckpoint
+
+    with pytest.raises(MisconfigurationError, match="ModelCheckpoint is not available"):
+        ModelCheckpoint(monitor="val_loss")
+
+
+def test_resuming_is_refused_before_any_work() -> None:
+    calls: list[int] = []
+
+    class Counting(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            calls.append(batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(MisconfigurationError, match="ckpt_path='last'"):
+        Trainer(**bare_trainer_kwargs()).fit(Counting(), loader(16), ckpt_path="last")
+    assert calls == []
