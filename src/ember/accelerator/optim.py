@@ -19,7 +19,7 @@ from ember.accelerator.precision import Precision
 from ember.errors import MisconfigurationError
 
 
-@dataclass
+@dataclass(slots=True)
 class _LoaderFrame:
     """One pass over one loader: its length (None when unknown) and what was consumed."""
 
@@ -31,6 +31,18 @@ class _LoaderFrame:
 class GradientState:
     """Where the current accumulation window stands. Shared by the accelerator, its
     optimizers, schedulers and loaders; one instance per ``Accelerator``."""
+
+    # Slots: these attributes are read and written every batch.
+    __slots__ = (
+        "_default_frame",
+        "_frames",
+        "accumulation_steps",
+        "item_total",
+        "items_used",
+        "sync_gradients",
+        "window_batches",
+        "window_size",
+    )
 
     def __init__(self, accumulation_steps: int = 1) -> None:
         self.accumulation_steps = accumulation_steps

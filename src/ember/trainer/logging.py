@@ -147,6 +147,19 @@ class MetricStore:
     ``dataloader_idx`` when several evaluation loaders run.
     """
 
+    # Slots: `log` reads these on every call.
+    __slots__ = (
+        "_latest",
+        "_prog_bar",
+        "_unflushed",
+        "batch",
+        "dataloader_idx",
+        "default_on_epoch",
+        "default_on_step",
+        "open",
+        "series",
+    )
+
     def __init__(self) -> None:
         self.series: dict[str, _Series] = {}
         self.default_on_step = True

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)  # slots: read and written every batch
 class LoopState:
     """Where fit stands.
 
