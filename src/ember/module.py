@@ -146,11 +146,9 @@ class TrainModule(nn.Module, ModuleHooks):
             sync_dist: reduce over processes at epoch end.
             batch_size: the weight of this value in the mean (inferred from the batch).
         """
-        trainer = self._trainer
-        if trainer is None:
-            trainer = self.trainer  # raises the "not attached" error
-        # Positional: this runs every step, and keyword matching costs more.
-        trainer._metrics.log(
+        # `self.trainer` raises the "not attached" error. Positional arguments: this runs
+        # every step, and keyword matching costs more.
+        (self._trainer or self.trainer)._metrics.log(
             name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist, batch_size
         )
 

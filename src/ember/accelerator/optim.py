@@ -49,8 +49,9 @@ class GradientState:
         self.sync_gradients = True
         #: Batches in the current window: ``backward`` divides the loss by it.
         self.window_size = 1
-        #: Batches of the current window processed so far (the current one included).
-        self.window_batches = 0
+        #: Batches of the current window processed so far (the current one included). Without
+        #: accumulation every batch is a whole window, and this stays 1.
+        self.window_batches = 1 if accumulation_steps == 1 else 0
         #: Sum of ``num_items`` over the window, when the steps report it.
         self.item_total: Tensor | int | None = None
         #: Whether an optimizer stepped on ``item_total``: the next ``add_items`` starts a new
@@ -87,7 +88,8 @@ class GradientState:
 
     @property
     def batches_seen(self) -> int:
-        """Batches of the current pass that went through ``next_batch``."""
+        """Batches of the current pass that went through ``next_batch`` (counted when
+        accumulating: with one batch per window there are no windows to place)."""
         return self._frame.batches_seen
 
     def skip_batches(self, count: int) -> None:
@@ -97,14 +99,13 @@ class GradientState:
     # --- one call per batch --------------------------------------------------------------------
     def next_batch(self) -> bool:
         """Advance to the next batch; return whether it closes its accumulation window."""
-        frame = self._frames[-1] if self._frames else self._default_frame
         steps = self.accumulation_steps
-        if steps == 1:  # every batch is a whole window: the common case, kept cheap
-            frame.batches_seen += 1
-            self.window_size = self.window_batches = 1
+        if steps == 1:
+            # Every batch is a whole window: window_size, window_batches and sync_gradients
+            # stay 1, 1 and True; only the item count restarts. The common case, kept cheap.
             self.item_total = None
-            self.sync_gradients = True
             return True
+        frame = self._frames[-1] if self._frames else self._default_frame
         position = frame.batches_seen % steps
         if position == 0:
             remaining = (
