@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import TrainModule
+from ember.loggers import Logger
 
 
 def regression_data(samples: int = 64, features: int = 4, seed: int = 0) -> TensorDataset:
@@ -66,3 +67,37 @@ class TinyModule(TrainModule):
 def bare_trainer_kwargs() -> dict[str, Any]:
     """Trainer arguments that switch off everything that writes or prints."""
     return {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+
+
+class MemoryLogger(Logger):
+    """A logger that keeps everything it receives, for assertions."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.hparams: dict[str, Any] = {}
+        self.status: str | None = None
+        self.saves = 0
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+
+    def save(self) -> None:
+        self.saves += 1
+
+    def finalize(self, status: str) -> None:
+        self.status = status
+
+    def values(self, key: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of every call that logged ``key``."""
+        return [(step, metrics[key]) for step, metrics in self.metrics if key in metrics]

@@ -9,32 +9,7 @@ import torch
 
 from ember import MisconfigurationError, Trainer
 from ember.callbacks import LearningRateMonitor
-from ember.loggers import Logger
-from tests.helpers import TinyModule, loader
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        pass
-
-    def values(self, key: str) -> list[tuple[int, float]]:
-        return [(step, metrics[key]) for step, metrics in self.metrics if key in metrics]
+from tests.helpers import MemoryLogger, TinyModule, loader
 
 
 class Scheduled(TinyModule):

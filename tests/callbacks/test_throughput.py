@@ -10,32 +10,10 @@ import torch
 
 from ember import Trainer
 from ember.callbacks import ThroughputMonitor
-from ember.loggers import Logger
-from tests.helpers import TinyModule, bare_trainer_kwargs, loader
+from tests.helpers import MemoryLogger, TinyModule, bare_trainer_kwargs, loader
 
 SAMPLES = "throughput/samples_per_sec"
 ITEMS = "throughput/items_per_sec"
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call."""
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        pass
 
 
 class Clock:

@@ -14,38 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Callback, MisconfigurationError, Trainer
 from ember.callbacks import ProgressBar
-from ember.loggers import Logger
-from tests.helpers import TinyModule, bare_trainer_kwargs, loader
-
-
-class MemoryLogger(Logger):
-    """Keeps everything it receives."""
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int, dict[str, float]]] = []
-        self.hparams: dict[str, Any] = {}
-        self.status: str | None = None
-        self.saves = 0
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        self.hparams.update(params)
-
-    def save(self) -> None:
-        self.saves += 1
-
-    def finalize(self, status: str) -> None:
-        self.status = status
+from tests.helpers import MemoryLogger, TinyModule, bare_trainer_kwargs, loader
 
 
 def _values_loader(
