@@ -332,8 +332,7 @@ class Accelerator:
             return
         optimizer.gradients_prepared = True
         self.precision.unscale(optimizer.optimizer)
-        state = self.gradient_state
-        if state.item_total is None and state.window_batches >= state.window_size:
+        if not self.gradient_state.needs_normalising():
             return  # a whole window of mean losses: already normalised
         factor = self._gradient_factor()
         if factor is not None:

@@ -139,6 +139,11 @@ class GradientState:
         else:
             self.item_total = self.item_total + num_items
 
+    def needs_normalising(self) -> bool:
+        """Whether the window's gradient must still be scaled at the step: by the item count
+        (``num_items``), or because the window ended short of its announced size."""
+        return self.item_total is not None or self.window_batches < self.window_size
+
     def window_correction(self) -> float:
         """Factor that fixes a window cut short by a loader of unknown length (else 1)."""
         # window_batches is 0 when `accumulate` was never entered (a plain loop): no window.
@@ -222,9 +227,7 @@ class AcceleratedOptimizer(Optimizer):
         else:
             # Nothing to unscale and nothing can be skipped: the plain step, unless the window
             # needs its gradient normalised (num_items, or a window cut short).
-            if not self.gradients_prepared and (
-                state.item_total is not None or state.window_batches < state.window_size
-            ):
+            if not self.gradients_prepared and state.needs_normalising():
                 self._prepare_gradients(self)
             self.optimizer.step()
         state.items_used = True
