@@ -50,13 +50,20 @@ def test_autocast_output_dtype(mode: str, dtype: torch.dtype) -> None:
     accelerator = Accelerator(cpu=True, mixed_precision=mode)
     model = accelerator.prepare(make_model())
     x, _ = small_batch()
+    # autocast() serves code outside a prepared model's forward.
     with accelerator.autocast():
-        inside = model(x)
-    outside = model(x)
+        inside = torch.nn.functional.linear(x, model.weight, model.bias)
+    outside = torch.nn.functional.linear(x, model.weight, model.bias)
     assert inside.dtype == dtype
     # Mixed precision keeps the weights, and everything outside the context, in float32.
     assert model.weight.dtype == torch.float32
     assert outside.dtype == torch.float32
+    # The prepared model's forward runs under autocast itself and returns float32, as in
+    # Accelerate: the same numbers as plain autocast, converted.
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        expected = torch.nn.functional.linear(x, model.weight, model.bias).float()
+    assert model(x).dtype == torch.float32
+    assert torch.equal(model(x), expected)
 
 
 @pytest.mark.parametrize(

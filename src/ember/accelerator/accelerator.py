@@ -40,18 +40,14 @@ from ember.accelerator.data import (
     is_data_loader,
     skip_first_batches,
 )
-from ember.accelerator.optim import (
-    AcceleratedOptimizer,
-    AcceleratedScheduler,
-    GradientState,
-    scale_gradients,
-)
+from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler, GradientState
 from ember.accelerator.precision import (
     ACCELERATE_NAMES,
     Precision,
     canonical_precision,
     create_precision,
 )
+from ember.accelerator.step import OptimizerStep
 from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
 from ember.config import load_config
 from ember.errors import MisconfigurationError, not_available_yet
@@ -126,6 +122,8 @@ class Accelerator:
             resolve_mixed_precision(mixed_precision), self.device
         )
         self.gradient_state = GradientState(gradient_accumulation_steps)
+        #: The one place gradients are unscaled, normalised and stepped (``step.py``).
+        self.optimizer_step = OptimizerStep(self.gradient_state, self.precision, self.strategy)
         self.device_placement = device_placement
         self.dataloader_config = dataloader_config or DataLoaderConfiguration()
         self.project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
@@ -207,9 +205,18 @@ class Accelerator:
                 )
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Cast the weights for the precision and place (and later wrap) the module."""
+    def prepare_model(self, model: nn.Module, *, autocast_forward: bool = True) -> nn.Module:
+        """Cast the weights for the precision and place (and later wrap) the module.
+
+        Args:
+            model: the module.
+            autocast_forward: run its forward under the accelerator's autocast and return its
+                low-precision float outputs as float32, as Accelerate does (mixed precision
+                only). The Trainer passes False: it runs whole steps under autocast.
+        """
         model = self.precision.convert_module(model)
+        if autocast_forward:
+            self.precision.wrap_forward(model)
         if self.device_placement:
             model = self.strategy.setup_module(model)
         if not any(known is model for known in self._models):
@@ -220,9 +227,7 @@ class Accelerator:
         """Wrap ``optimizer`` so it steps at the end of each accumulation window."""
         if isinstance(optimizer, AcceleratedOptimizer):
             return optimizer
-        wrapped = AcceleratedOptimizer(
-            optimizer, self.gradient_state, self.precision, self._prepare_gradients
-        )
+        wrapped = AcceleratedOptimizer(optimizer, self.optimizer_step)
         self._optimizers.append(wrapped)
         return wrapped
 
@@ -317,6 +322,8 @@ class Accelerator:
         all processes: the update equals one big batch however items are spread.
         """
         state = self.gradient_state
+        if state.signal_pending or state.consumed:  # a new iteration, or the gradient was used
+            self.optimizer_step.before_backward()
         if num_items is not None:
             state.add_items(num_items)
         elif state.window_size > 1:
@@ -326,54 +333,50 @@ class Accelerator:
         else:
             loss.backward(**kwargs)
 
-    def _prepare_gradients(self, optimizer: AcceleratedOptimizer) -> None:
-        """Unscale (fp16) and normalise the window's gradient, once per step."""
-        if optimizer.gradients_prepared:
-            return
-        optimizer.gradients_prepared = True
-        self.precision.unscale(optimizer.optimizer)
-        if not self.gradient_state.needs_normalising():
-            return  # a whole window of mean losses: already normalised
-        factor = self._gradient_factor()
-        if factor is not None:
-            scale_gradients(optimizer.optimizer, factor)
-
-    def _gradient_factor(self) -> Tensor | float | None:
-        state = self.gradient_state
-        if state.item_total is not None:
-            total = state.item_total
-            if self.num_processes > 1:
-                total = self.strategy.all_reduce(torch.as_tensor(total, device=self.device), "sum")
-            # Distributed backward averages over processes; the items want a sum over all.
-            if isinstance(total, Tensor):
-                return self.num_processes / total.clamp(min=1)
-            return self.num_processes / max(total, 1)
-        correction = state.window_correction()
-        return None if correction == 1.0 else correction
-
     def unscale_gradients(self, optimizer: Optimizer | None = None) -> None:
-        """Unscale and normalise the gradients now (``clip_grad_*`` and ``step`` call it)."""
+        """Unscale (fp16) and normalise the gradients of ``optimizer`` (default: every
+        prepared optimizer) now; each gradient is prepared once, whoever asks first."""
         for wrapped in self._optimizers:
             if optimizer is None or optimizer is wrapped or optimizer is wrapped.optimizer:
-                self._prepare_gradients(wrapped)
+                self.optimizer_step.prepare(wrapped)
+
+    def end_iteration(self) -> None:
+        """Apply what the loop iteration left pending (the grad scaler's update). ``backward``
+        does it at the next iteration; call this before reading the scale after a loop."""
+        self.optimizer_step.end_iteration()
 
     def clip_grad_norm_(
         self, parameters: Iterable[Tensor] | Tensor, max_norm: float, norm_type: float = 2.0
     ) -> Tensor:
-        """Clip the gradient's total norm (after unscaling); return the norm before clipping."""
+        """Clip the gradient's total norm (after unscaling the optimizers that hold these
+        parameters); return the norm before clipping."""
+        parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
         if self.sync_gradients:
-            self.unscale_gradients()
-        if isinstance(parameters, Tensor):
-            parameters = [parameters]
+            self._unscale_owners(parameters)
         return self.strategy.clip_grad_norm_(parameters, max_norm, norm_type)
 
     def clip_grad_value_(self, parameters: Iterable[Tensor] | Tensor, clip_value: float) -> None:
         """Clamp every gradient element to ``[-clip_value, clip_value]`` (after unscaling)."""
+        parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
         if self.sync_gradients:
-            self.unscale_gradients()
-        if isinstance(parameters, Tensor):
-            parameters = [parameters]
+            self._unscale_owners(parameters)
         self.strategy.clip_grad_value_(parameters, clip_value)
+
+    def _unscale_owners(self, parameters: list[Tensor]) -> None:
+        # Only the optimizers that update these parameters: in a GAN loop the generator's
+        # optimizer must not be unscaled while the discriminator is clipped (its gradient of
+        # this iteration does not exist yet).
+        if len(self._optimizers) == 1:
+            self.optimizer_step.prepare(self._optimizers[0])
+            return
+        wanted = {id(parameter) for parameter in parameters}
+        for wrapped in self._optimizers:
+            if any(
+                id(parameter) in wanted
+                for group in wrapped.param_groups
+                for parameter in group["params"]
+            ):
+                self.optimizer_step.prepare(wrapped)
 
     # --- across processes ------------------------------------------------------------------
     def gather(self, tensor: Any) -> Any:
@@ -426,10 +429,11 @@ class Accelerator:
         Returns a ``None`` for each object passed, so ``model, opt = accelerator.free_memory(
         model, opt)`` drops your references too.
         """
+        self.optimizer_step.end_iteration()
         self._models.clear()
         self._optimizers.clear()
         self._schedulers.clear()
-        self.gradient_state = GradientState(self.gradient_state.accumulation_steps)
+        self.gradient_state.reset()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -441,7 +445,9 @@ class Accelerator:
             builtins.print(*args, **kwargs)
 
     def end_training(self) -> None:
-        """Wait for every process; call once at the end of a script."""
+        """Apply a pending grad-scaler update and wait for every process; call once at the
+        end of a script."""
+        self.end_iteration()
         self.wait_for_everyone()
 
     # --- models and files --------------------------------------------------------------------

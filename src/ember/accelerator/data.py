@@ -8,19 +8,20 @@ normalised by its own size) and marks the last batch.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
-from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
+from ember.accelerator.optim import GradientState
 from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
-    from ember.accelerator.optim import GradientState, _LoaderFrame
+    from ember.accelerator.optim import _LoaderFrame
 
 
 @dataclasses.dataclass
@@ -205,73 +206,70 @@ class PreparedDataLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self._begin_pass()
-        state = self.gradient_state
         length = self.exact_length()
-        if (
-            self.transfer is None
-            and length is not None
-            and (state is None or state.accumulation_steps == 1)
-        ):
-            # Nothing to do per batch (no transfer, every batch is a whole window, the end is
-            # known by count): hand out the loader's own iterator, without a Python frame
-            # per batch. This is the CPU fast path.
-            return islice(self.loader, length)
-        return self._tracked(length)
+        state = self.gradient_state if self.gradient_state is not None else _DETACHED
+        # The pass is registered now, not at the first batch: an iterator opened before the
+        # training loop (a validation iterator kept open) is older than the training pass, so
+        # it never takes over the training loop's accumulation windows.
+        frame = state.begin_pass(length)
+        batches = self._counted(state, frame, length) if length is not None else None
+        if batches is None:
+            batches = self._looking_ahead(state, frame)
+        # An iterator dropped before its first batch never runs its `finally`: end its pass
+        # when it is collected.
+        weakref.finalize(batches, state.end_pass, frame)
+        return batches
 
-    def _tracked(self, length: int | None) -> Iterator[Any]:
-        state = self.gradient_state
-        # Each loop over a loader opens its own frame in the gradient state, so a validation
-        # run in the middle of a training epoch leaves the training windows untouched.
-        frame = state.begin_epoch(length) if state is not None else None
-        try:
-            if length is not None:
-                yield from self._counted(frame, length)
-            else:
-                yield from self._looking_ahead(frame)
-        finally:
-            if state is not None:
-                state.end_epoch()
-
-    def _counted(self, frame: _LoaderFrame | None, length: int) -> Iterator[Any]:
+    def _counted(self, state: GradientState, frame: _LoaderFrame, length: int) -> Iterator[Any]:
         """Batches of a loader whose length is exact: the last one is known by its index."""
-        if length == 0:
-            return
         transfer = self.transfer
-        for index, batch in enumerate(self.loader, start=1):
-            last = index >= length
-            if frame is not None:
-                frame.end_of_dataloader = last
-            yield batch if transfer is None else transfer(batch)
-            if last:
+        try:
+            if length == 0:
                 return
+            for index, batch in enumerate(self.loader, start=1):
+                last = index >= length
+                frame.end_of_dataloader = last
+                state.signal_pending = True  # a new loop iteration begins
+                yield batch if transfer is None else transfer(batch)
+                if last:
+                    return
+        finally:
+            state.end_pass(frame)
 
-    def _looking_ahead(self, frame: _LoaderFrame | None) -> Iterator[Any]:
+    def _looking_ahead(self, state: GradientState, frame: _LoaderFrame) -> Iterator[Any]:
         """Batches of a loader of unknown length: reading one batch ahead finds the last."""
         transfer = self.transfer
         limit = self.max_batches
-        if limit == 0:
-            return
-        iterator = iter(self.loader)
         try:
-            current = next(iterator)
-        except StopIteration:
-            return
-        index = 0
-        while True:
-            index += 1
-            if limit is not None and index >= limit:
-                following, last = None, True
-            else:
-                try:
-                    following, last = next(iterator), False
-                except StopIteration:
-                    following, last = None, True
-            if frame is not None:
-                frame.end_of_dataloader = last
-            yield current if transfer is None else transfer(current)
-            if last:
+            if limit == 0:
                 return
-            current = following
+            iterator = iter(self.loader)
+            try:
+                current = next(iterator)
+            except StopIteration:
+                return
+            index = 0
+            while True:
+                index += 1
+                if limit is not None and index >= limit:
+                    following, last = None, True
+                else:
+                    try:
+                        following, last = next(iterator), False
+                    except StopIteration:
+                        following, last = None, True
+                frame.end_of_dataloader = last
+                state.signal_pending = True
+                yield current if transfer is None else transfer(current)
+                if last:
+                    return
+                current = following
+        finally:
+            state.end_pass(frame)
+
+
+#: The gradient state of a loader prepared without an accelerator: it only tracks its passes.
+_DETACHED = GradientState()
 
 
 def skip_first_batches(loader: Any, num_batches: int) -> Any:

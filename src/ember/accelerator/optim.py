@@ -9,36 +9,54 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ember.accelerator.precision import Precision
 from ember.errors import MisconfigurationError
 
+if TYPE_CHECKING:
+    from ember.accelerator.step import OptimizerStep
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)
 class _LoaderFrame:
     """One pass over one loader: its length (None when unknown) and what was consumed."""
 
     num_batches: int | None = None
     batches_seen: int = 0
     end_of_dataloader: bool = False
+    ended: bool = False
 
 
 class GradientState:
-    """Where the current accumulation window stands. Shared by the accelerator, its
-    optimizers, schedulers and loaders; one instance per ``Accelerator``."""
+    """Where the current accumulation window and loop iteration stand. Shared by the
+    accelerator, its optimizers, schedulers and loaders; one instance per ``Accelerator``.
+
+    Windows: ``accumulate()`` calls ``next_batch`` once per batch. The batches are counted in
+    the frame of the loader pass that owns the window: the pass that was open (the newest one)
+    when the window began, kept until that pass ends. Another iterator opened or drawn from
+    meanwhile (a validation iterator kept open, say) does not move the count.
+
+    Iterations: the gradient scaler's update and the "already unscaled" marks of the
+    optimizers belong to one gradient. A new gradient begins at the first ``backward`` of a
+    new loop iteration (see ``ember.accelerator.step``); ``signal_pending`` says a loader drew
+    a batch or ``accumulate`` was entered since the last ``backward``.
+    """
 
     # Slots: these attributes are read and written every batch.
     __slots__ = (
         "_default_frame",
         "_frames",
+        "_owner",
         "accumulation_steps",
+        "consumed",
+        "generation",
+        "generation_signalled",
         "item_total",
-        "items_used",
+        "signal_pending",
         "sync_gradients",
         "window_batches",
         "window_size",
@@ -46,66 +64,98 @@ class GradientState:
 
     def __init__(self, accumulation_steps: int = 1) -> None:
         self.accumulation_steps = accumulation_steps
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every window, pass and gradient (a new run starts; loaders stay attached)."""
         self.sync_gradients = True
         #: Batches in the current window: ``backward`` divides the loss by it.
         self.window_size = 1
         #: Batches of the current window processed so far (the current one included). Without
         #: accumulation every batch is a whole window, and this stays 1.
-        self.window_batches = 1 if accumulation_steps == 1 else 0
-        #: Sum of ``num_items`` over the window, when the steps report it.
+        self.window_batches = 1 if self.accumulation_steps == 1 else 0
+        #: Sum of ``num_items`` over the gradient, when the steps report it.
         self.item_total: Tensor | int | None = None
-        #: Whether an optimizer stepped on ``item_total``: the next ``add_items`` starts a new
-        #: count (loops without ``accumulate`` never reach the reset in ``next_batch``).
-        self.items_used = False
+        #: Counts gradients: an optimizer unscaled and normalised in this generation is not
+        #: touched again until the next one begins.
+        self.generation = 0
+        #: Whether an optimizer unscaled, normalised or stepped the current gradient.
+        self.consumed = False
+        #: A loader drew a batch or ``accumulate`` was entered since the last ``backward``.
+        self.signal_pending = False
+        #: Whether the current gradient began after such a signal: then the loop marks its
+        #: iterations, and a ``backward`` without a signal belongs to the same iteration.
+        self.generation_signalled = False
         self._default_frame = _LoaderFrame()
         self._frames: list[_LoaderFrame] = []
+        self._owner: _LoaderFrame | None = None
 
     # --- loaders open and close frames -------------------------------------------------------
-    @property
-    def _frame(self) -> _LoaderFrame:
-        return self._frames[-1] if self._frames else self._default_frame
-
-    def begin_epoch(self, num_batches: int | None) -> _LoaderFrame:
+    def begin_pass(self, num_batches: int | None) -> _LoaderFrame:
         """A loader starts a pass of ``num_batches`` batches (None when unknown); the loader
-        keeps the returned frame to mark its last batch."""
+        keeps the returned frame to mark its last batch and to end it."""
         frame = _LoaderFrame(num_batches)
         self._frames.append(frame)
         return frame
 
-    def end_epoch(self) -> None:
-        """The loader that began last finished its pass."""
-        if self._frames:
-            self._frames.pop()
+    def end_pass(self, frame: _LoaderFrame) -> None:
+        """The pass of ``frame`` finished (or was abandoned). Idempotent."""
+        if frame.ended:
+            return
+        frame.ended = True
+        # Not necessarily the newest: passes may end in any order.
+        for index in range(len(self._frames) - 1, -1, -1):
+            if self._frames[index] is frame:
+                del self._frames[index]
+                break
+
+    def _window_frame(self) -> _LoaderFrame:
+        """The frame that counts the current window's batches (chosen when a window begins)."""
+        owner = self._owner
+        if owner is None or owner.ended or owner is self._default_frame:
+            owner = self._frames[-1] if self._frames else self._default_frame
+            self._owner = owner
+        return owner
 
     @property
     def end_of_dataloader(self) -> bool:
-        """Whether the batch just yielded is the last of its loader's pass."""
-        return self._frame.end_of_dataloader
+        """Whether the batch just yielded is the last of its loader's pass (the loader that
+        owns the accumulation window, else the newest pass)."""
+        owner = self._owner
+        if owner is not None and not owner.ended and owner is not self._default_frame:
+            return owner.end_of_dataloader
+        frame = self._frames[-1] if self._frames else (owner or self._default_frame)
+        return frame.end_of_dataloader
 
     @end_of_dataloader.setter
     def end_of_dataloader(self, value: bool) -> None:
-        self._frame.end_of_dataloader = value
+        (
+            self._owner or (self._frames[-1] if self._frames else self._default_frame)
+        ).end_of_dataloader = value
 
     @property
     def batches_seen(self) -> int:
-        """Batches of the current pass that went through ``next_batch`` (counted when
+        """Batches of the window's pass that went through ``next_batch`` (counted when
         accumulating: with one batch per window there are no windows to place)."""
-        return self._frame.batches_seen
+        return self._window_frame().batches_seen
 
     def skip_batches(self, count: int) -> None:
         """Count ``count`` batches as seen without processing them (resuming mid-epoch)."""
-        self._frame.batches_seen += count
+        self._window_frame().batches_seen += count
 
     # --- one call per batch --------------------------------------------------------------------
     def next_batch(self) -> bool:
         """Advance to the next batch; return whether it closes its accumulation window."""
+        self.signal_pending = True  # a new loop iteration begins
         steps = self.accumulation_steps
         if steps == 1:
             # Every batch is a whole window: window_size, window_batches and sync_gradients
             # stay 1, 1 and True; only the item count restarts. The common case, kept cheap.
             self.item_total = None
             return True
-        frame = self._frames[-1] if self._frames else self._default_frame
+        frame = self._owner
+        if frame is None or frame.ended or frame.batches_seen % steps == 0:
+            frame = self._window_frame()
         position = frame.batches_seen % steps
         if position == 0:
             remaining = (
@@ -133,11 +183,7 @@ class GradientState:
                 f"`num_items={num_items!r}` is not supported: give the number of items the "
                 "summed loss covers, as an int >= 0 or a one-element tensor."
             )
-        if self.item_total is None or self.items_used:
-            self.item_total = num_items
-            self.items_used = False
-        else:
-            self.item_total = self.item_total + num_items
+        self.item_total = num_items if self.item_total is None else self.item_total + num_items
 
     def needs_normalising(self) -> bool:
         """Whether the window's gradient must still be scaled at the step: by the item count
@@ -153,29 +199,32 @@ class GradientState:
 
 
 class AcceleratedOptimizer(Optimizer):
-    """An optimizer whose ``step`` and ``zero_grad`` wait for the end of the window.
+    """A real optimizer's stand-in whose ``step`` and ``zero_grad`` wait for the window's end.
 
-    ``step`` unscales the gradient (fp16), applies the ``num_items`` normalisation, steps
-    through the precision plugin (which may skip on inf/NaN) and records whether it stepped.
+    ``step(closure=None, **kwargs)`` hands the gradient to ``OptimizerStep`` (unscale once,
+    normalise, step through the precision plugin, which may skip on inf/NaN) and returns what
+    the real ``step`` returned. Everything else (``state``, ``param_groups``, ``state_dict``,
+    ``add_param_group``, the ``register_*_hook`` methods) is the real optimizer's.
     """
 
-    def __init__(
-        self,
-        optimizer: Optimizer,
-        gradient_state: GradientState,
-        precision: Precision,
-        prepare_gradients: Callable[[AcceleratedOptimizer], None],
-    ) -> None:
+    def __init__(self, optimizer: Optimizer, stepper: OptimizerStep) -> None:
         # Deliberately no super().__init__: this object only forwards to `optimizer`. It is an
-        # Optimizer subclass so LR schedulers accept it.
+        # Optimizer subclass so LR schedulers and isinstance checks accept it.
         self.optimizer = optimizer
-        self.gradient_state = gradient_state
-        self.precision = precision
-        self._prepare_gradients = prepare_gradients
-        #: Whether the gradients of this window were already unscaled and normalised.
-        self.gradients_prepared = False
+        self.stepper = stepper
+        self.gradient_state = stepper.gradient_state
+        #: The gradient generation this optimizer's gradient was last unscaled/normalised in.
+        self.prepared_generation = -1
+        #: The generation in which it last stepped (or tried to: fp16 may skip).
+        self.stepped_generation = -1
         #: Whether the last ``step`` was skipped (fp16 inf/NaN gradients).
         self.step_was_skipped = False
+        #: Set by a hook on the real optimizer: whether its ``step`` really ran.
+        self.real_step_ran = False
+        self._own_hook = optimizer.register_step_post_hook(self._mark_real_step)
+
+    def _mark_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self.real_step_ran = True
 
     @property
     def state(self) -> Any:
@@ -210,29 +259,46 @@ class AcceleratedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict)
 
+    # The hooks are the real optimizer's: step hooks fire only when it really steps.
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend)
+
+    def register_state_dict_post_hook(self, hook: Callable[..., Any], prepend: bool = False) -> Any:
+        return self.optimizer.register_state_dict_post_hook(hook, prepend)
+
+    def register_load_state_dict_pre_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> Any:
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend)
+
+    def register_load_state_dict_post_hook(
+        self, hook: Callable[..., Any], prepend: bool = False
+    ) -> Any:
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients, except in the middle of an accumulation window."""
         if self.gradient_state.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Any = None) -> Any:
-        """Step at the end of an accumulation window; do nothing before it."""
-        state = self.gradient_state
-        if not state.sync_gradients:
+    def step(self, closure: Any = None, **kwargs: Any) -> Any:
+        """Step at the end of an accumulation window (do nothing before it); return what the
+        real optimizer's ``step`` returned."""
+        if not self.gradient_state.sync_gradients:
             return None
-        if self.precision.scales_gradients:
-            if not self.gradients_prepared:
-                self._prepare_gradients(self)
-            self.step_was_skipped = not self.precision.optimizer_step(self.optimizer)
-        else:
-            # Nothing to unscale and nothing can be skipped: the plain step, unless the window
-            # needs its gradient normalised (num_items, or a window cut short).
-            if not self.gradients_prepared and state.needs_normalising():
-                self._prepare_gradients(self)
-            self.optimizer.step()
-        state.items_used = True
-        self.gradients_prepared = False
-        return None
+        return self.stepper.step(self, closure, kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"AcceleratedOptimizer({self.optimizer!r})"

@@ -6,8 +6,11 @@ a feature that is off is a method that does nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from types import MethodType
 from typing import Any
 
 import torch
@@ -82,6 +85,9 @@ class Precision:
         """Cast floating-point inputs where the weights are in a low precision."""
         return data
 
+    def wrap_forward(self, module: nn.Module) -> None:
+        """Make ``module``'s forward run in this mode's autocast (mixed modes only)."""
+
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         """Backpropagate ``loss`` (scaled, where the mode scales)."""
         loss.backward(**kwargs)
@@ -89,10 +95,15 @@ class Precision:
     def unscale(self, optimizer: Optimizer) -> None:
         """Divide the gradients of ``optimizer`` by the loss scale (once per step)."""
 
-    def optimizer_step(self, optimizer: Optimizer) -> bool:
-        """Step ``optimizer``; return False when the step was skipped (inf/NaN gradients)."""
-        optimizer.step()
-        return True
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, kwargs: dict[str, Any]) -> Any:
+        """Step ``optimizer`` (which may skip, on inf/NaN gradients); return what its ``step``
+        returned."""
+        if closure is None:
+            return optimizer.step(**kwargs)
+        return optimizer.step(closure, **kwargs)
+
+    def update(self) -> None:
+        """Apply what this iteration's steps decided for the loss scale (once per iteration)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The scaler's state (empty where there is no scaler)."""
@@ -113,6 +124,18 @@ class MixedPrecision(Precision):
     def autocast(self) -> AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def wrap_forward(self, module: nn.Module) -> None:
+        # As Accelerate does: the forward runs under autocast and its low-precision floating
+        # outputs come back as float32, so a loss computed outside the forward is in fp32.
+        # A method bound to the module (not a closure over it), so copy.deepcopy rebinds it.
+        forward = module.forward
+        if getattr(forward, "__ember_autocast__", False):
+            return
+        function = getattr(forward, "__func__", None)
+        if function is None or getattr(forward, "__self__", None) is not module:
+            return  # a forward replaced by something unusual: leave it alone
+        module.forward = MethodType(_autocast_forward(function, self.autocast), module)
+
 
 class ScaledMixedPrecision(MixedPrecision):
     """fp16 autocast with a ``torch.amp.GradScaler`` (works on CPU as on CUDA)."""
@@ -122,19 +145,31 @@ class ScaledMixedPrecision(MixedPrecision):
     def __init__(self, device: torch.device) -> None:
         super().__init__(device, torch.float16)
         self.scaler = torch.amp.GradScaler(device.type)
+        #: Whether an unscale or step since the last ``update`` recorded an inf check.
+        self.update_pending = False
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         self.scaler.scale(loss).backward(**kwargs)
 
     def unscale(self, optimizer: Optimizer) -> None:
-        self.scaler.unscale_(optimizer)
+        if any(True for _ in iter_parameters_with_grad(optimizer)):
+            # An optimizer without gradients records no inf check; GradScaler.step then
+            # raises its own error, as in plain torch.amp.
+            self.scaler.unscale_(optimizer)
+            self.update_pending = True
 
-    def optimizer_step(self, optimizer: Optimizer) -> bool:
-        # GradScaler.step already synchronises on its inf check, so reading the scale is free.
-        scale_before = self.scaler.get_scale()
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return self.scaler.get_scale() >= scale_before
+    def optimizer_step(self, optimizer: Optimizer, closure: Any, kwargs: dict[str, Any]) -> Any:
+        # As a keyword, so GradScaler refuses a closure with its own error, as in plain torch.
+        if closure is not None:
+            kwargs = {**kwargs, "closure": closure}
+        result = self.scaler.step(optimizer, **kwargs)
+        self.update_pending = True
+        return result
+
+    def update(self) -> None:
+        if self.update_pending:
+            self.update_pending = False
+            self.scaler.update()
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()
@@ -160,6 +195,31 @@ class TruePrecision(Precision):
     def autocast(self) -> AbstractContextManager[Any]:
         # Tensors created inside the step (torch.zeros, arange(...).float()) get bf16 too.
         return _default_dtype(self.dtype)
+
+
+def _autocast_forward(
+    function: Callable[..., Any], autocast: Callable[[], AbstractContextManager[Any]]
+) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with autocast():
+            outputs = function(self, *args, **kwargs)
+        return _to_float32(outputs)
+
+    forward.__ember_autocast__ = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _to_float32(data: Any) -> Any:
+    if isinstance(data, Tensor):
+        return data.float() if data.dtype in (torch.float16, torch.bfloat16) else data
+    if isinstance(data, dict):
+        return type(data)({key: _to_float32(value) for key, value in data.items()})
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(_to_float32(value) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(_to_float32(value) for value in data)
+    return data
 
 
 class _default_dtype(AbstractContextManager[Any]):
@@ -189,6 +249,8 @@ def _cast_floats(data: Any, dtype: torch.dtype) -> Any:
 
 def create_precision(name: str, device: torch.device) -> Precision:
     """The plugin for a canonical precision name on ``device``."""
+    if device.type == "cpu" and name != "32-true":
+        warn_if_cpu_lacks(name)
     if name == "32-true":
         return Precision(device)
     if name == "16-mixed":
@@ -198,6 +260,44 @@ def create_precision(name: str, device: torch.device) -> Precision:
     if name == "bf16-true":
         return TruePrecision(device)
     raise MisconfigurationError(one_of("precision", name, list(ACCELERATE_NAMES)))
+
+
+#: CPU flags (``/proc/cpuinfo``) that give each low-precision dtype native arithmetic.
+_NATIVE_CPU_FLAGS = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+}
+_warned_cpu: set[str] = set()
+
+
+def warn_if_cpu_lacks(name: str) -> None:
+    """Warn once per mode when this CPU has no native arithmetic for the mode's dtype: it
+    then emulates it, about ten times slower than fp32."""
+    dtype = torch.float16 if name == "16-mixed" else torch.bfloat16
+    if name in _warned_cpu or cpu_supports(dtype) is not False:
+        return
+    _warned_cpu.add(name)
+    warnings.warn(
+        f"precision {name!r} on this CPU: it has no native {str(dtype).split('.')[-1]} "
+        f"arithmetic (none of the CPU flags {', '.join(_NATIVE_CPU_FLAGS[dtype])}), so it is "
+        "emulated and typically about 10x slower than '32-true'. It still trains correctly; "
+        "use precision='32-true' for speed on this machine.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def cpu_supports(dtype: torch.dtype) -> bool | None:
+    """Whether the CPU has native arithmetic for ``dtype`` (None when it cannot be told)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    present = set(flags.split(":", 1)[-1].split())
+    return any(flag in present for flag in _NATIVE_CPU_FLAGS[dtype])
 
 
 def iter_parameters_with_grad(optimizer: Optimizer) -> Iterator[Tensor]:

@@ -1,0 +1,145 @@
+"""The optimizer step, in one place: what happens to a gradient between ``backward`` and the
+real optimizer's ``step``.
+
+For each prepared optimizer, once per gradient::
+
+    unscale (fp16: divide by the loss scale)       prepare(), at clip_grad_* or step()
+    normalise (num_items / a window cut short)     prepare()
+    clip, if the loop asks                         Accelerator.clip_grad_*()
+    step(closure, **kwargs)                        step(); fp16 may skip it on inf/NaN
+
+and once per loop iteration, just before the first ``backward`` of the next one, the grad
+scaler's ``update`` (as in PyTorch's AMP recipe for several optimizers: one scaler, one update
+per iteration, however many optimizers stepped).
+
+Where iterations end: a prepared loader drew a batch, or ``accumulate()`` was entered. A loop
+that uses neither gets a new iteration at each ``backward`` after the gradient was used.
+Every mark of "already unscaled" belongs to one gradient *generation*: a new generation starts
+with the update, so nothing outlives the gradient it described (a loop that clips and then
+skips ``step`` leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ember.accelerator.optim import AcceleratedOptimizer, GradientState, scale_gradients
+
+if TYPE_CHECKING:
+    from ember.accelerator.precision import Precision
+    from ember.accelerator.strategies import SingleDeviceStrategy
+
+
+class OptimizerStep:
+    """Unscales, normalises and steps prepared optimizers; updates the grad scaler.
+
+    Args:
+        gradient_state: the windows and iterations of the accelerator.
+        precision: unscales, steps (and may skip) and updates the loss scale.
+        strategy: sums the item count over processes.
+    """
+
+    def __init__(
+        self, gradient_state: GradientState, precision: Precision, strategy: SingleDeviceStrategy
+    ) -> None:
+        self.gradient_state = gradient_state
+        self.precision = precision
+        self.strategy = strategy
+
+    # --- iterations --------------------------------------------------------------------------
+    def before_backward(self) -> None:
+        """Called by ``backward`` when a signal is pending or the gradient was used: start a
+        new gradient where a new iteration began."""
+        state = self.gradient_state
+        if state.consumed and (state.signal_pending or not state.generation_signalled):
+            self.end_iteration()
+        if state.signal_pending:
+            state.generation_signalled = True
+            state.signal_pending = False
+
+    def end_iteration(self) -> None:
+        """Close the gradient that was used: apply the pending scaler update, and start a new
+        generation (no optimizer counts as unscaled, the item count restarts)."""
+        state = self.gradient_state
+        if not state.consumed:
+            return
+        self.precision.update()
+        state.generation += 1
+        state.consumed = False
+        state.generation_signalled = False
+        state.item_total = None
+
+    # --- the step ----------------------------------------------------------------------------
+    def prepare(self, optimizer: AcceleratedOptimizer) -> None:
+        """Unscale (fp16) and normalise ``optimizer``'s gradient: once per gradient."""
+        state = self.gradient_state
+        if optimizer.prepared_generation == state.generation:
+            if optimizer.stepped_generation == state.generation:
+                self._refuse_second_step(optimizer)
+            return
+        optimizer.prepared_generation = state.generation
+        state.consumed = True
+        self.precision.unscale(optimizer.optimizer)
+        if not state.needs_normalising():
+            return  # a whole window of mean losses: already normalised
+        factor = self._gradient_factor()
+        if factor is not None:
+            scale_gradients(optimizer.optimizer, factor)
+
+    def step(self, optimizer: AcceleratedOptimizer, closure: Any, kwargs: dict[str, Any]) -> Any:
+        """Prepare the gradient, then step the real optimizer (closure and keyword arguments
+        as given); record whether it really stepped."""
+        state = self.gradient_state
+        if closure is not None and (self.precision.scales_gradients or state.needs_normalising()):
+            self._check_closure(optimizer)
+        self.prepare(optimizer)
+        optimizer.stepped_generation = state.generation
+        optimizer.real_step_ran = False
+        result = self.precision.optimizer_step(optimizer.optimizer, closure, kwargs)
+        optimizer.step_was_skipped = not optimizer.real_step_ran
+        return result
+
+    def _gradient_factor(self) -> Tensor | float | None:
+        state = self.gradient_state
+        if state.item_total is not None:
+            total = state.item_total
+            processes = self.strategy.world_size
+            if processes > 1:
+                total = self.strategy.all_reduce(
+                    torch.as_tensor(total, device=self.strategy.device), "sum"
+                )
+            # Distributed backward averages over processes; the items want a sum over all.
+            if isinstance(total, Tensor):
+                return processes / total.clamp(min=1)
+            return processes / max(total, 1)
+        correction = state.window_correction()
+        return None if correction == 1.0 else correction
+
+    def _refuse_second_step(self, optimizer: AcceleratedOptimizer) -> None:
+        # The optimizer stepped on this gradient and is asked to unscale or step again, with
+        # no new iteration seen in between. With nothing to unscale or normalise that is
+        # harmless; otherwise the new gradient would go out scaled or unnormalised.
+        if not (self.precision.scales_gradients or self.gradient_state.needs_normalising()):
+            return
+        raise RuntimeError(
+            f"{optimizer!r} already stepped on this gradient and is asked to unscale or step "
+            "again, but no new loop iteration began in between, so the new gradient cannot be "
+            "unscaled/normalised exactly once. Enter `with accelerator.accumulate(model):` at "
+            "the start of each iteration (or draw the training batches from a prepared loader) "
+            "so ember knows where iterations end."
+        )
+
+    def _check_closure(self, optimizer: AcceleratedOptimizer) -> None:
+        if self.precision.scales_gradients:
+            return  # GradScaler.step raises its own error for closures, as in plain torch
+        from ember.errors import MisconfigurationError
+
+        raise MisconfigurationError(
+            f"{optimizer!r}.step(closure) with a gradient that must be normalised (num_items, "
+            "or an accumulation window cut short): the closure would recompute a gradient "
+            "that is not normalised. Use a closure without num_items and without "
+            "accumulation, or step without a closure."
+        )
