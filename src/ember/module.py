@@ -39,6 +39,8 @@ class TrainModule(nn.Module, ModuleHooks):
 
     _trainer: Trainer | None
     hparams: HyperParameters
+    #: False: ``training_step`` does its own backward and steps (manual optimization).
+    automatic_optimization: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,6 +117,70 @@ class TrainModule(nn.Module, ModuleHooks):
     def current_epoch(self) -> int:
         """The epoch being run (0 without a trainer)."""
         return self._trainer.current_epoch if self._trainer is not None else 0
+
+    # --- manual optimization ---------------------------------------------------------------------
+    def optimizers(self) -> Any:
+        """The prepared optimizer (or a list, when ``configure_optimizers`` returned several).
+
+        Their ``step()`` and ``zero_grad()`` do nothing until the accumulation window's last
+        batch; ``step()`` unscales (fp16) and normalises the gradient first.
+        """
+        optimizers = self.trainer.optimizers
+        return optimizers[0] if len(optimizers) == 1 else list(optimizers)
+
+    def lr_schedulers(self) -> Any:
+        """The schedulers of ``configure_optimizers`` (one, a list, or None). Each ``step()``
+        advances the schedule once, on any number of processes (Lightning's convention)."""
+        schedulers = [config.scheduler.scheduler for config in self.trainer.lr_scheduler_configs]
+        if not schedulers:
+            return None
+        return schedulers[0] if len(schedulers) == 1 else schedulers
+
+    def manual_backward(
+        self, loss: Tensor, *args: Any, num_items: Tensor | int | None = None, **kwargs: Any
+    ) -> None:
+        """Backpropagate ``loss`` as the Trainer would: divided by the accumulation window's
+        size (or, with ``num_items``, normalised by the window's item count at the step),
+        scaled under fp16, between ``on_before_backward`` and ``on_after_backward``."""
+        self.trainer.backward(loss, *args, num_items=num_items, **kwargs)
+
+    def clip_gradients(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradient of ``optimizer``'s parameters (unscaled first under fp16).
+
+        Args:
+            optimizer: one of ``self.optimizers()``.
+            gradient_clip_val: the largest norm (or value); None or 0 does nothing.
+            gradient_clip_algorithm: "norm" (default: the total norm) or "value".
+
+        Inside an accumulation window it does nothing until the window's last batch, like
+        the optimizer's ``step``.
+        """
+        self.trainer.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Let only ``optimizer``'s parameters require gradients (a GAN's generator step
+        leaves the discriminator's weights without gradients); ``untoggle_optimizer`` undoes
+        it."""
+        own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        saved: dict[int, tuple[Tensor, bool]] = {}
+        for other in self.trainer.optimizers:
+            for group in other.param_groups:
+                for parameter in group["params"]:
+                    if id(parameter) not in own and id(parameter) not in saved:
+                        saved[id(parameter)] = (parameter, parameter.requires_grad)
+                        parameter.requires_grad_(False)
+        object.__setattr__(self, "_toggled", saved)
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        """Give back ``requires_grad`` as it was before ``toggle_optimizer``."""
+        for parameter, requires_grad in getattr(self, "_toggled", {}).values():
+            parameter.requires_grad_(requires_grad)
+        object.__setattr__(self, "_toggled", {})
 
     # --- logging -------------------------------------------------------------------------------
     def log(

@@ -229,6 +229,7 @@ class PreparedDataLoader:
             for index, batch in enumerate(self.loader, start=1):
                 last = index >= length
                 frame.end_of_dataloader = last
+                frame.mark_yield(state)
                 state.signal_pending = True  # a new loop iteration begins
                 yield batch if transfer is None else transfer(batch)
                 if last:
@@ -259,6 +260,7 @@ class PreparedDataLoader:
                     except StopIteration:
                         following, last = None, True
                 frame.end_of_dataloader = last
+                frame.mark_yield(state)
                 state.signal_pending = True
                 yield current if transfer is None else transfer(current)
                 if last:

@@ -29,6 +29,18 @@ class _LoaderFrame:
     batches_seen: int = 0
     end_of_dataloader: bool = False
     ended: bool = False
+    #: Batches yielded so far, and how many of them ``next_batch`` counted in this frame.
+    yielded: int = 0
+    counted: int = 0
+    #: When the pass yielded its first batch, in the order of first batches of all passes.
+    first_yield: int = -1
+
+    def mark_yield(self, state: GradientState) -> None:
+        """The loader hands out one more batch (called by the loader, once per batch)."""
+        self.yielded += 1
+        if self.first_yield < 0:
+            self.first_yield = state.first_yields
+            state.first_yields += 1
 
 
 class GradientState:
@@ -36,9 +48,11 @@ class GradientState:
     accelerator, its optimizers, schedulers and loaders; one instance per ``Accelerator``.
 
     Windows: ``accumulate()`` calls ``next_batch`` once per batch. The batches are counted in
-    the frame of the loader pass that owns the window: the pass that was open (the newest one)
-    when the window began, kept until that pass ends. Another iterator opened or drawn from
-    meanwhile (a validation iterator kept open, say) does not move the count.
+    the frame of the loader pass that owns the window, kept until that pass ends. The owner
+    is chosen when the previous owner's pass ended: among the open passes that handed out
+    exactly one batch not yet counted (the loop's own loader moves in step with
+    ``accumulate``), the one whose first batch came first. Another iterator opened or drawn
+    from meanwhile (a validation iterator kept open, say) does not move the count.
 
     Iterations: the gradient scaler's update and the "already unscaled" marks of the
     optimizers belong to one gradient. A new gradient begins at the first ``backward`` of a
@@ -53,6 +67,7 @@ class GradientState:
         "_owner",
         "accumulation_steps",
         "consumed",
+        "first_yields",
         "generation",
         "generation_signalled",
         "item_total",
@@ -89,6 +104,8 @@ class GradientState:
         self._default_frame = _LoaderFrame()
         self._frames: list[_LoaderFrame] = []
         self._owner: _LoaderFrame | None = None
+        #: How many passes have yielded their first batch (orders them).
+        self.first_yields = 0
 
     # --- loaders open and close frames -------------------------------------------------------
     def begin_pass(self, num_batches: int | None) -> _LoaderFrame:
@@ -113,7 +130,11 @@ class GradientState:
         """The frame that counts the current window's batches (chosen when a window begins)."""
         owner = self._owner
         if owner is None or owner.ended or owner is self._default_frame:
-            owner = self._frames[-1] if self._frames else self._default_frame
+            in_step = [frame for frame in self._frames if frame.yielded == frame.counted + 1]
+            if in_step:
+                owner = min(in_step, key=lambda frame: frame.first_yield)
+            else:
+                owner = self._frames[-1] if self._frames else self._default_frame
             self._owner = owner
         return owner
 
@@ -165,6 +186,7 @@ class GradientState:
             self.window_size = steps if remaining is None else max(1, min(steps, remaining))
             self.item_total = None
         frame.batches_seen += 1
+        frame.counted += 1
         self.window_batches = position + 1
         self.sync_gradients = self.window_batches >= self.window_size or frame.end_of_dataloader
         return self.sync_gradients

@@ -12,9 +12,10 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from ember.errors import MisconfigurationError
 
 _ACCEPTED = (
-    "an optimizer; (optimizer, scheduler); [optimizer]; ([optimizer], [scheduler]); or "
+    "an optimizer; (optimizer, scheduler); [optimizer, ...]; ([optimizers], [schedulers]); "
     '{"optimizer": optimizer, "lr_scheduler": scheduler | {"scheduler": scheduler, '
-    '"interval": "step" | "epoch", "frequency": 1}}'
+    '"interval": "step" | "epoch", "frequency": 1}}; or a list of such dicts (several '
+    "optimizers need manual optimization)"
 )
 
 
@@ -34,32 +35,55 @@ class SchedulerConfig:
         self.needs_metric = isinstance(self.scheduler, ReduceLROnPlateau)
 
 
-def parse_optimizers(returned: Any) -> tuple[Optimizer, list[SchedulerConfig]]:
-    """The optimizer and its schedulers, with an error that names what was returned."""
+def parse_optimizers(returned: Any) -> tuple[list[Optimizer], list[SchedulerConfig]]:
+    """The optimizers and their schedulers, with an error that names what was returned.
+
+    Accepted: an optimizer; ``(optimizer, scheduler)``; a list of optimizers (and
+    schedulers); ``([optimizers], [schedulers])``; a dict with ``"optimizer"`` (and
+    ``"lr_scheduler"``, ``"monitor"``); a list of such dicts. Several optimizers are for manual
+    optimization; the Trainer checks that.
+    """
     if isinstance(returned, Optimizer):
-        return returned, []
+        return [returned], []
     if isinstance(returned, Mapping):
         return _from_dict(returned)
-    if isinstance(returned, (list, tuple)):
+    if isinstance(returned, (list, tuple)) and returned:
+        if all(isinstance(item, Mapping) for item in returned):
+            optimizers: list[Optimizer] = []
+            configs: list[SchedulerConfig] = []
+            for item in returned:
+                more_optimizers, more_configs = _from_dict(item)
+                optimizers += more_optimizers
+                configs += more_configs
+            return optimizers, configs
         if len(returned) == 2 and isinstance(returned[0], (list, tuple)):
             optimizers, schedulers = list(returned[0]), returned[1]
             schedulers = list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers]
-        elif returned and isinstance(returned[0], Optimizer):
+        elif isinstance(returned[0], Optimizer):
             optimizers = [item for item in returned if isinstance(item, Optimizer)]
             schedulers = [item for item in returned if not isinstance(item, Optimizer)]
         else:
             raise _unsupported(returned)
-        if len(optimizers) != 1 or not isinstance(optimizers[0], Optimizer):
-            raise MisconfigurationError(
-                f"configure_optimizers returned {len(optimizers)} optimizers "
-                f"({_describe(returned)}); the Trainer drives exactly one. Put every parameter "
-                "group in one optimizer, or write your own loop with `Accelerator`."
-            )
-        return optimizers[0], [_scheduler_config(item) for item in schedulers]
+        if not optimizers or not all(isinstance(item, Optimizer) for item in optimizers):
+            raise _unsupported(returned)
+        return optimizers, [_scheduler_config(item) for item in schedulers]
     raise _unsupported(returned)
 
 
-def _from_dict(returned: Mapping[str, Any]) -> tuple[Optimizer, list[SchedulerConfig]]:
+def check_automatic(optimizers: list[Optimizer], module_name: str) -> None:
+    """Automatic optimization steps one optimizer: several are a clear error."""
+    if len(optimizers) != 1:
+        names = ", ".join(type(optimizer).__name__ for optimizer in optimizers)
+        raise MisconfigurationError(
+            f"configure_optimizers returned {len(optimizers)} optimizers ({names}); automatic "
+            "optimization steps exactly one. For several (a GAN, say), use manual "
+            f"optimization: set `self.automatic_optimization = False` in "
+            f"{module_name}.__init__ and call `opt.step()` for each of `self.optimizers()` in "
+            "training_step. Or put every parameter group in one optimizer."
+        )
+
+
+def _from_dict(returned: Mapping[str, Any]) -> tuple[list[Optimizer], list[SchedulerConfig]]:
     unknown = set(returned) - {"optimizer", "lr_scheduler", "monitor"}
     if unknown or not isinstance(returned.get("optimizer"), Optimizer):
         raise _unsupported(returned)
@@ -69,7 +93,7 @@ def _from_dict(returned: Mapping[str, Any]) -> tuple[Optimizer, list[SchedulerCo
         if config.monitor is None:
             config.monitor = returned.get("monitor")
         schedulers.append(config)
-    return returned["optimizer"], schedulers
+    return [returned["optimizer"]], schedulers
 
 
 def _scheduler_config(item: Any) -> SchedulerConfig:

@@ -29,7 +29,7 @@ from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
 from ember.trainer import arguments, loops
 from ember.trainer.logging import MetricStore
-from ember.trainer.optimizers import SchedulerConfig, parse_optimizers
+from ember.trainer.optimizers import SchedulerConfig, check_automatic, parse_optimizers
 from ember.trainer.state import LoopState
 
 _NONFINITE_MODES = ("raise", "skip")
@@ -396,7 +396,9 @@ class Trainer:
         self.should_stop = False
         self.accelerator.free_memory()
         self._setup_module(module)
-        optimizer, schedulers = parse_optimizers(module.configure_optimizers())
+        optimizers, schedulers = parse_optimizers(module.configure_optimizers())
+        check_automatic(optimizers, type(module).__name__)
+        optimizer = optimizers[0]
         self._optimizer = self.accelerator.prepare_optimizer(optimizer)
         for config in schedulers:
             config.scheduler = self.accelerator.prepare_scheduler(config.scheduler)
