@@ -148,7 +148,7 @@ class TrainModule(nn.Module, ModuleHooks):
         """
         # `self.trainer` raises the "not attached" error. Positional arguments: this runs
         # every step, and keyword matching costs more.
-        (self._trainer or self.trainer)._metrics.log(
+        (self._trainer or self.trainer).metric_store.log(
             name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist, batch_size
         )
 
