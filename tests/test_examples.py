@@ -215,7 +215,6 @@ def test_gan_accelerator_script(tmp_path: Path, extra: list[str]) -> None:
     assert "6 steps in" in output
 
 
-@pytest.mark.xfail(reason="manual optimization lands with issue 5", strict=False)
 @pytest.mark.parametrize("extra", [[], ["--precision", "16-mixed"]], ids=["fp32", "16-mixed"])
 def test_gan_script(tmp_path: Path, extra: list[str]) -> None:
     root = tmp_path / "runs"

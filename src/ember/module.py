@@ -137,12 +137,12 @@ class TrainModule(nn.Module, ModuleHooks):
         return schedulers[0] if len(schedulers) == 1 else schedulers
 
     def manual_backward(
-        self, loss: Tensor, *args: Any, num_items: Tensor | int | None = None, **kwargs: Any
+        self, loss: Tensor, num_items: Tensor | int | None = None, **kwargs: Any
     ) -> None:
         """Backpropagate ``loss`` as the Trainer would: divided by the accumulation window's
         size (or, with ``num_items``, normalised by the window's item count at the step),
         scaled under fp16, between ``on_before_backward`` and ``on_after_backward``."""
-        self.trainer.backward(loss, *args, num_items=num_items, **kwargs)
+        self.trainer.run_context.backward(loss, num_items=num_items, **kwargs)
 
     def clip_gradients(
         self,
@@ -160,7 +160,9 @@ class TrainModule(nn.Module, ModuleHooks):
         Inside an accumulation window it does nothing until the window's last batch, like
         the optimizer's ``step``.
         """
-        self.trainer.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.trainer.run_context.clip_optimizer(
+            optimizer, gradient_clip_val, gradient_clip_algorithm
+        )
 
     def toggle_optimizer(self, optimizer: Any) -> None:
         """Let only ``optimizer``'s parameters require gradients (a GAN's generator step
@@ -214,7 +216,7 @@ class TrainModule(nn.Module, ModuleHooks):
         """
         # `self.trainer` raises the "not attached" error. Positional arguments: this runs
         # every step, and keyword matching costs more.
-        (self._trainer or self.trainer)._metrics.log(
+        (self._trainer or self.trainer).metric_store.log(
             name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist, batch_size
         )
 

@@ -414,12 +414,19 @@ def test_deterministic_switches_torch_to_deterministic_algorithms() -> None:
         torch.use_deterministic_algorithms(False)
 
 
-def test_compile_compiles_the_module() -> None:
+def test_compile_compiles_the_steps() -> None:
+    graphs: list[torch.fx.GraphModule] = []
+
+    def recording_eager(graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
     module = TinyModule()
     reference = copy.deepcopy(module)
-    trainer = Trainer(max_epochs=1, compile={"backend": "eager"}, **bare_trainer_kwargs())
+    trainer = Trainer(max_epochs=1, compile={"backend": recording_eager}, **bare_trainer_kwargs())
     trainer.fit(module, loader(32, batch_size=8))
-    assert module._compiled_call_impl is not None
+    assert any("mse_loss" in graph.code for graph in graphs)  # training_step's graph
     Trainer(max_epochs=1, **bare_trainer_kwargs()).fit(reference, loader(32, batch_size=8))
     _assert_same_weights(module.net, reference.net)
 
@@ -546,7 +553,7 @@ def test_a_length_that_overstates_still_closes_every_window() -> None:
     trainer = Trainer(max_epochs=2, accumulate_grad_batches=2, **bare_trainer_kwargs())
     trainer.fit(module, LyingLength(batches, claimed=6))
     assert trainer.global_step == 6  # windows of 2, 2, 1 in each epoch
-    assert trainer._window_losses == []
+    assert trainer._context is not None and trainer._context.window_losses == []
     reference = _big_batches(40, [16, 16, 8])
     _assert_same_weights(module.net, _plain_sgd(reference, epochs=2))
 

@@ -430,6 +430,8 @@ class Accelerator:
         model, opt)`` drops your references too.
         """
         self.optimizer_step.end_iteration()
+        for optimizer in self._optimizers:
+            optimizer.release()
         self._models.clear()
         self._optimizers.clear()
         self._schedulers.clear()

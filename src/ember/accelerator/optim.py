@@ -248,6 +248,10 @@ class AcceleratedOptimizer(Optimizer):
     def _mark_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.real_step_ran = True
 
+    def release(self) -> None:
+        """Remove the hook this wrapper put on the real optimizer (the accelerator forgets it)."""
+        self._own_hook.remove()
+
     @property
     def state(self) -> Any:
         return self.optimizer.state

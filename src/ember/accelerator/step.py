@@ -48,6 +48,9 @@ class OptimizerStep:
         self.gradient_state = gradient_state
         self.precision = precision
         self.strategy = strategy
+        #: Calls of a prepared optimizer's ``step`` at a window's end, skipped fp16 steps
+        #: included (the Trainer counts manual optimization's steps with it).
+        self.steps_taken = 0
 
     # --- iterations --------------------------------------------------------------------------
     def before_backward(self) -> None:
@@ -96,6 +99,7 @@ class OptimizerStep:
         if closure is not None and (self.precision.scales_gradients or state.needs_normalising()):
             self._check_closure(optimizer)
         self.prepare(optimizer)
+        self.steps_taken += 1
         optimizer.stepped_generation = state.generation
         optimizer.real_step_ran = False
         result = self.precision.optimizer_step(optimizer.optimizer, closure, kwargs)

@@ -126,10 +126,7 @@ class EarlyStopping(Callback):
         self._stopped_this_fit = False
 
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
-        # Imported here: the trainer package imports the callbacks package.
-        from ember.trainer.loops import validation_enabled
-
-        self._check_after_train_epoch = not validation_enabled(trainer)
+        self._check_after_train_epoch = not trainer.enable_validation
 
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
         if self._check_after_train_epoch:

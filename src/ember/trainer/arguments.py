@@ -19,7 +19,7 @@ from ember.accelerator.strategies import pick_device
 from ember.errors import MisconfigurationError, one_of
 from ember.hooks import Callback
 from ember.loggers.base import Logger
-from ember.module import TrainModule
+from ember.module import TrainModule, overrides
 
 
 def check_count(
@@ -77,6 +77,8 @@ def check_positive(name: str, value: Any, allow_none: bool = False) -> Any:
 
 
 def check_clip_value(value: Any) -> float | None:
+    """A finite number >= 0; None or 0 means no clipping (returned as None): clipping to 0
+    would zero every gradient."""
     if value is None:
         return None
     if (
@@ -87,9 +89,9 @@ def check_clip_value(value: Any) -> float | None:
     ):
         raise MisconfigurationError(
             f"`gradient_clip_val={value!r}` is not supported: use a finite number >= 0, or None "
-            "for no clipping."
+            "(or 0) for no clipping."
         )
-    return float(value)
+    return float(value) if value != 0 else None
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -183,6 +185,21 @@ def check_module(module: Any) -> None:
             f"Expected a TrainModule (a subclass of ember.TrainModule), got "
             f"{type(module).__name__}. Subclass TrainModule and define training_step and "
             "configure_optimizers."
+        )
+
+
+def check_fit_module(module: Any) -> None:
+    """A TrainModule that defines what fit needs: training_step and configure_optimizers."""
+    check_module(module)
+    if not overrides(module, "training_step"):
+        raise MisconfigurationError(
+            f"{type(module).__name__} does not define training_step(batch, batch_idx); "
+            "the Trainer needs it to compute the loss."
+        )
+    if not overrides(module, "configure_optimizers"):
+        raise MisconfigurationError(
+            f"{type(module).__name__} does not define configure_optimizers(); return an "
+            "optimizer from it, e.g. torch.optim.AdamW(self.parameters(), lr=1e-3)."
         )
 
 

@@ -160,7 +160,9 @@ class MetricStore:
         "series",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, shares_latest_with: MetricStore | None = None) -> None:
+        """A new store; with ``shares_latest_with``, both write their latest values (and
+        progress-bar names) into the same dict, so ``callback_metrics`` shows them together."""
         self.series: dict[str, _Series] = {}
         self.default_on_step = True
         self.default_on_epoch = False
@@ -175,6 +177,9 @@ class MetricStore:
         self._unflushed: dict[str, Any] = {}
         #: names shown in the progress bar
         self._prog_bar: set[str] = set()
+        if shares_latest_with is not None:
+            self._latest = shares_latest_with._latest
+            self._prog_bar = shares_latest_with._prog_bar
 
     # --- writing -----------------------------------------------------------------------------
     def log(

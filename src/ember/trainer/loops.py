@@ -1,6 +1,7 @@
 """The loops: plain for-loops over batches that fire events by name.
 
-``fit`` runs ``train_epoch`` until a stopping condition; ``train_epoch`` runs each batch
+Each loop takes the ``RunContext`` the Trainer built for the run (module, prepared objects,
+progress, metrics, hooks) and never the Trainer itself. ``fit`` runs ``train_epoch`` until a stopping condition; ``train_epoch`` runs each batch
 (forward, backward, and ``optimizer_step`` at the end of each accumulation window) and
 ``evaluate`` when validation is due; ``evaluate`` serves validation and test; ``predict``
 collects ``predict_step`` outputs. The order of events is in
@@ -18,58 +19,59 @@ import torch
 from torch import Tensor
 
 from ember.errors import MisconfigurationError
-from ember.module import overrides
 
 if TYPE_CHECKING:
     from ember.accelerator.data import PreparedDataLoader
-    from ember.accelerator.optim import AcceleratedOptimizer
-    from ember.module import TrainModule
-    from ember.trainer.trainer import Trainer
+    from ember.trainer.context import RunContext
 
 
-def fit(trainer: Trainer) -> None:
+def fit(context: RunContext) -> None:
     """Train until ``max_epochs``, ``max_steps`` or ``should_stop``."""
-    trainer._fire("on_fit_start")
-    if trainer.num_sanity_val_steps != 0 and validation_enabled(trainer):
-        trainer.state.sanity_checking = True
+    context.fire("on_fit_start")
+    if context.settings.num_sanity_val_steps != 0 and context.validation_enabled:
+        context.state.sanity_checking = True
         try:
-            evaluate(trainer, "validation", trainer._val_loaders, sanity=True)
+            evaluate(context, "validation", context.val_loaders, sanity=True)
         finally:
-            trainer.state.sanity_checking = False
-    trainer._fire("on_train_start")
-    while not fit_done(trainer):
-        train_epoch(trainer)
-    trainer._fire("on_train_end")
-    trainer._fire("on_fit_end")
+            context.state.sanity_checking = False
+    context.fire("on_train_start")
+    while not fit_done(context):
+        train_epoch(context)
+    context.fire("on_train_end")
+    context.fire("on_fit_end")
 
 
-def train_epoch(trainer: Trainer) -> None:
+def train_epoch(context: RunContext) -> None:
     """One pass over the training loader (or until a stop), then the epoch's bookkeeping.
 
     The whole batch is written out in this one loop, top to bottom: it runs every step, and
     what is set up once per epoch (the names below) is not looked up again per batch.
     """
-    state = trainer.state
-    module: TrainModule = trainer._module  # type: ignore[assignment]  # set before the loop
-    model = trainer._model or module
-    accelerator = trainer.accelerator
+    state = context.state
+    settings = context.settings
+    module = context.module
+    model = context.model
+    training_step = context.steps.training_step
+    accelerator = context.accelerator
     gradient_state = accelerator.gradient_state
-    autocast = trainer._autocast
-    loader = trainer._train_loader
+    autocast = accelerator.autocast
+    loader = context.train_loader
     assert loader is not None, "fit prepares the training loader before the loop"
-    metrics = trainer._train_metrics
-    hooks = trainer._hooks
+    metrics = context.train_metrics
+    hooks = context.hooks
     batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
-    before_backward, after_backward = hooks["on_before_backward"], hooks["on_after_backward"]
-    window_losses = trainer._window_losses  # (batch_idx, loss) of the open window
-    validates = validation_enabled(trainer)
-    max_steps = trainer.max_steps if trainer.max_steps != -1 else float("inf")
-    log_every = trainer.log_every_n_steps
+    window_losses = context.window_losses  # (batch_idx, loss) of the open window
+    backward = context.backward
+    automatic = module.automatic_optimization
+    optimizer_steps = accelerator.optimizer_step  # counts the real optimizers' steps
+    validates = context.validation_enabled
+    max_steps = settings.max_steps if settings.max_steps != -1 else float("inf")
+    log_every = settings.log_every_n_steps
     flushed_at = state.global_step  # the step whose values the loggers last received
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
     module.train()
-    trainer._fire("on_train_epoch_start")
+    context.fire("on_train_epoch_start")
     finished = True
     batch_idx = -1
     for batch_idx, batch in enumerate(loader):
@@ -79,26 +81,29 @@ def train_epoch(trainer: Trainer) -> None:
             hook(batch, batch_idx)
         # Forward under autocast, backward (divided by the window's size); distributed
         # backward keeps its gradients local until the window's last batch.
+        steps_before = optimizer_steps.steps_taken
         with accelerator.accumulate(model):
             with autocast():
-                outputs = module.training_step(batch, batch_idx)
-            loss: Tensor | None
-            if type(outputs) is Tensor and outputs.requires_grad and outputs.numel() == 1:
-                loss, num_items = outputs, None  # the common case, checked in one line
-            else:
-                loss, num_items = _loss_of(outputs, batch_idx)
-            if loss is not None:
-                # Not detached (one op less per batch): backward frees the graph's buffers,
-                # and the list is cleared when the window closes.
-                window_losses.append((batch_idx, loss))
-                for hook in before_backward:
-                    hook(loss)
-                accelerator.backward(loss, num_items=num_items)
-                for hook in after_backward:
-                    hook()
+                outputs = training_step(batch, batch_idx)
+            if automatic:
+                loss: Tensor | None
+                if type(outputs) is Tensor and outputs.requires_grad and outputs.numel() == 1:
+                    loss, num_items = outputs, None  # the common case, checked in one line
+                else:
+                    loss, num_items = _loss_of(outputs, batch_idx)
+                if loss is not None:
+                    # Not detached (one op less per batch): backward frees the graph's
+                    # buffers, and the list is cleared when the window closes.
+                    window_losses.append((batch_idx, loss))
+                    backward(loss, num_items)
         if gradient_state.sync_gradients:
             state.accumulation_position = 0
-            optimizer_step(trainer)
+            if automatic:
+                optimizer_step(context)
+            elif optimizer_steps.steps_taken != steps_before:
+                # Manual optimization: one step per batch in which any optimizer stepped,
+                # however many did (Lightning counts each optimizer's step).
+                state.global_step += 1
         else:
             state.accumulation_position += 1
         state.batch_idx = batch_idx + 1
@@ -108,21 +113,22 @@ def train_epoch(trainer: Trainer) -> None:
         # After on_train_batch_end, so what it logs goes out with the step it measured.
         if state.global_step % log_every == 0 and state.global_step != flushed_at:
             flushed_at = state.global_step
-            trainer._send_to_loggers(metrics.pop_step_metrics())
-        if validates and validation_due(trainer, batch_idx):
-            evaluate(trainer, "validation", trainer._val_loaders)
+            context.send_to_loggers(metrics.pop_step_metrics())
+        if validates and validation_due(context, batch_idx):
+            evaluate(context, "validation", context.val_loaders)
         # Stop only between windows, so no half-accumulated gradient is left behind.
         if state.accumulation_position == 0 and (
-            trainer.should_stop or state.global_step >= max_steps
+            context.should_stop or state.global_step >= max_steps
         ):
-            finished = batch_idx + 1 == trainer.num_training_batches
+            finished = batch_idx + 1 == context.num_training_batches
             break
     if state.accumulation_position != 0:
         # The loader ended before the length it announced: close the open window (its
         # gradient is rescaled to the batches it really holds) rather than carry it over.
         gradient_state.sync_gradients = True
         state.accumulation_position = 0
-        optimizer_step(trainer)
+        if automatic:
+            optimizer_step(context)
     if batch_idx < 0:
         raise MisconfigurationError(
             "The training loader produced no batch. Check that its dataset is not empty and "
@@ -131,63 +137,59 @@ def train_epoch(trainer: Trainer) -> None:
     metrics.default_on_step, metrics.default_on_epoch = False, True
     # Epoch values of what the batches logged are ready for on_train_epoch_end; what the
     # epoch-end hooks log themselves is reduced just after them.
-    _, for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
-    trainer._fire("on_train_epoch_end")
-    _, more_for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
-    trainer._send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
+    _, for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+    context.fire("on_train_epoch_end")
+    _, more_for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+    context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
     metrics.close()
     if finished:
-        for config in trainer._schedulers:
+        # Under manual optimization the user steps the schedulers (Lightning's convention).
+        for config in context.scheduler_configs if automatic else ():
             if config.interval == "epoch" and (state.epoch + 1) % config.frequency == 0:
-                trainer._step_scheduler(config, wrapped=False)
+                context.step_scheduler(config, wrapped=False)
         state.epoch += 1
         state.batch_idx = 0
-    for logger in trainer.loggers if trainer.is_global_zero else ():
+    for logger in context.loggers if context.is_global_zero else ():
         logger.save()
 
 
-def validation_enabled(trainer: Trainer) -> bool:
-    """Whether fit has validation loaders, a validation_step and a non-zero limit."""
-    return (
-        bool(trainer._val_loaders)
-        and overrides(trainer.module, "validation_step")
-        and trainer.limit_val_batches != 0
-    )
-
-
-def validation_due(trainer: Trainer, batch_idx: int) -> bool:
+def validation_due(context: RunContext, batch_idx: int) -> bool:
     """Whether validation runs after training batch ``batch_idx`` (val_check_interval and
-    check_val_every_n_epoch); the caller checked ``validation_enabled``."""
-    interval = trainer.val_check_interval
-    if trainer.check_val_every_n_epoch is None:
-        return trainer.state.total_batch_idx % int(interval) == 0
-    if (trainer.state.epoch + 1) % trainer.check_val_every_n_epoch != 0:
+    check_val_every_n_epoch); the caller checked ``context.validation_enabled``."""
+    settings = context.settings
+    interval = settings.val_check_interval
+    if settings.check_val_every_n_epoch is None:
+        return context.state.total_batch_idx % int(interval) == 0
+    if (context.state.epoch + 1) % settings.check_val_every_n_epoch != 0:
         return False
     done = batch_idx + 1
-    total = trainer.num_training_batches
+    total = context.num_training_batches
     if isinstance(interval, float):
         if total is None:
-            return trainer.accelerator.gradient_state.end_of_dataloader
+            return context.accelerator.gradient_state.end_of_dataloader
         every = max(1, int(total * interval))
         return done % every == 0 or (interval == 1.0 and done == total)
     return done % interval == 0
 
 
-def sanity_limit(trainer: Trainer) -> int | None:
-    return None if trainer.num_sanity_val_steps == -1 else trainer.num_sanity_val_steps
+def sanity_limit(context: RunContext) -> int | None:
+    steps = context.settings.num_sanity_val_steps
+    return None if steps == -1 else steps
 
 
-def should_stop_now(trainer: Trainer) -> bool:
-    if trainer.should_stop:
+def should_stop_now(context: RunContext) -> bool:
+    if context.should_stop:
         return True
-    return trainer.max_steps != -1 and trainer.state.global_step >= trainer.max_steps
+    max_steps = context.settings.max_steps
+    return max_steps != -1 and context.state.global_step >= max_steps
 
 
-def fit_done(trainer: Trainer) -> bool:
+def fit_done(context: RunContext) -> bool:
     """Whether fit should not start another epoch."""
-    if should_stop_now(trainer):
+    if should_stop_now(context):
         return True
-    return trainer.max_epochs != -1 and trainer.state.epoch >= (trainer.max_epochs or 0)
+    max_epochs = context.settings.max_epochs
+    return max_epochs != -1 and context.state.epoch >= max_epochs
 
 
 def _loss_of(outputs: Any, batch_idx: int) -> tuple[Tensor | None, Any]:
@@ -224,36 +226,44 @@ def _loss_of(outputs: Any, batch_idx: int) -> tuple[Tensor | None, Any]:
     return loss, num_items
 
 
-def optimizer_step(trainer: Trainer) -> None:
-    """Close the accumulation window: check the losses, unscale, clip, step, zero."""
-    state = trainer.state
-    losses = trainer._window_losses
-    optimizer: AcceleratedOptimizer = trainer._optimizer  # type: ignore[assignment]
+def optimizer_step(context: RunContext) -> None:
+    """Close the accumulation window: check the losses, unscale, clip, step, zero.
+
+    Automatic optimization drives one optimizer, ``context.optimizers[0]``.
+    """
+    state = context.state
+    losses = context.window_losses
     if not losses:  # every batch of the window returned None: nothing to apply
         return
+    optimizer = context.optimizers[0]
     # One host sync per optimizer step, none per batch.
     finite = math.isfinite(losses[0][1].item()) if len(losses) == 1 else _all_finite(losses)
     if not finite:
-        _nonfinite_loss(trainer, losses)
+        _nonfinite_loss(context, losses)
         losses.clear()
         return
     losses.clear()
-    hooks = trainer._hooks
+    hooks = context.hooks
     before_step = hooks["on_before_optimizer_step"]
     if before_step:  # they must see the unscaled gradient; step() unscales otherwise
-        trainer.accelerator.unscale_gradients()
+        context.accelerator.unscale_gradients()
         for hook in before_step:
             hook(optimizer)
-    if trainer._clip_gradients is not None:  # an `if`, not a no-op call: measured per step
-        trainer._clip_gradients()
+    # An `if`, not a no-op call: measured per step. Clipping reads the optimizer's
+    # param_groups now, so what was unfrozen or added since fit started is clipped too.
+    settings = context.settings
+    if settings.gradient_clip_val is not None:
+        context.clip_gradients(
+            context.optimizers, settings.gradient_clip_val, settings.gradient_clip_algorithm
+        )
     optimizer.step()
     for hook in hooks["on_before_zero_grad"]:
         hook(optimizer)
-    optimizer.optimizer.zero_grad(set_to_none=True)  # at the window's end: clear directly
+    optimizer.zero_grad(set_to_none=True)
     state.global_step += 1
-    for config in trainer._schedulers:
+    for config in context.scheduler_configs:
         if config.interval == "step" and state.global_step % config.frequency == 0:
-            trainer._step_scheduler(config, wrapped=True)
+            context.step_scheduler(config, wrapped=True)
 
 
 def _all_finite(losses: list[tuple[int, Tensor]]) -> bool:
@@ -261,44 +271,45 @@ def _all_finite(losses: list[tuple[int, Tensor]]) -> bool:
     return bool(stacked.isfinite().all())
 
 
-def _nonfinite_loss(trainer: Trainer, losses: list[tuple[int, Tensor]]) -> None:
-    state = trainer.state
+def _nonfinite_loss(context: RunContext, losses: list[tuple[int, Tensor]]) -> None:
+    state = context.state
     batch_idx, loss = next((i, loss) for i, loss in losses if not math.isfinite(loss.item()))
-    if trainer.on_nonfinite_loss == "raise":
+    if context.settings.on_nonfinite_loss == "raise":
         raise FloatingPointError(
             f"The loss is {loss.item()} at global step {state.global_step} (epoch {state.epoch}, "
             f"batch index {batch_idx}). Lower the learning rate, clip gradients, check the inputs "
             "of that batch, or pass Trainer(on_nonfinite_loss='skip') to drop such updates."
         )
     # "skip": drop the whole window's update; the gradient holds NaN/inf, so clear it.
-    assert trainer._optimizer is not None
-    trainer._optimizer.optimizer.zero_grad(set_to_none=True)
+    for optimizer in context.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     state.skipped_steps += 1
-    trainer._train_metrics.set_latest("skipped_steps", float(state.skipped_steps))
-    trainer._send_to_loggers({"skipped_steps": float(state.skipped_steps)})
+    context.train_metrics.set_latest("skipped_steps", float(state.skipped_steps))
+    context.send_to_loggers({"skipped_steps": float(state.skipped_steps)})
 
 
 def evaluate(
-    trainer: Trainer, stage: str, loaders: list[PreparedDataLoader], sanity: bool = False
+    context: RunContext, stage: str, loaders: list[PreparedDataLoader], sanity: bool = False
 ) -> list[dict[str, float]]:
     """Run ``<stage>_step`` over every loader; return one dict of metrics per loader."""
-    module = trainer.module
-    metrics = trainer._eval_metrics
-    hooks = trainer._hooks
-    step = getattr(module, f"{stage}_step")
+    module = context.module
+    metrics = context.eval_metrics
+    hooks = context.hooks
+    step = getattr(context.steps, f"{stage}_step")
     batch_start = hooks[f"on_{stage}_batch_start"]
     batch_end = hooks[f"on_{stage}_batch_end"]
-    limit = sanity_limit(trainer) if sanity else None
+    limit = sanity_limit(context) if sanity else None
     several = len(loaders) > 1
-    pass_index = several and takes_dataloader_idx(step)
+    pass_index = several and takes_dataloader_idx(getattr(module, f"{stage}_step"))
     was_training = module.training
-    previous_metrics = trainer._metrics
-    trainer._metrics = metrics
+    previous_metrics = context.active_metrics
+    context.active_metrics = metrics
+    autocast = context.accelerator.autocast
     module.eval()
     try:
-        trainer._fire(f"on_{stage}_start")
+        context.fire(f"on_{stage}_start")
         metrics.start(on_step=False, on_epoch=True)
-        trainer._fire(f"on_{stage}_epoch_start")
+        context.fire(f"on_{stage}_epoch_start")
         with torch.no_grad():
             for dataloader_idx, loader in enumerate(loaders):
                 metrics.dataloader_idx = dataloader_idx if several else None
@@ -310,25 +321,25 @@ def evaluate(
                     metrics.batch = batch
                     for hook in batch_start:
                         hook(batch, batch_idx, *extra)
-                    with trainer.accelerator.autocast():
+                    with autocast():
                         outputs = step(batch, batch_idx, *step_extra)
                     for hook in batch_end:
                         hook(outputs, batch, batch_idx, *extra)
         metrics.dataloader_idx = None
-        values, for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
-        trainer._fire(f"on_{stage}_epoch_end")
-        more_values, more_for_loggers = metrics.reduce_epoch(trainer._reduce_across_processes)
+        values, for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+        context.fire(f"on_{stage}_epoch_end")
+        more_values, more_for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
         values.update(more_values)
         for_loggers.update(more_for_loggers)
         metrics.close()
-        trainer.last_eval_metrics = {} if sanity else dict(values)
+        context.last_eval_metrics = {} if sanity else dict(values)
         if sanity:  # nothing of the sanity check may remain, step values included
             metrics.forget(metrics.keys())
         else:
-            trainer._send_to_loggers({**metrics.pop_step_metrics(), **for_loggers})
-        trainer._fire(f"on_{stage}_end")
+            context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers})
+        context.fire(f"on_{stage}_end")
     finally:
-        trainer._metrics = previous_metrics
+        context.active_metrics = previous_metrics
         if was_training:
             module.train()
     grouped = metrics.values_by_dataloader(values)
@@ -355,17 +366,19 @@ def takes_dataloader_idx(step: Any) -> bool:
     return len(positional) >= 3
 
 
-def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
+def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]:
     """``predict_step`` over every loader: a list of outputs (a list of lists for several)."""
-    module = trainer.module
-    hooks = trainer._hooks
+    module = context.module
+    hooks = context.hooks
+    predict_step = context.steps.predict_step
+    autocast = context.accelerator.autocast
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(module.predict_step)
     was_training = module.training
     module.eval()
     results: list[list[Any]] = []
-    trainer._fire("on_predict_start")
-    trainer._fire("on_predict_epoch_start")
+    context.fire("on_predict_start")
+    context.fire("on_predict_epoch_start")
     with torch.no_grad():
         for dataloader_idx, loader in enumerate(loaders):
             extra = (dataloader_idx,) if several else ()
@@ -374,13 +387,13 @@ def predict(trainer: Trainer, loaders: list[PreparedDataLoader]) -> list[Any]:
             for batch_idx, batch in enumerate(loader):
                 for hook in hooks["on_predict_batch_start"]:
                     hook(batch, batch_idx, *extra)
-                with trainer.accelerator.autocast():
-                    outputs = module.predict_step(batch, batch_idx, *step_extra)
+                with autocast():
+                    outputs = predict_step(batch, batch_idx, *step_extra)
                 for hook in hooks["on_predict_batch_end"]:
                     hook(outputs, batch, batch_idx, *extra)
                 outputs_of_loader.append(outputs)
             results.append(outputs_of_loader)
-    trainer._fire("on_predict_epoch_end")
-    trainer._fire("on_predict_end")
+    context.fire("on_predict_epoch_end")
+    context.fire("on_predict_end")
     module.train(was_training)
     return results if several else results[0]

@@ -9,27 +9,30 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from functools import partial
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
-
-from ember.accelerator.accelerator import Accelerator
-from ember.accelerator.data import DataLoaderConfiguration, PreparedDataLoader
+from ember.accelerator.accelerator import Accelerator, resolve_mixed_precision
+from ember.accelerator.data import DataLoaderConfiguration
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
 from ember.accelerator.strategies import resolve_strategy
 from ember.errors import MisconfigurationError, not_available_yet
-from ember.hooks import EVENTS, Callback, collect_hooks
+from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
 from ember.trainer import arguments, loops
+from ember.trainer.context import LoopSettings, RunContext
+from ember.trainer.loaders import (
+    eval_loaders,
+    fit_loaders,
+    prepare_eval_loaders,
+    prepare_train_loader,
+)
 from ember.trainer.logging import MetricStore
-from ember.trainer.optimizers import SchedulerConfig, check_automatic, parse_optimizers
+from ember.trainer.optimizers import SchedulerConfig
 from ember.trainer.state import LoopState
 
 _NONFINITE_MODES = ("raise", "skip")
@@ -47,9 +50,11 @@ class Trainer:
         devices: "auto", a count, or a list of device indices (one device for now).
         strategy: "auto" ("ddp" and "fsdp" are not available in this version yet).
         num_nodes: machines taking part (1 for now).
-        precision: "32-true", "16-mixed", "bf16-mixed" or "bf16-true".
+        precision: "32-true", "16-mixed", "bf16-mixed" or "bf16-true"; None takes
+            ``EMBER_MIXED_PRECISION``, then the ``ember config`` file, then "32-true".
         accumulate_grad_batches: batches per optimizer step.
-        gradient_clip_val: clip the gradient (None: no clipping).
+        gradient_clip_val: clip the gradient of every parameter the optimizer updates, at
+            each step (None or 0: no clipping).
         gradient_clip_algorithm: "norm" (total norm) or "value" (each element).
         val_check_interval: validate after this fraction of the epoch (float) or every this
             many training batches (int).
@@ -66,7 +71,8 @@ class Trainer:
         seed: call ``seed_everything(seed)`` now.
         deterministic: use deterministic algorithms (True, False or "warn").
         dataloader_config: how loaders are prepared (``DataLoaderConfiguration``).
-        compile: ``torch.compile`` the module (True, or a dict of ``torch.compile`` arguments).
+        compile: ``torch.compile`` the module's steps (``training_step``, ``validation_step``,
+            ``test_step``, ``predict_step``): True, or a dict of ``torch.compile`` arguments.
         on_nonfinite_loss: "raise" (stop, naming the step and batch) or "skip" (drop the
             update, counted in the logged metric ``skipped_steps``).
     """
@@ -80,7 +86,7 @@ class Trainer:
         devices: int | str | list[int] = "auto",
         strategy: str = "auto",
         num_nodes: int = 1,
-        precision: str | int = "32-true",
+        precision: str | int | None = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str = "norm",
@@ -146,7 +152,12 @@ class Trainer:
         if seed is not None:
             seed_everything(seed)
         arguments.set_deterministic(deterministic)
-        precision_name = canonical_precision(precision)
+        # None: EMBER_MIXED_PRECISION, then the `ember config` file, then "32-true".
+        precision_name = (
+            canonical_precision(precision)
+            if precision is not None
+            else resolve_mixed_precision(None)
+        )
         device = arguments.resolve_device(accelerator, devices, num_nodes)
         self.accelerator = Accelerator(
             mixed_precision=precision_name,
@@ -158,39 +169,23 @@ class Trainer:
         self.callbacks = arguments.resolve_callbacks(callbacks, enable_progress_bar)
         self.loggers = arguments.resolve_loggers(logger, self.default_root_dir)
 
-        self.state = LoopState()
-        self.should_stop = False
-        self._logged: dict[str, float] = {}
-        self._train_metrics = MetricStore()
-        self._eval_metrics = MetricStore()
-        # Both stores write the latest values into one dict: `callback_metrics`.
-        self._eval_metrics._latest = self._train_metrics._latest
-        self._eval_metrics._prog_bar = self._train_metrics._prog_bar
-        self._metrics = self._train_metrics
-        self._module: TrainModule | None = None
-        self._model: torch.nn.Module | None = None
-        self._hooks: dict[str, tuple[Callable[..., Any], ...]] = {event: () for event in EVENTS}
-        self._optimizer: AcceleratedOptimizer | None = None
-        self._schedulers: list[SchedulerConfig] = []
-        self._train_loader: PreparedDataLoader | None = None
-        self._val_loaders: list[PreparedDataLoader] = []
-        self._window_losses: list[tuple[int, Tensor]] = []
-        self._clip_gradients: Callable[[], Any] | None = None
-        self._autocast = self.accelerator.precision.autocast
-        #: What the last validation / test run logged (also in ``callback_metrics``).
-        self.last_eval_metrics: dict[str, float] = {}
-        self.num_training_batches: int | None = None
-        self.num_val_batches: list[int | None] = []
+        #: The current or last run; None before the first fit / validate / test / predict.
+        self._context: RunContext | None = None
 
-    # --- read-only state ---------------------------------------------------------------------
+    # --- read-only state (from the current or last run) ---------------------------------------
     @property
     def module(self) -> TrainModule:
         """The module being run."""
-        if self._module is None:
+        if self._context is None:
             raise MisconfigurationError(
                 "The Trainer has no module yet: call fit/validate/test first."
             )
-        return self._module
+        return self._context.module
+
+    @property
+    def state(self) -> LoopState:
+        """Loop progress (``LoopState``): epoch, global step, batch position, stage."""
+        return self._context.state if self._context is not None else LoopState()
 
     @property
     def global_step(self) -> int:
@@ -203,24 +198,76 @@ class Trainer:
         return self.state.epoch
 
     @property
+    def sanity_checking(self) -> bool:
+        """Whether the validation sanity check before training is running."""
+        return self.state.sanity_checking
+
+    @property
+    def should_stop(self) -> bool:
+        """Set to True (from a callback or the module) to end fit after the current step."""
+        return self._context is not None and self._context.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        # Outside a run there is nothing to stop: every fit starts with should_stop False.
+        if self._context is not None:
+            self._context.should_stop = bool(value)
+
+    @property
     def callback_metrics(self) -> dict[str, float]:
         """The latest value of every logged name (and "loss")."""
-        return self._train_metrics.latest()
+        return self._context.train_metrics.latest() if self._context is not None else {}
 
     @property
     def logged_metrics(self) -> dict[str, float]:
         """The latest values sent to the loggers."""
-        return self._logged
+        return self._context.logged_metrics if self._context is not None else {}
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
         """The latest values logged with ``prog_bar=True``."""
-        return self._train_metrics.progress_bar_metrics()
+        if self._context is None:
+            return {}
+        return self._context.train_metrics.progress_bar_metrics()
 
     @property
-    def sanity_checking(self) -> bool:
-        """Whether the validation sanity check before training is running."""
-        return self.state.sanity_checking
+    def run_context(self) -> RunContext:
+        """The current run (``RunContext``): what ``TrainModule.manual_backward`` and
+        ``clip_gradients`` act through."""
+        if self._context is None:
+            raise MisconfigurationError(
+                "The Trainer has no run yet: manual_backward and clip_gradients work inside "
+                "Trainer.fit."
+            )
+        return self._context
+
+    @property
+    def metric_store(self) -> MetricStore:
+        """Where ``TrainModule.log`` records values now: the training store during training,
+        the evaluation store while validation or test runs."""
+        assert self._context is not None, "a module is attached to a Trainer only by a run"
+        return self._context.active_metrics
+
+    @property
+    def last_eval_metrics(self) -> dict[str, float]:
+        """What the last validation / test run logged (also in ``callback_metrics``)."""
+        return self._context.last_eval_metrics if self._context is not None else {}
+
+    @property
+    def num_training_batches(self) -> int | None:
+        """Training batches per epoch (None: the loader's length is not certain)."""
+        return self._context.num_training_batches if self._context is not None else None
+
+    @property
+    def num_val_batches(self) -> list[int | None]:
+        """Batches of each validation loader (None: unknown)."""
+        return self._context.num_val_batches if self._context is not None else []
+
+    @property
+    def enable_validation(self) -> bool:
+        """Whether fit validates: it has validation loaders, a validation_step and a
+        non-zero ``limit_val_batches``."""
+        return self._context is not None and self._context.validation_enabled
 
     @property
     def is_global_zero(self) -> bool:
@@ -261,11 +308,13 @@ class Trainer:
 
     @property
     def optimizers(self) -> list[AcceleratedOptimizer]:
-        return [self._optimizer] if self._optimizer is not None else []
+        """The prepared optimizers of the last fit."""
+        return list(self._context.optimizers) if self._context is not None else []
 
     @property
     def lr_scheduler_configs(self) -> list[SchedulerConfig]:
-        return list(self._schedulers)
+        """The prepared schedulers of the last fit and when the loop steps them."""
+        return list(self._context.scheduler_configs) if self._context is not None else []
 
     # --- entry points ------------------------------------------------------------------------
     def fit(
@@ -276,29 +325,14 @@ class Trainer:
         ckpt_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """Train ``module`` on ``train_dataloaders``, validating on ``val_dataloaders``."""
-        arguments.check_module(module)
+        arguments.check_fit_module(module)
         arguments.check_ckpt_path(ckpt_path)
-        if not overrides(module, "training_step"):
-            raise MisconfigurationError(
-                f"{type(module).__name__} does not define training_step(batch, batch_idx); "
-                "the Trainer needs it to compute the loss."
-            )
-        if not overrides(module, "configure_optimizers"):
-            raise MisconfigurationError(
-                f"{type(module).__name__} does not define configure_optimizers(); return an "
-                "optimizer from it, e.g. torch.optim.AdamW(self.parameters(), lr=1e-3)."
-            )
-        train_dataloaders = (
-            train_dataloaders if train_dataloaders is not None else module.train_dataloader()
-        )
-        if train_dataloaders is None:
-            raise MisconfigurationError(
-                "fit() got no training data: pass train_dataloaders or define "
-                f"{type(module).__name__}.train_dataloader()."
-            )
-        if val_dataloaders is None:
-            val_dataloaders = module.val_dataloader()
-        self._run("fit", module, lambda: self._fit(module, train_dataloaders, val_dataloaders))
+        train_dataloaders, val_dataloaders = fit_loaders(module, train_dataloaders, val_dataloaders)
+
+        def run(context: RunContext) -> None:
+            self._fit(context, train_dataloaders, val_dataloaders)
+
+        self._run("fit", module, run, new_run=True)
 
     def validate(
         self,
@@ -325,23 +359,18 @@ class Trainer:
         ckpt_path: str | os.PathLike[str] | None = None,
     ) -> list[Any]:
         """Run ``predict_step`` over ``dataloaders`` and return its outputs in order."""
-        module = module if module is not None else self._module
+        module = module if module is not None else self._last_module()
         arguments.check_module(module)
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
-        dataloaders = dataloaders if dataloaders is not None else module.predict_dataloader()
-        if dataloaders is None:
-            raise MisconfigurationError(
-                "Trainer.predict() got no data: pass dataloaders or define "
-                f"{type(module).__name__}.predict_dataloader()."
-            )
-        loaders = self._prepare_eval_loaders(dataloaders, None, "predict")
+        dataloaders = eval_loaders("predict", "predict", module, dataloaders)
+        loaders, _ = prepare_eval_loaders(self.accelerator, dataloaders, None, "predict")
 
-        def run() -> list[Any]:
-            self._setup_module(module)
-            return loops.predict(self, loaders)
+        def run(context: RunContext) -> list[Any]:
+            context.prepare_module(self.compile, ("predict_step",))
+            return loops.predict(context, loaders)
 
-        result: list[Any] = self._run("predict", module, run)
+        result: list[Any] = self._run("predict", module, run, new_run=False)
         return result
 
     def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
@@ -351,17 +380,33 @@ class Trainer:
             "To keep the weights, use `trainer.accelerator.save_model(module, directory)`.",
         )
 
-    # --- internals used by the loops ------------------------------------------------------------
-    def _run(self, stage: str, module: TrainModule, body: Callable[[], Any]) -> Any:
-        """Attach, fire setup, run ``body``, and always tear down (on_exception on errors)."""
+    # --- building and running a RunContext ------------------------------------------------------
+    def _run(
+        self,
+        stage: str,
+        module: TrainModule,
+        body: Callable[[RunContext], Any],
+        new_run: bool,
+    ) -> Any:
+        """Build the run's context, fire setup, run ``body``, and always tear down
+        (on_exception on errors). ``new_run``: fit starts afresh; evaluation continues."""
+        # Every LoopSettings field is the Trainer attribute of the same name.
+        settings = LoopSettings(**{f.name: getattr(self, f.name) for f in fields(LoopSettings)})
+        context = RunContext(
+            module=module,
+            accelerator=self.accelerator,
+            settings=settings,
+            loggers=self.loggers,
+            stage=stage,
+            previous=None if new_run else self._context,
+        )
+        self._context = context
         object.__setattr__(module, "_trainer", self)
-        self._module = module
-        self.state.stage = stage
-        self._hooks = collect_hooks(self.callbacks, module, self)
+        context.hooks = collect_hooks(self.callbacks, module, self)
         status = "success"
         try:
-            self._fire("setup", stage)
-            return body()
+            context.fire("setup", stage)
+            return body(context)
         except BaseException as exception:
             status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
             for callback in self.callbacks:
@@ -369,48 +414,40 @@ class Trainer:
             module.on_exception(exception)
             raise
         finally:
-            self._train_metrics.close()
-            self._eval_metrics.close()
-            self._metrics = self._train_metrics
+            context.release()
+            context.train_metrics.close()
+            context.eval_metrics.close()
+            context.active_metrics = context.train_metrics
             if self.is_global_zero:
                 for logger in self.loggers:
                     logger.finalize(status)
             try:
-                self._fire("teardown", stage)
+                context.fire("teardown", stage)
             finally:
-                self.state.stage = None
+                context.state.stage = None
 
-    def _fire(self, event: str, *args: Any) -> None:
-        for hook in self._hooks[event]:
-            hook(*args)
+    def _last_module(self) -> TrainModule | None:
+        return self._context.module if self._context is not None else None
 
-    def _setup_module(self, module: TrainModule) -> None:
-        self._model = self.accelerator.prepare_model(module)
-        if self.compile is not False and getattr(module, "_compiled_call_impl", None) is None:
-            module.compile(**(self.compile if isinstance(self.compile, dict) else {}))
-
-    def _fit(self, module: TrainModule, train_dataloaders: Any, val_dataloaders: Any) -> None:
-        # Each fit is a new run: fresh loop progress and nothing left of an earlier fit's
-        # optimizer in the accelerator (resuming will come from ckpt_path).
-        self.state = LoopState(stage="fit")
-        self.should_stop = False
+    def _fit(self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any) -> None:
+        module = context.module
+        # Nothing left of an earlier fit's optimizer in the accelerator (resuming will come
+        # from ckpt_path).
         self.accelerator.free_memory()
-        self._setup_module(module)
-        optimizers, schedulers = parse_optimizers(module.configure_optimizers())
-        check_automatic(optimizers, type(module).__name__)
-        optimizer = optimizers[0]
-        self._optimizer = self.accelerator.prepare_optimizer(optimizer)
-        for config in schedulers:
-            config.scheduler = self.accelerator.prepare_scheduler(config.scheduler)
-        self._schedulers = schedulers
-        self._clip_gradients = self._make_clipper(module)
-        self._train_loader = self._prepare_train_loader(train_dataloaders)
-        self._val_loaders = (
-            self._prepare_eval_loaders(val_dataloaders, self.limit_val_batches, "validation")
-            if val_dataloaders is not None
-            else []
+        context.prepare_module(self.compile, ("training_step", "validation_step"))
+        context.prepare_optimizers()
+        context.train_loader, context.num_training_batches = prepare_train_loader(
+            self.accelerator,
+            train_dataloaders,
+            self.limit_train_batches,
+            self.val_check_interval,
+            self.check_val_every_n_epoch,
         )
-        if self._val_loaders and not overrides(module, "validation_step"):
+        if val_dataloaders is not None:
+            context.val_loaders, context.num_val_batches = prepare_eval_loaders(
+                self.accelerator, val_dataloaders, self.limit_val_batches, "validation"
+            )
+        if context.val_loaders and not overrides(module, "validation_step"):
             warnings.warn(
                 f"fit() got validation loaders but {type(module).__name__} has no "
                 "validation_step: validation is skipped. Define validation_step(batch, batch_idx) "
@@ -418,11 +455,10 @@ class Trainer:
                 UserWarning,
                 stacklevel=3,
             )
-        self._window_losses = []
         if module.hparams and self.is_global_zero:
             for logger in self.loggers:
                 logger.log_hyperparams(dict(module.hparams))
-        loops.fit(self)
+        loops.fit(context)
 
     def _evaluate(
         self,
@@ -432,7 +468,7 @@ class Trainer:
         dataloaders: Any,
         ckpt_path: str | os.PathLike[str] | None,
     ) -> list[dict[str, float]]:
-        module = module if module is not None else self._module
+        module = module if module is not None else self._last_module()
         arguments.check_module(module)
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
@@ -440,117 +476,15 @@ class Trainer:
             raise MisconfigurationError(
                 f"Trainer.{entry}() needs {type(module).__name__}.{stage}_step(batch, batch_idx)."
             )
-        if dataloaders is None:
-            dataloaders = getattr(
-                module, "val_dataloader" if stage == "validation" else "test_dataloader"
-            )()
-        if dataloaders is None:
-            raise MisconfigurationError(
-                f"Trainer.{entry}() got no data: pass dataloaders or define "
-                f"{type(module).__name__}.{'val' if stage == 'validation' else 'test'}_dataloader()."
-            )
+        dataloaders = eval_loaders(entry, stage, module, dataloaders)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
-        loaders = self._prepare_eval_loaders(dataloaders, limit, stage)
+        loaders, lengths = prepare_eval_loaders(self.accelerator, dataloaders, limit, stage)
 
-        def run() -> list[dict[str, float]]:
-            self._setup_module(module)
-            return loops.evaluate(self, stage, loaders)
+        def run(context: RunContext) -> list[dict[str, float]]:
+            if stage == "validation":
+                context.num_val_batches = lengths
+            context.prepare_module(self.compile, (f"{stage}_step",))
+            return loops.evaluate(context, stage, loaders)
 
-        result: list[dict[str, float]] = self._run(entry, module, run)
+        result: list[dict[str, float]] = self._run(entry, module, run, new_run=False)
         return result
-
-    def _prepare_train_loader(self, loader: Any) -> PreparedDataLoader:
-        arguments.check_loader("fit()", loader)
-        if isinstance(loader, (list, tuple)) and any(
-            isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
-        ):
-            raise MisconfigurationError(
-                f"fit() got {len(loader)} training loaders; it trains on one. Combine their "
-                "datasets (torch.utils.data.ConcatDataset) into one loader."
-            )
-        length = arguments.length(loader)
-        if length == 0:
-            raise MisconfigurationError(
-                "The training loader is empty (0 batches). Check the dataset's length and "
-                "the batch size (with drop_last=True a dataset smaller than one batch is empty)."
-            )
-        limit = arguments.apply_limit("limit_train_batches", self.limit_train_batches, length)
-        if limit == 0:
-            raise MisconfigurationError(
-                f"`limit_train_batches={self.limit_train_batches!r}` leaves 0 of the loader's "
-                f"{length} batches to train on; raise it."
-            )
-        prepared = self.accelerator.prepare_data_loader(loader, max_batches=limit)
-        # Only a certain length decides windows and validation timing (an IterableDataset's
-        # __len__ is an estimate).
-        self.num_training_batches = prepared.exact_length()
-        interval = self.val_check_interval
-        if isinstance(interval, int) and self.num_training_batches is not None:
-            if interval > self.num_training_batches and self.check_val_every_n_epoch is not None:
-                raise MisconfigurationError(
-                    f"`val_check_interval={interval}` is more than the {self.num_training_batches} "
-                    "training batches of an epoch. Use a smaller interval, or set "
-                    "check_val_every_n_epoch=None to count batches over epochs."
-                )
-        elif isinstance(interval, float) and interval != 1.0 and self.num_training_batches is None:
-            raise MisconfigurationError(
-                f"`val_check_interval={interval}` is a fraction of an epoch, but the training "
-                "loader has no length. Give an integer number of batches instead."
-            )
-        return prepared
-
-    def _prepare_eval_loaders(
-        self, dataloaders: Any, limit: int | float | None, stage: str
-    ) -> list[PreparedDataLoader]:
-        arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
-        loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
-        for loader in loaders:
-            arguments.check_loader(f"{stage} (dataloaders)", loader)
-        prepared = []
-        lengths: list[int | None] = []
-        for loader in loaders:
-            length = arguments.length(loader)
-            max_batches = arguments.apply_limit(
-                f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
-            )
-            item = self.accelerator.prepare_data_loader(loader, max_batches=max_batches)
-            prepared.append(item)
-            lengths.append(item.known_length())
-        if stage == "validation":
-            self.num_val_batches = lengths
-        return prepared
-
-    def _make_clipper(self, module: TrainModule) -> Callable[[], Any] | None:
-        if self.gradient_clip_val is None:
-            return None
-        parameters = [p for p in module.parameters() if p.requires_grad]
-        if self.gradient_clip_algorithm == "norm":
-            return partial(self.accelerator.clip_grad_norm_, parameters, self.gradient_clip_val)
-        return partial(self.accelerator.clip_grad_value_, parameters, self.gradient_clip_val)
-
-    def _step_scheduler(self, config: SchedulerConfig, wrapped: bool) -> None:
-        # Epoch schedulers step whatever the last optimizer step did; step schedulers only
-        # after a real optimizer step (the wrapper checks).
-        scheduler = config.scheduler if wrapped else config.scheduler.scheduler
-        if config.needs_metric:
-            metrics = self.callback_metrics
-            if config.monitor not in metrics:
-                raise MisconfigurationError(
-                    f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. "
-                    f"Logged names: {sorted(metrics)}."
-                )
-            scheduler.step(metrics[config.monitor])
-        else:
-            scheduler.step()
-
-    def _reduce_across_processes(self, tensor: Tensor, reduction: str) -> Tensor:
-        result: Tensor = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction)
-        return result
-
-    def _send_to_loggers(self, metrics: dict[str, float]) -> None:
-        if not metrics:
-            return
-        self._logged.update(metrics)
-        if self.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, self.state.global_step)

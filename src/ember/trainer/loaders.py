@@ -1,0 +1,115 @@
+"""Preparing the Trainer's data loaders: checks, ``limit_*_batches``, and the accelerator's
+``prepare_data_loader`` (sharding, device transfer)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch.utils.data import DataLoader
+
+from ember.accelerator.data import PreparedDataLoader
+from ember.errors import MisconfigurationError
+from ember.trainer import arguments
+
+if TYPE_CHECKING:
+    from ember.accelerator.accelerator import Accelerator
+    from ember.module import TrainModule
+
+
+def fit_loaders(module: TrainModule, train: Any, val: Any) -> tuple[Any, Any]:
+    """The training and validation loaders of fit: those given, else the module's own."""
+    train = train if train is not None else module.train_dataloader()
+    if train is None:
+        raise MisconfigurationError(
+            "fit() got no training data: pass train_dataloaders or define "
+            f"{type(module).__name__}.train_dataloader()."
+        )
+    return train, val if val is not None else module.val_dataloader()
+
+
+def eval_loaders(entry: str, stage: str, module: TrainModule, dataloaders: Any) -> Any:
+    """The loaders of ``Trainer.<entry>()`` ("validate", "test", "predict"): those given, else
+    the module's ``val_dataloader()`` / ``test_dataloader()`` / ``predict_dataloader()``."""
+    method = {"validation": "val_dataloader", "test": "test_dataloader"}.get(
+        stage, "predict_dataloader"
+    )
+    if dataloaders is None:
+        dataloaders = getattr(module, method)()
+    if dataloaders is None:
+        raise MisconfigurationError(
+            f"Trainer.{entry}() got no data: pass dataloaders or define "
+            f"{type(module).__name__}.{method}()."
+        )
+    return dataloaders
+
+
+def prepare_train_loader(
+    accelerator: Accelerator,
+    loader: Any,
+    limit_train_batches: int | float | None,
+    val_check_interval: int | float,
+    check_val_every_n_epoch: int | None,
+) -> tuple[PreparedDataLoader, int | None]:
+    """The prepared training loader and its exact number of batches per epoch (None when it
+    is not certain), after checking that it trains on something and fits the validation
+    interval."""
+    arguments.check_loader("fit()", loader)
+    if isinstance(loader, (list, tuple)) and any(
+        isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
+    ):
+        raise MisconfigurationError(
+            f"fit() got {len(loader)} training loaders; it trains on one. Combine their "
+            "datasets (torch.utils.data.ConcatDataset) into one loader."
+        )
+    length = arguments.length(loader)
+    if length == 0:
+        raise MisconfigurationError(
+            "The training loader is empty (0 batches). Check the dataset's length and "
+            "the batch size (with drop_last=True a dataset smaller than one batch is empty)."
+        )
+    limit = arguments.apply_limit("limit_train_batches", limit_train_batches, length)
+    if limit == 0:
+        raise MisconfigurationError(
+            f"`limit_train_batches={limit_train_batches!r}` leaves 0 of the loader's "
+            f"{length} batches to train on; raise it."
+        )
+    prepared = accelerator.prepare_data_loader(loader, max_batches=limit)
+    # Only a certain length decides windows and validation timing (an IterableDataset's
+    # __len__ is an estimate).
+    num_batches = prepared.exact_length()
+    interval = val_check_interval
+    if isinstance(interval, int) and num_batches is not None:
+        if interval > num_batches and check_val_every_n_epoch is not None:
+            raise MisconfigurationError(
+                f"`val_check_interval={interval}` is more than the {num_batches} "
+                "training batches of an epoch. Use a smaller interval, or set "
+                "check_val_every_n_epoch=None to count batches over epochs."
+            )
+    elif isinstance(interval, float) and interval != 1.0 and num_batches is None:
+        raise MisconfigurationError(
+            f"`val_check_interval={interval}` is a fraction of an epoch, but the training "
+            "loader has no length. Give an integer number of batches instead."
+        )
+    return prepared, num_batches
+
+
+def prepare_eval_loaders(
+    accelerator: Accelerator, dataloaders: Any, limit: int | float | None, stage: str
+) -> tuple[list[PreparedDataLoader], list[int | None]]:
+    """The prepared loaders of ``stage`` ("validation", "test", "predict") and the number of
+    batches of each (None: unknown)."""
+    arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
+    loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
+    for loader in loaders:
+        arguments.check_loader(f"{stage} (dataloaders)", loader)
+    prepared = []
+    lengths: list[int | None] = []
+    for loader in loaders:
+        length = arguments.length(loader)
+        max_batches = arguments.apply_limit(
+            f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
+        )
+        item = accelerator.prepare_data_loader(loader, max_batches=max_batches)
+        prepared.append(item)
+        lengths.append(item.known_length())
+    return prepared, lengths
