@@ -23,7 +23,7 @@ from __future__ import annotations
 import builtins
 import gc
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,37 +36,23 @@ from ember.accelerator import distributed
 from ember.accelerator.data import (
     DataLoaderConfiguration,
     PreparedDataLoader,
-    batch_transfer,
     is_data_loader,
+    prepare_loader,
     skip_first_batches,
 )
+from ember.accelerator.nested import apply_to_tensors, share
 from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler, GradientState
 from ember.accelerator.precision import (
     ACCELERATE_NAMES,
     Precision,
-    canonical_precision,
     create_precision,
+    resolve_mixed_precision,
 )
 from ember.accelerator.step import OptimizerStep
 from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
-from ember.config import load_config
 from ember.errors import MisconfigurationError, not_available_yet
 
 _NO_CONTEXT = nullcontext()
-
-
-def resolve_mixed_precision(mixed_precision: str | None) -> str:
-    """The canonical precision: the argument, else ``EMBER_MIXED_PRECISION``, else the config
-    file written by ``ember config``, else full precision."""
-    if mixed_precision is not None:
-        return canonical_precision(mixed_precision, "mixed_precision")
-    from_env = os.environ.get("EMBER_MIXED_PRECISION")
-    if from_env:
-        return canonical_precision(from_env, "EMBER_MIXED_PRECISION")
-    from_file = load_config().get("mixed_precision")
-    if from_file:
-        return canonical_precision(from_file, "mixed_precision (in the ember config file)")
-    return "32-true"
 
 
 class Accelerator:
@@ -123,7 +109,6 @@ class Accelerator:
         )
         self.gradient_state = GradientState(gradient_accumulation_steps)
         #: The one place gradients are unscaled, normalised and stepped (``step.py``).
-        self.optimizer_step = OptimizerStep(self.gradient_state, self.precision, self.strategy)
         self.device_placement = device_placement
         self.dataloader_config = dataloader_config or DataLoaderConfiguration()
         self.project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
@@ -131,6 +116,10 @@ class Accelerator:
         self._models: list[nn.Module] = []
         self._optimizers: list[AcceleratedOptimizer] = []
         self._schedulers: list[AcceleratedScheduler] = []
+        #: The one place gradients are unscaled, normalised, clipped and stepped (``step.py``).
+        self.optimizer_step = OptimizerStep(
+            self.gradient_state, self.precision, self.strategy, self._optimizers
+        )
 
     # --- facts ---------------------------------------------------------------------------------
     @property
@@ -258,23 +247,13 @@ class Accelerator:
             data_loader: a ``DataLoader`` (or any iterable of batches).
             max_batches: end each pass after this many batches.
         """
-        if isinstance(data_loader, PreparedDataLoader):
-            data_loader = data_loader.loader
-        convert = self.precision.convert_input if self.precision.casts_inputs else None
-        transfer = (
-            batch_transfer(self.device, self.dataloader_config.non_blocking, convert)
-            if self.device_placement
-            else convert
-        )
-        config = self.dataloader_config
-        data_seed = None
-        if config.use_seedable_sampler:
-            # Without data_seed, one draw from torch's generator: seed_everything decides it.
-            data_seed = config.data_seed
-            if data_seed is None:
-                data_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        return PreparedDataLoader(
-            data_loader, self.gradient_state, transfer, max_batches, data_seed=data_seed
+        return prepare_loader(
+            data_loader,
+            self.gradient_state,
+            self.device if self.device_placement else None,
+            self.precision,
+            self.dataloader_config,
+            max_batches,
         )
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
@@ -321,24 +300,12 @@ class Accelerator:
         gradient is divided, at the window's end, by the item count of the whole window over
         all processes: the update equals one big batch however items are spread.
         """
-        state = self.gradient_state
-        if state.signal_pending or state.consumed:  # a new iteration, or the gradient was used
-            self.optimizer_step.before_backward()
-        if num_items is not None:
-            state.add_items(num_items)
-        elif state.window_size > 1:
-            loss = loss / state.window_size
-        if self.precision.scales_gradients:
-            self.precision.backward(loss, **kwargs)
-        else:
-            loss.backward(**kwargs)
+        self.optimizer_step.backward(loss, num_items, kwargs)
 
     def unscale_gradients(self, optimizer: Optimizer | None = None) -> None:
         """Unscale (fp16) and normalise the gradients of ``optimizer`` (default: every
         prepared optimizer) now; each gradient is prepared once, whoever asks first."""
-        for wrapped in self._optimizers:
-            if optimizer is None or optimizer is wrapped or optimizer is wrapped.optimizer:
-                self.optimizer_step.prepare(wrapped)
+        self.optimizer_step.unscale(optimizer)
 
     def end_iteration(self) -> None:
         """Apply what the loop iteration left pending (the grad scaler's update). ``backward``
@@ -350,38 +317,16 @@ class Accelerator:
     ) -> Tensor:
         """Clip the gradient's total norm (after unscaling the optimizers that hold these
         parameters); return the norm before clipping."""
-        parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-        if self.sync_gradients:
-            self._unscale_owners(parameters)
-        return self.strategy.clip_grad_norm_(parameters, max_norm, norm_type)
+        return self.optimizer_step.clip_grad_norm_(parameters, max_norm, norm_type)
 
     def clip_grad_value_(self, parameters: Iterable[Tensor] | Tensor, clip_value: float) -> None:
         """Clamp every gradient element to ``[-clip_value, clip_value]`` (after unscaling)."""
-        parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
-        if self.sync_gradients:
-            self._unscale_owners(parameters)
-        self.strategy.clip_grad_value_(parameters, clip_value)
-
-    def _unscale_owners(self, parameters: list[Tensor]) -> None:
-        # Only the optimizers that update these parameters: in a GAN loop the generator's
-        # optimizer must not be unscaled while the discriminator is clipped (its gradient of
-        # this iteration does not exist yet).
-        if len(self._optimizers) == 1:
-            self.optimizer_step.prepare(self._optimizers[0])
-            return
-        wanted = {id(parameter) for parameter in parameters}
-        for wrapped in self._optimizers:
-            if any(
-                id(parameter) in wanted
-                for group in wrapped.param_groups
-                for parameter in group["params"]
-            ):
-                self.optimizer_step.prepare(wrapped)
+        self.optimizer_step.clip_grad_value_(parameters, clip_value)
 
     # --- across processes ------------------------------------------------------------------
     def gather(self, tensor: Any) -> Any:
         """Every process's tensors concatenated on dim 0 (nested structures are followed)."""
-        return _apply_to_tensors(tensor, self.strategy.all_gather)
+        return apply_to_tensors(tensor, self.strategy.all_gather)
 
     def gather_for_metrics(self, obj: Any) -> Any:
         """Like ``gather``, minus the samples that even batching repeated on the last batch."""
@@ -394,7 +339,7 @@ class Accelerator:
                 f"`reduction={reduction!r}` is not supported. Accepted values: 'sum', 'mean', "
                 "'min', 'max'."
             )
-        return _apply_to_tensors(tensor, lambda t: self.strategy.all_reduce(t, reduction))
+        return apply_to_tensors(tensor, lambda t: self.strategy.all_reduce(t, reduction))
 
     def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: int = 0) -> Any:
         """Pad tensors along ``dim`` to the largest size over processes (so they can gather)."""
@@ -420,7 +365,7 @@ class Accelerator:
     @contextmanager
     def split_between_processes(self, inputs: Any) -> Iterator[Any]:
         """Give each process its contiguous share of a list, tuple, tensor or dict of them."""
-        yield _share(inputs, self.process_index, self.num_processes)
+        yield share(inputs, self.process_index, self.num_processes)
 
     def free_memory(self, *objects: Any) -> list[None]:
         """Forget every prepared module, optimizer and scheduler and start a fresh gradient
@@ -493,25 +438,3 @@ def _is_scheduler(obj: Any) -> bool:
     return isinstance(
         obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     )
-
-
-def _apply_to_tensors(data: Any, function: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(data, Tensor):
-        return function(data)
-    if isinstance(data, Mapping):
-        return type(data)({key: _apply_to_tensors(value, function) for key, value in data.items()})  # type: ignore[call-arg]
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple: fields are positional
-        return type(data)(*(_apply_to_tensors(value, function) for value in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(_apply_to_tensors(value, function) for value in data)
-    return data
-
-
-def _share(inputs: Any, index: int, count: int) -> Any:
-    if isinstance(inputs, Mapping):
-        return {key: _share(value, index, count) for key, value in inputs.items()}
-    length = len(inputs)
-    per_process, extra = divmod(length, count)
-    start = index * per_process + min(index, extra)
-    end = start + per_process + (1 if index < extra else 0)
-    return inputs[start:end]

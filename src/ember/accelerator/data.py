@@ -22,6 +22,7 @@ from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
     from ember.accelerator.optim import _LoaderFrame
+    from ember.accelerator.precision import Precision
 
 
 @dataclasses.dataclass
@@ -229,7 +230,9 @@ class PreparedDataLoader:
             for index, batch in enumerate(self.loader, start=1):
                 last = index >= length
                 frame.end_of_dataloader = last
-                frame.mark_yield(state)
+                frame.yielded += 1
+                if frame.first_yield < 0:
+                    frame.mark_first_yield(state)
                 state.signal_pending = True  # a new loop iteration begins
                 yield batch if transfer is None else transfer(batch)
                 if last:
@@ -260,7 +263,9 @@ class PreparedDataLoader:
                     except StopIteration:
                         following, last = None, True
                 frame.end_of_dataloader = last
-                frame.mark_yield(state)
+                frame.yielded += 1
+                if frame.first_yield < 0:
+                    frame.mark_first_yield(state)
                 state.signal_pending = True
                 yield current if transfer is None else transfer(current)
                 if last:
@@ -268,6 +273,31 @@ class PreparedDataLoader:
                 current = following
         finally:
             state.end_pass(frame)
+
+
+def prepare_loader(
+    loader: Any,
+    gradient_state: GradientState,
+    device: torch.device | None,
+    precision: Precision,
+    config: DataLoaderConfiguration,
+    max_batches: int | None = None,
+) -> PreparedDataLoader:
+    """``Accelerator.prepare_data_loader``: ``loader`` wrapped so batches arrive on ``device``
+    (None: left where they are) in the precision's input dtype, with epochs tracked."""
+    if isinstance(loader, PreparedDataLoader):
+        loader = loader.loader
+    convert = precision.convert_input if precision.casts_inputs else None
+    transfer = (
+        batch_transfer(device, config.non_blocking, convert) if device is not None else convert
+    )
+    data_seed = None
+    if config.use_seedable_sampler:
+        # Without data_seed, one draw from torch's generator: seed_everything decides it.
+        data_seed = config.data_seed
+        if data_seed is None:
+            data_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return PreparedDataLoader(loader, gradient_state, transfer, max_batches, data_seed=data_seed)
 
 
 #: The gradient state of a loader prepared without an accelerator: it only tracks its passes.

@@ -35,12 +35,10 @@ class _LoaderFrame:
     #: When the pass yielded its first batch, in the order of first batches of all passes.
     first_yield: int = -1
 
-    def mark_yield(self, state: GradientState) -> None:
-        """The loader hands out one more batch (called by the loader, once per batch)."""
-        self.yielded += 1
-        if self.first_yield < 0:
-            self.first_yield = state.first_yields
-            state.first_yields += 1
+    def mark_first_yield(self, state: GradientState) -> None:
+        """The pass handed out its first batch: number it among the passes' first batches."""
+        self.first_yield = state.first_yields
+        state.first_yields += 1
 
 
 class GradientState:
@@ -241,16 +239,22 @@ class AcceleratedOptimizer(Optimizer):
         self.stepped_generation = -1
         #: Whether the last ``step`` was skipped (fp16 inf/NaN gradients).
         self.step_was_skipped = False
-        #: Set by a hook on the real optimizer: whether its ``step`` really ran.
-        self.real_step_ran = False
-        self._own_hook = optimizer.register_step_post_hook(self._mark_real_step)
+        #: Set by a hook on the real optimizer: whether its ``step`` really ran. Only a
+        #: precision that scales gradients can skip a step, so only then is the hook needed.
+        self.real_step_ran = True
+        self._own_hook = (
+            optimizer.register_step_post_hook(self._mark_real_step)
+            if stepper.precision.scales_gradients
+            else None
+        )
 
     def _mark_real_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self.real_step_ran = True
 
     def release(self) -> None:
         """Remove the hook this wrapper put on the real optimizer (the accelerator forgets it)."""
-        self._own_hook.remove()
+        if self._own_hook is not None:
+            self._own_hook.remove()
 
     @property
     def state(self) -> Any:

@@ -7,6 +7,7 @@ a feature that is off is a method that does nothing.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ember.config import load_config
 from ember.errors import MisconfigurationError, one_of
 
 #: Every spelling accepted by ``Trainer(precision=...)`` and ``Accelerator(mixed_precision=...)``
@@ -57,6 +59,20 @@ def canonical_precision(value: Any, argument: str = "precision") -> str:
     except (KeyError, TypeError):
         accepted = ["32-true", "16-mixed", "bf16-mixed", "bf16-true", "no", "fp16", "bf16"]
         raise MisconfigurationError(one_of(argument, value, accepted)) from None
+
+
+def resolve_mixed_precision(mixed_precision: str | None) -> str:
+    """The canonical precision: the argument, else ``EMBER_MIXED_PRECISION``, else the config
+    file written by ``ember config``, else full precision."""
+    if mixed_precision is not None:
+        return canonical_precision(mixed_precision, "mixed_precision")
+    from_env = os.environ.get("EMBER_MIXED_PRECISION")
+    if from_env:
+        return canonical_precision(from_env, "EMBER_MIXED_PRECISION")
+    from_file = load_config().get("mixed_precision")
+    if from_file:
+        return canonical_precision(from_file, "mixed_precision (in the ember config file)")
+    return "32-true"
 
 
 class Precision:

@@ -1,12 +1,15 @@
 """The optimizer step, in one place: what happens to a gradient between ``backward`` and the
 real optimizer's ``step``.
 
-For each prepared optimizer, once per gradient::
+Read top to bottom, a gradient's life::
 
-    unscale (fp16: divide by the loss scale)       prepare(), at clip_grad_* or step()
-    normalise (num_items / a window cut short)     prepare()
-    clip, if the loop asks                         Accelerator.clip_grad_*()
-    step(closure, **kwargs)                        step(); fp16 may skip it on inf/NaN
+    backward(loss)    a new gradient where a new iteration began (the pending scaler update);
+                      the loss divided by the window's size, or its items counted; scaled
+    prepare()         once per optimizer and gradient, at clip_grad_* or step():
+                      unscale (fp16: divide by the loss scale), normalise (num_items, or a
+                      window cut short)
+    clip_grad_*()     the optimizers that hold the clipped parameters are prepared first
+    step()            step(closure, **kwargs) on the real optimizer; fp16 may skip it
 
 and once per loop iteration, just before the first ``backward`` of the next one, the grad
 scaler's ``update`` (as in PyTorch's AMP recipe for several optimizers: one scaler, one update
@@ -21,10 +24,12 @@ skips ``step`` leaves nothing behind).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from ember.accelerator.optim import AcceleratedOptimizer, GradientState, scale_gradients
 
@@ -43,16 +48,39 @@ class OptimizerStep:
     """
 
     def __init__(
-        self, gradient_state: GradientState, precision: Precision, strategy: SingleDeviceStrategy
+        self,
+        gradient_state: GradientState,
+        precision: Precision,
+        strategy: SingleDeviceStrategy,
+        optimizers: list[AcceleratedOptimizer],
     ) -> None:
         self.gradient_state = gradient_state
         self.precision = precision
         self.strategy = strategy
+        #: The accelerator's prepared optimizers (the same list, kept up to date by it).
+        self.optimizers = optimizers
         #: Calls of a prepared optimizer's ``step`` at a window's end, skipped fp16 steps
         #: included (the Trainer counts manual optimization's steps with it).
         self.steps_taken = 0
 
-    # --- iterations --------------------------------------------------------------------------
+    # --- a gradient begins -------------------------------------------------------------------
+    def backward(
+        self, loss: Tensor, num_items: Tensor | int | None, kwargs: dict[str, Any]
+    ) -> None:
+        """``Accelerator.backward``: a new gradient where a new iteration began, the item count
+        or the window's division, then the (scaled) backward."""
+        state = self.gradient_state
+        if state.signal_pending or state.consumed:  # a new iteration, or the gradient was used
+            self.before_backward()
+        if num_items is not None:
+            state.add_items(num_items)
+        elif state.window_size > 1:
+            loss = loss / state.window_size
+        if self.precision.scales_gradients:
+            self.precision.backward(loss, **kwargs)
+        else:
+            loss.backward(**kwargs)
+
     def before_backward(self) -> None:
         """Called by ``backward`` when a signal is pending or the gradient was used: start a
         new gradient where a new iteration began."""
@@ -69,7 +97,8 @@ class OptimizerStep:
         state = self.gradient_state
         if not state.consumed:
             return
-        self.precision.update()
+        if self.precision.scales_gradients:
+            self.precision.update()
         state.generation += 1
         state.consumed = False
         state.generation_signalled = False
@@ -85,12 +114,53 @@ class OptimizerStep:
             return
         optimizer.prepared_generation = state.generation
         state.consumed = True
-        self.precision.unscale(optimizer.optimizer)
-        if not state.needs_normalising():
-            return  # a whole window of mean losses: already normalised
+        precision = self.precision
+        if precision.scales_gradients:
+            precision.unscale(optimizer.optimizer)
+        if state.item_total is None and state.window_batches >= state.window_size:
+            return  # a whole window of mean losses: already normalised (needs_normalising)
         factor = self._gradient_factor()
         if factor is not None:
             scale_gradients(optimizer.optimizer, factor)
+
+    def unscale(self, optimizer: Optimizer | None = None) -> None:
+        """Prepare ``optimizer`` (a prepared one or its real optimizer), or every one."""
+        for wrapped in self.optimizers:
+            if optimizer is None or optimizer is wrapped or optimizer is wrapped.optimizer:
+                self.prepare(wrapped)
+
+    def clip_grad_norm_(
+        self, parameters: Iterable[Tensor] | Tensor, max_norm: float, norm_type: float
+    ) -> Tensor:
+        """Unscale the optimizers of ``parameters`` (at a window's end), then clip the total
+        norm; return the norm before clipping."""
+        parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        if self.gradient_state.sync_gradients:
+            self._unscale_owners(parameters)
+        return self.strategy.clip_grad_norm_(parameters, max_norm, norm_type)
+
+    def clip_grad_value_(self, parameters: Iterable[Tensor] | Tensor, clip_value: float) -> None:
+        """Unscale the optimizers of ``parameters`` (at a window's end), then clamp."""
+        parameters = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        if self.gradient_state.sync_gradients:
+            self._unscale_owners(parameters)
+        self.strategy.clip_grad_value_(parameters, clip_value)
+
+    def _unscale_owners(self, parameters: list[Tensor]) -> None:
+        # Only the optimizers that update these parameters: in a GAN loop the generator's
+        # optimizer must not be unscaled while the discriminator is clipped (its gradient of
+        # this iteration does not exist yet).
+        if len(self.optimizers) == 1:
+            self.prepare(self.optimizers[0])
+            return
+        wanted = {id(parameter) for parameter in parameters}
+        for wrapped in self.optimizers:
+            if any(
+                id(parameter) in wanted
+                for group in wrapped.param_groups
+                for parameter in group["params"]
+            ):
+                self.prepare(wrapped)
 
     def step(self, optimizer: AcceleratedOptimizer, closure: Any, kwargs: dict[str, Any]) -> Any:
         """Prepare the gradient, then step the real optimizer (closure and keyword arguments
@@ -101,8 +171,11 @@ class OptimizerStep:
         self.prepare(optimizer)
         self.steps_taken += 1
         optimizer.stepped_generation = state.generation
+        precision = self.precision
+        if not precision.scales_gradients:  # nothing can skip the step
+            return precision.optimizer_step(optimizer.optimizer, closure, kwargs)
         optimizer.real_step_ran = False
-        result = self.precision.optimizer_step(optimizer.optimizer, closure, kwargs)
+        result = precision.optimizer_step(optimizer.optimizer, closure, kwargs)
         optimizer.step_was_skipped = not optimizer.real_step_ran
         return result
 

@@ -259,7 +259,7 @@ def optimizer_step(context: RunContext) -> None:
     optimizer.step()
     for hook in hooks["on_before_zero_grad"]:
         hook(optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.optimizer.zero_grad(set_to_none=True)  # the window's end: the real one directly
     state.global_step += 1
     for config in context.scheduler_configs:
         if config.interval == "step" and state.global_step % config.frequency == 0:
