@@ -124,3 +124,43 @@ def test_bad_interval(interval: Any) -> None:
         match=f"`logging_interval={interval!r}` is not supported. Accepted values: None, 'step', 'epoch'",
     ):
         LearningRateMonitor(interval)
+
+
+def test_several_optimizers_get_a_name_each() -> None:
+    """Manual optimization with SGD, Adam and a second SGD: each optimizer keeps its own name
+    (lr-SGD, lr-Adam, lr-SGD-1) and logs its own rate."""
+
+    class ThreeOptimizers(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.extra = torch.nn.Linear(4, 1)
+            self.third = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            loss = ((self.net(x) + self.extra(x) + self.third(x) - y) ** 2).mean()
+            self.manual_backward(loss)
+            for optimizer in self.optimizers():
+                optimizer.step()
+                optimizer.zero_grad()
+
+        def configure_optimizers(self) -> Any:
+            return [
+                torch.optim.SGD(self.net.parameters(), lr=0.1),
+                torch.optim.Adam(self.extra.parameters(), lr=0.01),
+                torch.optim.SGD(self.third.parameters(), lr=0.3),
+            ]
+
+    memory = MemoryLogger()
+    trainer = Trainer(
+        max_steps=2,
+        logger=memory,
+        callbacks=[LearningRateMonitor(logging_interval="step")],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+    )
+    trainer.fit(ThreeOptimizers(), loader())
+    assert trainer.callback_metrics["lr-SGD"] == pytest.approx(0.1)
+    assert trainer.callback_metrics["lr-Adam"] == pytest.approx(0.01)
+    assert trainer.callback_metrics["lr-SGD-1"] == pytest.approx(0.3)

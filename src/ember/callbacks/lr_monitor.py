@@ -46,7 +46,8 @@ class LearningRateMonitor(Callback):
         self.logging_interval = logging_interval
         #: the interval used in the current fit ("step" or "epoch"), decided at fit start
         self.interval: str | None = logging_interval
-        self._names: list[str] = []
+        #: Per optimizer (by the identity of the real one): its base name and group names.
+        self._names: dict[int, tuple[str, list[str]]] = {}
 
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if stage == "fit" and not trainer.loggers:
@@ -63,7 +64,7 @@ class LearningRateMonitor(Callback):
             schedulers = trainer.lr_scheduler_configs
             interval = "step" if any(c.interval == "step" for c in schedulers) else "epoch"
         self.interval = interval
-        self._names = []
+        self._names = {}
 
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         if self.interval == "epoch":
@@ -79,15 +80,28 @@ class LearningRateMonitor(Callback):
             self._log(module, optimizer, on_step=True, on_epoch=False, batch_size=None)
 
     def names(self, optimizer: Optimizer) -> list[str]:
-        """The logged name of each parameter group of ``optimizer`` (wrapped or raw)."""
+        """The logged name of each parameter group of ``optimizer`` (wrapped or raw).
+
+        Several optimizers of one class (manual optimization) get ``lr-Adam``, ``lr-Adam-1``,
+        ... in the order they are first seen, as in Lightning.
+        """
         raw = getattr(optimizer, "optimizer", optimizer)  # ember's AcceleratedOptimizer wraps it
         groups = raw.param_groups
-        if len(self._names) != len(groups):  # computed once, again only if groups were added
+        known = self._names.get(id(raw))
+        if known is None:
             base = f"lr-{type(raw).__name__}"
-            self._names = (
+            taken = {name for name, _ in self._names.values()}
+            suffix = 0
+            while (f"{base}-{suffix}" if suffix else base) in taken:
+                suffix += 1
+            known = (f"{base}-{suffix}" if suffix else base, [])
+        base, names = known
+        if len(names) != len(groups):  # computed once, again only if groups were added
+            names = (
                 [base] if len(groups) == 1 else [f"{base}/pg{i}" for i in range(1, len(groups) + 1)]
             )
-        return self._names
+        self._names[id(raw)] = (base, names)
+        return names
 
     def _log(
         self,
