@@ -142,6 +142,13 @@ class TrainModule(nn.Module, ModuleHooks):
         """Backpropagate ``loss`` as the Trainer would: divided by the accumulation window's
         size (or, with ``num_items``, normalised by the window's item count at the step),
         scaled under fp16, between ``on_before_backward`` and ``on_after_backward``."""
+        if self.automatic_optimization:
+            raise MisconfigurationError(
+                f"manual_backward is for manual optimization, and {type(self).__name__} uses "
+                "automatic optimization (the Trainer calls backward on the returned loss). "
+                "Set `self.automatic_optimization = False` in __init__ and step the optimizers "
+                "in training_step, or return the loss instead of calling manual_backward."
+            )
         self.trainer.run_context.backward(loss, num_items=num_items, **kwargs)
 
     def clip_gradients(

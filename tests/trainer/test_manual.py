@@ -253,11 +253,9 @@ def test_gan_fp16_equals_plain_torch_amp_and_the_loss_scale(accumulate: int) -> 
     assert_same_weights(module.generator, ref_g)
     assert_same_weights(module.discriminator, ref_d)
     assert adam_steps(trainer.optimizers[0]) == trainer.global_step
-    # The scale after the last window's update (the last batch overflowed): ember applies a
-    # window's update at the next iteration's first backward, so end_iteration() makes sure
-    # it was applied (a no-op when fit already did it).
+    # The scale after the last window's update (the last batch overflowed): fit applies the
+    # update the last window left pending before it returns.
     scaler = trainer.accelerator.precision.scaler  # type: ignore[attr-defined]
-    trainer.accelerator.end_iteration()
     assert scaler.get_scale() == ref_scales[-1] == INIT_SCALE / 4
 
 
@@ -892,3 +890,19 @@ def test_untoggle_keeps_a_parameter_frozen_on_purpose_frozen() -> None:
     others = [p for p in module.discriminator.parameters() if p is not frozen]
     assert all(p.requires_grad for p in others)
     assert module.d_requires_grad_in_g_step == [[False] * 4] * 2
+
+
+def test_manual_backward_under_automatic_optimization_is_a_clear_error() -> None:
+    """Lightning refuses it too; without the check torch says 'backward through the graph a
+    second time', which names neither the cause nor the fix."""
+
+    class Automatic(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = F.mse_loss(self(x), y)
+            self.manual_backward(loss)
+            return loss
+
+    trainer = Trainer(max_steps=1, **bare_trainer_kwargs())
+    with pytest.raises(MisconfigurationError, match="automatic_optimization = False"):
+        trainer.fit(Automatic(), loader())

@@ -37,6 +37,8 @@ def fit(context: RunContext) -> None:
     context.fire("on_train_start")
     while not fit_done(context):
         train_epoch(context)
+    # The last step's grad-scaler update would otherwise wait for a next backward.
+    context.accelerator.end_iteration()
     context.fire("on_train_end")
     context.fire("on_fit_end")
 
