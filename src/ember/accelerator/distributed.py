@@ -2,15 +2,35 @@
 
 Everything else asks these functions (through the strategy or the trainer). With one
 process they answer 0 / 1 and every collective is the identity.
+
+The process group is torch's own (``torch.distributed``), started from the environment a
+launcher sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``):
+``torchrun`` / ``ember launch``, or a ``Trainer(devices=N)`` that started its own workers.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any
 
+import torch
 import torch.distributed as torch_distributed
+from torch import Tensor
+
+from ember.errors import MisconfigurationError
+
+#: torch's own default for a collective's timeout; ``EMBER_COLLECTIVE_TIMEOUT`` overrides.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+_REDUCE_OPS = {
+    "sum": torch_distributed.ReduceOp.SUM,
+    "min": torch_distributed.ReduceOp.MIN,
+    "max": torch_distributed.ReduceOp.MAX,
+}
 
 
+# --- who am I -------------------------------------------------------------------------------
 def is_initialized() -> bool:
     """Whether a ``torch.distributed`` process group is running."""
     return torch_distributed.is_available() and torch_distributed.is_initialized()
@@ -35,6 +55,124 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def local_world_size() -> int:
+    """How many processes run on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def launched_externally() -> bool:
-    """Whether a launcher (torchrun, ``ember launch``) started this process in a group."""
+    """Whether a launcher (torchrun, ``ember launch``, a parent Trainer) started this process
+    as one of several."""
     return world_size() > 1
+
+
+# --- the process group -----------------------------------------------------------------------
+def collective_timeout(timeout: timedelta | None) -> timedelta:
+    """The collectives' timeout: ``EMBER_COLLECTIVE_TIMEOUT`` (seconds) when set, else
+    ``timeout``, else torch's 30 minutes."""
+    from_env = os.environ.get("EMBER_COLLECTIVE_TIMEOUT")
+    if from_env:
+        try:
+            seconds = float(from_env)
+        except ValueError:
+            seconds = -1.0
+        if not seconds > 0:
+            raise MisconfigurationError(
+                f"EMBER_COLLECTIVE_TIMEOUT={from_env!r} is not supported: give a number of "
+                "seconds > 0."
+            )
+        return timedelta(seconds=seconds)
+    return timeout if timeout is not None else DEFAULT_TIMEOUT
+
+
+def init_process_group(device: torch.device, timeout: timedelta) -> None:
+    """Join the process group the launcher described in the environment (gloo on CPU, nccl
+    on CUDA); nothing when it is already running or there is one process."""
+    if is_initialized() or world_size() == 1:
+        return
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT", "RANK") if name not in os.environ]
+    if missing:
+        raise MisconfigurationError(
+            f"WORLD_SIZE={world_size()} is set but {', '.join(missing)} is not: start the script "
+            "with `ember launch --num_processes N script.py` or `torchrun`, which set them all."
+        )
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_distributed.init_process_group(
+        backend=backend,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,
+    )
+
+
+def destroy_process_group() -> None:
+    """Leave the process group (at the end of a run started here)."""
+    if is_initialized():
+        torch_distributed.destroy_process_group()
+
+
+# --- collectives (the identity with one process) ----------------------------------------------
+def barrier() -> None:
+    """Wait until every process arrives here."""
+    if is_initialized():
+        torch_distributed.barrier()
+
+
+def all_reduce(tensor: Tensor, reduction: str) -> Tensor:
+    """``tensor`` reduced over processes: "sum", "mean", "min" or "max" (a new tensor)."""
+    if not is_initialized():
+        return tensor
+    result = tensor.clone()
+    if reduction == "mean":
+        torch_distributed.all_reduce(result, op=torch_distributed.ReduceOp.SUM)
+        return result / world_size()
+    torch_distributed.all_reduce(result, op=_REDUCE_OPS[reduction])
+    return result
+
+
+def all_gather(tensor: Tensor) -> Tensor:
+    """Every process's ``tensor`` concatenated along dim 0 (in rank order). The sizes may
+    differ along dim 0 (they are exchanged first); the other dims must agree."""
+    if not is_initialized():
+        return tensor
+    scalar = tensor.ndim == 0
+    tensor = tensor.reshape(1) if scalar else tensor.contiguous()
+    count = world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(count)]
+    torch_distributed.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    lengths = [int(size.item()) for size in sizes]
+    longest = max(lengths)
+    if tensor.shape[0] < longest:  # all_gather wants equal shapes: pad, then cut back
+        padding = tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))
+        tensor = torch.cat([tensor, padding])
+    parts = [torch.empty_like(tensor) for _ in range(count)]
+    torch_distributed.all_gather(parts, tensor)
+    return torch.cat([part[:length] for part, length in zip(parts, lengths, strict=True)])
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as process ``src`` has it (any picklable object)."""
+    if not is_initialized():
+        return obj
+    holder = [obj if global_rank() == src else None]
+    torch_distributed.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def broadcast_tensor(tensor: Tensor, src: int = 0) -> Tensor:
+    """``tensor`` as process ``src`` has it (same shape and dtype on every process)."""
+    if not is_initialized():
+        return tensor
+    tensor = tensor.clone()
+    torch_distributed.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every process's ``obj``, in rank order (any picklable object)."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    torch_distributed.all_gather_object(gathered, obj)
+    return gathered
