@@ -5,9 +5,11 @@ your own loop and use the ``Accelerator`` underneath.
 """
 
 from ember.accelerator import Accelerator, DataLoaderConfiguration
+from ember.accelerator.strategies import DDPStrategy, DistributedType
 from ember.errors import CheckpointError, MisconfigurationError
 from ember.hooks import Callback
 from ember.module import TrainModule
+from ember.process_log import get_logger
 from ember.seed import seed_everything
 from ember.trainer import Trainer
 
@@ -17,10 +19,13 @@ __all__ = [
     "Accelerator",
     "Callback",
     "CheckpointError",
+    "DDPStrategy",
     "DataLoaderConfiguration",
+    "DistributedType",
     "MisconfigurationError",
     "TrainModule",
     "Trainer",
     "__version__",
+    "get_logger",
     "seed_everything",
 ]

@@ -408,11 +408,13 @@ def test_dataloader_config_must_be_a_dataloader_configuration() -> None:
     assert Accelerator(cpu=True, dataloader_config=config).dataloader_config is config
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_distributed_strategies_are_not_available_yet(strategy: str) -> None:
-    with pytest.raises(MisconfigurationError, match="not available") as caught:
-        Accelerator(cpu=True, strategy=strategy)
-    assert repr(strategy) in str(caught.value)
+def test_ddp_in_one_process_is_one_device() -> None:
+    """strategy="ddp" without a launcher: one process, nothing to synchronise, no wrapper."""
+    accelerator = Accelerator(cpu=True, strategy="ddp")
+    model = torch.nn.Linear(2, 1)
+    assert accelerator.prepare(model) is model
+    assert accelerator.num_processes == 1
+    assert str(accelerator.distributed_type) == "NO"
 
 
 def test_unknown_strategy_lists_the_accepted_values() -> None:

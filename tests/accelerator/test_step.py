@@ -790,3 +790,83 @@ def test_gan_two_optimizers_with_accumulation_matches_the_amp_recipe(
     assert_same_weights(disc, ref.disc, exact=not fp16)
     if fp16:
         assert scale_of(accelerator) == ref_scales[-1]
+
+
+def test_iterator_drawn_at_epoch_end_leaves_the_next_epoch_alone() -> None:
+    """A validation iterator kept open and drawn once at each epoch's end: the next epoch's
+    windows are still the training loader's, and its last batch is the end of the loader."""
+    accelerator = cpu_accelerator(gradient_accumulation_steps=2)
+    model = mlp(0)
+    train_loader, val_loader = accelerator.prepare(
+        DataLoader(dataset(6), batch_size=BATCH), DataLoader(dataset(10, seed=1), batch_size=BATCH)
+    )
+    val_iter = iter(val_loader)
+    for _ in range(3):
+        syncs, ends = [], []
+        for _batch in train_loader:
+            with accelerator.accumulate(model):
+                syncs.append((accelerator.sync_gradients, accelerator.gradient_state.window_size))
+                ends.append(accelerator.gradient_state.end_of_dataloader)
+        next(val_iter)
+        assert syncs == [(False, 2), (True, 2)] * 3
+        assert ends == [False] * 5 + [True]
+
+
+def test_a_new_pass_of_the_loader_takes_the_windows_from_an_abandoned_iterator() -> None:
+    """An iterator left half-way through a window (still referenced) does not keep the
+    windows: a new pass of the same loader starts them afresh."""
+    accelerator = cpu_accelerator(gradient_accumulation_steps=2)
+    model = mlp(0)
+    loader = accelerator.prepare(DataLoader(dataset(10), batch_size=BATCH))
+    abandoned = iter(loader)
+    for _ in range(3):
+        next(abandoned)
+        with accelerator.accumulate(model):
+            pass
+    syncs = []
+    for _batch in loader:
+        with accelerator.accumulate(model):
+            syncs.append(accelerator.sync_gradients)
+    assert syncs == [False, True] * 5
+    del abandoned
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_end_of_dataloader_follows_the_training_loader_with_an_iterator_opened_inside(
+    steps: int,
+) -> None:
+    accelerator = cpu_accelerator(gradient_accumulation_steps=steps)
+    model = mlp(0)
+    train_loader, val_loader = accelerator.prepare(
+        DataLoader(dataset(6), batch_size=BATCH), DataLoader(dataset(20, seed=1), batch_size=BATCH)
+    )
+    val_iter: Iterator[Any] | None = None
+    ends = []
+    for _batch in train_loader:
+        if val_iter is None:
+            val_iter = iter(val_loader)
+        next(val_iter)
+        with accelerator.accumulate(model):
+            ends.append(accelerator.gradient_state.end_of_dataloader)
+    assert ends == [False] * 5 + [True]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_prepared_model_keeps_autocast_and_uses_its_own_weights(how: str) -> None:
+    import pickle
+
+    accelerator = cpu_accelerator(mixed_precision="bf16")
+    model = accelerator.prepare(nn.Sequential(nn.Linear(4, 3)))
+    copied = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        copied[0].weight.add_(1.0)
+    x = torch.randn(2, 4)
+    seen = []
+    copied[0].register_forward_hook(lambda _m, _i, output: seen.append(output.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x, copied[0].weight, copied[0].bias).float()
+    assert torch.equal(copied(x), expected)  # the copy's weights, under autocast
+    assert seen == [torch.bfloat16]
+    assert not torch.equal(model(x), expected)  # the original is untouched
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(compiled(x), model(x))

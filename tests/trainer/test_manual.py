@@ -3,9 +3,10 @@
 A module with ``self.automatic_optimization = False`` steps its optimizers itself in
 ``training_step``: ``self.optimizers()``, ``self.lr_schedulers()``, ``self.manual_backward``,
 ``self.clip_gradients``, ``toggle_optimizer`` / ``untoggle_optimizer``. The reference runs
-the same seeded networks on the same batches written by hand (``torch.amp.GradScaler`` and
-one ``torch.autocast`` region per step for fp16). Both give bit-identical weights, fp16 runs
-the same loss scale too (CPU fp16: the same casts in the same order).
+the same seeded networks on the same batches written by hand (``torch.amp.GradScaler``, one
+``torch.autocast(cache_enabled=False)`` region per step and ``scaler.update()`` after each
+optimizer step for fp16, as Lightning does). Both give bit-identical weights, fp16 runs the
+same loss scale too (CPU fp16: the same casts in the same order).
 
 Pinned here: accumulation windows in manual mode (``step`` / ``zero_grad`` / clipping wait
 for the window's end, the loss is divided by the window's size, ``num_items`` normalises by
@@ -151,7 +152,8 @@ def plain_gan(
     fp16: bool = False,
     accumulate: int = 1,
 ) -> list[float]:
-    """The GAN's updates in plain PyTorch (AMP recipe: one ``scaler.update()`` per batch);
+    """The GAN's updates in plain PyTorch (fp16: ``scaler.update()`` after each optimizer
+    step that leaves no other gradient to step, as ember's manual optimization does);
     returns the loss scale after each batch."""
     opt_g, opt_d = gan_optimizers(generator, discriminator)
     scaler = torch.amp.GradScaler("cpu", enabled=fp16)
@@ -161,14 +163,19 @@ def plain_gan(
         window_start = index - index % accumulate
         window = min(accumulate, total - window_start)  # a short last window: its own size
         closes = index + 1 == window_start + window
-        # ember runs the whole training_step under one autocast region.
-        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+        # ember runs the whole training_step under one autocast region, without the cache
+        # of weight casts (the discriminator's weights change in the middle of it).
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16, cache_enabled=False):
             d_loss = d_loss_of(generator, discriminator, real, noise) / window
             scaler.scale(d_loss).backward()
             if closes:
                 scaler.unscale_(opt_d)
                 nn.utils.clip_grad_norm_(list(discriminator.parameters()), clip_val)
                 scaler.step(opt_d)
+                # The generator's gradient of the open window (accumulate > 1) was scaled
+                # with the current scale: the update waits until it is stepped too.
+                if all(p.grad is None for p in generator.parameters()):
+                    scaler.update()
                 opt_d.zero_grad()
             for parameter in discriminator.parameters():
                 parameter.requires_grad_(False)
@@ -178,11 +185,10 @@ def plain_gan(
                 scaler.unscale_(opt_g)
                 nn.utils.clip_grad_norm_(list(generator.parameters()), clip_val)
                 scaler.step(opt_g)
+                scaler.update()
                 opt_g.zero_grad()
             for parameter in discriminator.parameters():
                 parameter.requires_grad_(True)
-        if closes:
-            scaler.update()
         scales.append(scaler.get_scale() if fp16 else 1.0)
     return scales
 
@@ -906,3 +912,52 @@ def test_manual_backward_under_automatic_optimization_is_a_clear_error() -> None
     trainer = Trainer(max_steps=1, **bare_trainer_kwargs())
     with pytest.raises(MisconfigurationError, match="automatic_optimization = False"):
         trainer.fit(Automatic(), loader())
+
+
+def test_fp16_critic_stepped_twice_per_batch_equals_torch_amp_updating_after_each_step() -> None:
+    """A WGAN-style critic stepped twice per batch under 16-mixed: as in Lightning, the scale is
+    updated after each step that leaves no other gradient pending, so this works and equals
+    plain torch.amp calling ``scaler.update()`` after each ``scaler.step``. The first batch
+    overflows, so a skipped step and a halved scale are part of what is compared."""
+
+    class Critic(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            _, self.discriminator = gan_nets()
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            real, _noise = batch
+            optimizer = self.optimizers()
+            for _ in range(2):
+                self.manual_backward(bce(self.discriminator(real), True))
+                optimizer.step()
+                optimizer.zero_grad()
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.discriminator.parameters(), lr=0.05, momentum=0.9)
+
+    module = Critic()
+    trainer = Trainer(
+        max_epochs=1, precision="16-mixed", accelerator="cpu", **bare_trainer_kwargs()
+    )
+    trainer.fit(module, gan_loader(3, big=(0,)))
+
+    _, reference = gan_nets()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu")
+    scales = []
+    for real, _noise in gan_loader(3, big=(0,)):
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = bce(reference(real), True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            scales.append(scaler.get_scale())
+    assert scales[0] == INIT_SCALE / 2  # the reference really skipped a step
+    assert trainer.global_step == 3
+    for mine, theirs in zip(module.discriminator.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(mine, theirs)
+    assert trainer.accelerator.precision.scaler.get_scale() == scales[-1]  # type: ignore[attr-defined]

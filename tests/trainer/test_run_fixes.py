@@ -303,3 +303,28 @@ def test_a_step_that_cannot_be_compiled_is_named_in_a_warning(
     for step in ("training_step", "validation_step"):  # the steps fit runs
         assert any(f"TinyModule.{step}" in m and "runs uncompiled" in m for m in messages)
     assert trainer.global_step == 4  # it trained, uncompiled
+
+
+def test_step_schedulers_advance_after_a_step_the_fp16_scaler_skipped() -> None:
+    """SPEC §4: a window that ends with step() called counts as a step even when the grad
+    scaler skipped it: the Trainer's schedulers advance too (as in Lightning)."""
+
+    class Overflowing(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self(x), y)
+            return loss * (1e35 if batch_idx == 0 else 1.0)  # finite loss, inf scaled grads
+
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
+
+    trainer = Trainer(max_steps=3, precision="16-mixed", accelerator="cpu", **bare_trainer_kwargs())
+    trainer.fit(Overflowing(), loader())
+    assert trainer.global_step == 3
+    assert trainer.accelerator.optimizer_step.steps_taken == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)

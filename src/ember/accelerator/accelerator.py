@@ -49,7 +49,12 @@ from ember.accelerator.precision import (
     resolve_mixed_precision,
 )
 from ember.accelerator.step import OptimizerStep
-from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
+from ember.accelerator.strategies import (
+    AcceleratorState,
+    DistributedType,
+    pick_device,
+    resolve_strategy,
+)
 from ember.errors import MisconfigurationError, not_available_yet
 
 _NO_CONTEXT = nullcontext()
@@ -99,16 +104,16 @@ class Accelerator:
                 f"`dataloader_config` must be a DataLoaderConfiguration, got "
                 f"{type(dataloader_config).__name__}."
             )
-        if isinstance(strategy, SingleDeviceStrategy):
-            device = strategy.device
-        else:
+        self.strategy = resolve_strategy(strategy)
+        device = self.strategy.requested_device
+        if device is None:
             device = torch.device("cpu") if cpu else pick_device("auto", distributed.local_rank())
-        self.strategy = resolve_strategy(strategy, device)
+        # Joins the process group a launcher described (DDP / FSDP); one device: nothing.
+        self.strategy.setup_environment(device)
         self.precision: Precision = create_precision(
             resolve_mixed_precision(mixed_precision), self.device
         )
         self.gradient_state = GradientState(gradient_accumulation_steps)
-        #: The one place gradients are unscaled, normalised and stepped (``step.py``).
         self.device_placement = device_placement
         self.dataloader_config = dataloader_config or DataLoaderConfiguration()
         self.project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
@@ -126,6 +131,24 @@ class Accelerator:
     def device(self) -> torch.device:
         """The device this process computes on."""
         return self.strategy.device
+
+    @property
+    def distributed_type(self) -> DistributedType:
+        """How the processes share the work: ``NO``, ``MULTI_CPU``, ``MULTI_GPU`` or ``FSDP``."""
+        return self.strategy.distributed_type
+
+    @property
+    def state(self) -> AcceleratorState:
+        """The process facts in one read-only object (its ``repr`` is ready for a bug report)."""
+        return AcceleratorState(
+            distributed_type=self.distributed_type,
+            num_processes=self.num_processes,
+            process_index=self.process_index,
+            local_process_index=self.local_process_index,
+            device=self.device,
+            mixed_precision=self.mixed_precision,
+            backend=self.strategy.backend,
+        )
 
     @property
     def mixed_precision(self) -> str:
@@ -216,6 +239,9 @@ class Accelerator:
         """Wrap ``optimizer`` so it steps at the end of each accumulation window."""
         if isinstance(optimizer, AcceleratedOptimizer):
             return optimizer
+        for known in self._optimizers:  # prepared again (a re-run notebook cell): the same
+            if known.optimizer is optimizer:
+                return known
         wrapped = AcceleratedOptimizer(optimizer, self.optimizer_step)
         self._optimizers.append(wrapped)
         return wrapped
@@ -234,6 +260,8 @@ class Accelerator:
             owners or list(self._optimizers),
             self.gradient_state,
             step_with_optimizer=self.step_scheduler_with_optimizer,
+            # Accelerate's convention: each process's loader is num_processes times shorter.
+            steps_per_call=1 if self.dataloader_config.split_batches else self.num_processes,
         )
         self._schedulers.append(wrapped)
         return wrapped
@@ -269,9 +297,14 @@ class Accelerator:
         return skip_first_batches(dataloader, num_batches)
 
     # --- the step ----------------------------------------------------------------------------
-    def autocast(self) -> AbstractContextManager[Any]:
-        """The context for the forward pass (autocast under mixed precision, else nothing)."""
-        return self.precision.autocast()
+    def autocast(self, cache_enabled: bool = True) -> AbstractContextManager[Any]:
+        """The context for the forward pass (autocast under mixed precision, else nothing).
+
+        ``cache_enabled=False`` when an optimizer steps inside the context: torch's autocast
+        keeps the low-precision copy of each weight for the whole context, so a forward after
+        the step would otherwise use the weights from before it.
+        """
+        return self.precision.autocast(cache_enabled)
 
     def accumulate(self, *models: nn.Module) -> AbstractContextManager[Any]:
         """Enter one batch of an accumulation window.

@@ -212,7 +212,7 @@ class PreparedDataLoader:
         # The pass is registered now, not at the first batch: an iterator opened before the
         # training loop (a validation iterator kept open) is older than the training pass, so
         # it never takes over the training loop's accumulation windows.
-        frame = state.begin_pass(length)
+        frame = state.begin_pass(length, source=self)
         batches = self._counted(state, frame, length) if length is not None else None
         if batches is None:
             batches = self._looking_ahead(state, frame)

@@ -34,6 +34,8 @@ class _LoaderFrame:
     counted: int = 0
     #: When the pass yielded its first batch, in the order of first batches of all passes.
     first_yield: int = -1
+    #: The prepared loader this pass goes over (None for the frame of loops without one).
+    source: object = None
 
     def mark_first_yield(self, state: GradientState) -> None:
         """The pass handed out its first batch: number it among the passes' first batches."""
@@ -46,11 +48,12 @@ class GradientState:
     accelerator, its optimizers, schedulers and loaders; one instance per ``Accelerator``.
 
     Windows: ``accumulate()`` calls ``next_batch`` once per batch. The batches are counted in
-    the frame of the loader pass that owns the window, kept until that pass ends. The owner
-    is chosen when the previous owner's pass ended: among the open passes that handed out
-    exactly one batch not yet counted (the loop's own loader moves in step with
-    ``accumulate``), the one whose first batch came first. Another iterator opened or drawn
-    from meanwhile (a validation iterator kept open, say) does not move the count.
+    the frame of the loader pass that owns the windows, kept until that pass ends or a new
+    pass of the same loader begins (the next epoch; an abandoned iterator). Then the windows
+    follow their loader: its newest pass owns them. The first owner is chosen among the open
+    passes that handed out exactly one batch not yet counted (the loop's own loader moves in
+    step with ``accumulate``): the one whose first batch came first. Another iterator opened
+    or drawn from meanwhile (a validation iterator kept open, say) does not move the count.
 
     Iterations: the gradient scaler's update and the "already unscaled" marks of the
     optimizers belong to one gradient. A new gradient begins at the first ``backward`` of a
@@ -63,6 +66,7 @@ class GradientState:
         "_default_frame",
         "_frames",
         "_owner",
+        "_owner_source",
         "accumulation_steps",
         "consumed",
         "first_yields",
@@ -102,14 +106,18 @@ class GradientState:
         self._default_frame = _LoaderFrame()
         self._frames: list[_LoaderFrame] = []
         self._owner: _LoaderFrame | None = None
+        #: The loader whose passes own the windows (kept when its pass ends).
+        self._owner_source: object = None
         #: How many passes have yielded their first batch (orders them).
         self.first_yields = 0
 
     # --- loaders open and close frames -------------------------------------------------------
-    def begin_pass(self, num_batches: int | None) -> _LoaderFrame:
-        """A loader starts a pass of ``num_batches`` batches (None when unknown); the loader
-        keeps the returned frame to mark its last batch and to end it."""
-        frame = _LoaderFrame(num_batches)
+    def begin_pass(self, num_batches: int | None, source: object = None) -> _LoaderFrame:
+        """Loader ``source`` starts a pass of ``num_batches`` batches (None when unknown); the
+        loader keeps the returned frame to mark its last batch and to end it."""
+        frame = _LoaderFrame(num_batches, source=source)
+        if source is not None and self._owner is not None and self._owner.source is source:
+            self._owner = None  # the owner's loader began a new pass: it takes the windows
         self._frames.append(frame)
         return frame
 
@@ -125,21 +133,34 @@ class GradientState:
                 break
 
     def _window_frame(self) -> _LoaderFrame:
-        """The frame that counts the current window's batches (chosen when a window begins)."""
+        """The frame that counts the windows' batches: the owner, chosen again when its pass
+        ended or was superseded (see the class docstring)."""
         owner = self._owner
         if owner is None or owner.ended or owner is self._default_frame:
-            in_step = [frame for frame in self._frames if frame.yielded == frame.counted + 1]
-            if in_step:
-                owner = min(in_step, key=lambda frame: frame.first_yield)
-            else:
-                owner = self._frames[-1] if self._frames else self._default_frame
+            owner = self._choose_owner()
             self._owner = owner
+            if owner.source is not None:
+                self._owner_source = owner.source
         return owner
+
+    def _choose_owner(self) -> _LoaderFrame:
+        frames = self._frames
+        if not frames:
+            return self._default_frame
+        source = self._owner_source
+        if source is not None:
+            same_loader = [frame for frame in frames if frame.source is source]
+            if same_loader:
+                return same_loader[-1]
+        in_step = [frame for frame in frames if frame.yielded == frame.counted + 1]
+        if in_step:
+            return min(in_step, key=lambda frame: frame.first_yield)
+        return frames[-1]
 
     @property
     def end_of_dataloader(self) -> bool:
-        """Whether the batch just yielded is the last of its loader's pass (the loader that
-        owns the accumulation window, else the newest pass)."""
+        """Whether the batch just yielded is the last of its loader's pass (the pass that owns
+        the windows; in a loop that never entered ``accumulate``, the newest pass)."""
         owner = self._owner
         if owner is not None and not owner.ended and owner is not self._default_frame:
             return owner.end_of_dataloader
@@ -148,9 +169,7 @@ class GradientState:
 
     @end_of_dataloader.setter
     def end_of_dataloader(self, value: bool) -> None:
-        (
-            self._owner or (self._frames[-1] if self._frames else self._default_frame)
-        ).end_of_dataloader = value
+        self._window_frame().end_of_dataloader = value
 
     @property
     def batches_seen(self) -> int:
@@ -167,14 +186,15 @@ class GradientState:
         """Advance to the next batch; return whether it closes its accumulation window."""
         self.signal_pending = True  # a new loop iteration begins
         steps = self.accumulation_steps
+        frame = self._owner
+        if frame is None or frame.ended or frame is self._default_frame:
+            frame = self._window_frame()
         if steps == 1:
             # Every batch is a whole window: window_size, window_batches and sync_gradients
             # stay 1, 1 and True; only the item count restarts. The common case, kept cheap.
+            frame.counted += 1
             self.item_total = None
             return True
-        frame = self._owner
-        if frame is None or frame.ended or frame.batches_seen % steps == 0:
-            frame = self._window_frame()
         position = frame.batches_seen % steps
         if position == 0:
             remaining = (
@@ -255,6 +275,7 @@ class AcceleratedOptimizer(Optimizer):
         """Remove the hook this wrapper put on the real optimizer (the accelerator forgets it)."""
         if self._own_hook is not None:
             self._own_hook.remove()
+            self._own_hook = None
 
     @property
     def state(self) -> Any:
@@ -335,9 +356,13 @@ class AcceleratedOptimizer(Optimizer):
 
 
 class AcceleratedScheduler:
-    """A scheduler that steps only when its optimizer really stepped.
+    """A scheduler that steps only when its optimizer really stepped (Accelerate's convention).
 
     With ``step_with_optimizer=False`` it steps whenever ``step`` is called (per epoch, say).
+    Otherwise each real optimizer step advances it ``steps_per_call`` times: the number of
+    processes when each process's loader holds its share of the batches (so a schedule sized
+    for the loader's length in one process keeps its length), once with ``split_batches``.
+    A schedule with a ``total_steps`` (OneCycleLR) is never stepped past it.
     """
 
     def __init__(
@@ -346,20 +371,29 @@ class AcceleratedScheduler:
         optimizers: list[AcceleratedOptimizer],
         gradient_state: GradientState,
         step_with_optimizer: bool = True,
+        steps_per_call: int = 1,
     ) -> None:
         self.scheduler = scheduler
         self.optimizers = optimizers
         self.gradient_state = gradient_state
         self.step_with_optimizer = step_with_optimizer
+        self.steps_per_call = steps_per_call
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         """Step the scheduler, unless the window is open or the optimizer skipped its step."""
-        if self.step_with_optimizer:
-            if not self.gradient_state.sync_gradients:
-                return
-            if any(optimizer.step_was_skipped for optimizer in self.optimizers):
-                return
-        self.scheduler.step(*args, **kwargs)
+        scheduler = self.scheduler
+        if not self.step_with_optimizer:
+            scheduler.step(*args, **kwargs)
+            return
+        if not self.gradient_state.sync_gradients:
+            return
+        if any(optimizer.step_was_skipped for optimizer in self.optimizers):
+            return
+        total = getattr(scheduler, "total_steps", None)
+        for _ in range(self.steps_per_call):
+            if total is not None and scheduler.last_epoch + 1 >= total:
+                break  # OneCycleLR raises past its last step (a last, short epoch)
+            scheduler.step(*args, **kwargs)
 
     def get_last_lr(self) -> list[float]:
         return list(self.scheduler.get_last_lr())

@@ -11,7 +11,6 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from types import MethodType
 from typing import Any
 
 import torch
@@ -89,8 +88,9 @@ class Precision:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        """The context the forward pass runs in."""
+    def autocast(self, cache_enabled: bool = True) -> AbstractContextManager[Any]:
+        """The context the forward pass runs in. ``cache_enabled=False``: no cache of weight
+        casts (needed when weights change inside the context: an optimizer step in it)."""
         return _NO_AUTOCAST
 
     def convert_module(self, module: nn.Module) -> nn.Module:
@@ -137,20 +137,19 @@ class MixedPrecision(Precision):
         self.dtype = dtype
         self.name = "16-mixed" if dtype == torch.float16 else "bf16-mixed"
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def autocast(self, cache_enabled: bool = True) -> AbstractContextManager[Any]:
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache_enabled)
 
     def wrap_forward(self, module: nn.Module) -> None:
         # As Accelerate does: the forward runs under autocast and its low-precision floating
         # outputs come back as float32, so a loss computed outside the forward is in fp32.
-        # A method bound to the module (not a closure over it), so copy.deepcopy rebinds it.
         forward = module.forward
-        if getattr(forward, "__ember_autocast__", False):
+        if isinstance(forward, AutocastForward):
             return
         function = getattr(forward, "__func__", None)
         if function is None or getattr(forward, "__self__", None) is not module:
             return  # a forward replaced by something unusual: leave it alone
-        module.forward = MethodType(_autocast_forward(function, self.autocast), module)
+        module.forward = AutocastForward(module, function, self.device.type, self.dtype)
 
 
 class ScaledMixedPrecision(MixedPrecision):
@@ -208,22 +207,35 @@ class TruePrecision(Precision):
     def convert_input(self, data: Any) -> Any:
         return _cast_floats(data, self.dtype)
 
-    def autocast(self) -> AbstractContextManager[Any]:
+    def autocast(self, cache_enabled: bool = True) -> AbstractContextManager[Any]:
         # Tensors created inside the step (torch.zeros, arange(...).float()) get bf16 too.
         return _default_dtype(self.dtype)
 
 
-def _autocast_forward(
-    function: Callable[..., Any], autocast: Callable[[], AbstractContextManager[Any]]
-) -> Callable[..., Any]:
-    @functools.wraps(function)
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with autocast():
-            outputs = function(self, *args, **kwargs)
+class AutocastForward:
+    """A prepared module's ``forward``: the module's own, under autocast, with fp16/bf16
+    floating outputs returned as float32.
+
+    An object holding the module (not a closure), so ``copy.deepcopy``, ``pickle`` and
+    ``torch.save`` of the module keep it, pointing at the copy.
+    """
+
+    def __init__(
+        self, module: nn.Module, function: Callable[..., Any], device_type: str, dtype: torch.dtype
+    ) -> None:
+        self.module = module
+        self.function = function
+        self.device_type = device_type
+        self.dtype = dtype
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            outputs = self.function(self.module, *args, **kwargs)
         return _to_float32(outputs)
 
-    forward.__ember_autocast__ = True  # type: ignore[attr-defined]
-    return forward
+    def __reduce__(self) -> Any:
+        return (AutocastForward, (self.module, self.function, self.device_type, self.dtype))
 
 
 def _to_float32(data: Any) -> Any:

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ember.accelerator.optim import AcceleratedOptimizer, GradientState, scale_gradients
+from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
     from ember.accelerator.precision import Precision
@@ -62,6 +63,10 @@ class OptimizerStep:
         #: Calls of a prepared optimizer's ``step`` at a window's end, skipped fp16 steps
         #: included (the Trainer counts manual optimization's steps with it).
         self.steps_taken = 0
+        #: Apply the scaler update right after a step when no other optimizer holds a
+        #: gradient still to be stepped (Lightning's manual optimization: an optimizer may
+        #: step several times per batch, a WGAN critic say). False: once per iteration.
+        self.update_after_step = False
 
     # --- a gradient begins -------------------------------------------------------------------
     def backward(
@@ -99,6 +104,8 @@ class OptimizerStep:
             return
         if self.precision.scales_gradients:
             self.precision.update()
+        for optimizer in self.optimizers:  # a flag describes the gradient it was set on
+            optimizer.step_was_skipped = False
         state.generation += 1
         state.consumed = False
         state.generation_signalled = False
@@ -125,9 +132,19 @@ class OptimizerStep:
 
     def unscale(self, optimizer: Optimizer | None = None) -> None:
         """Prepare ``optimizer`` (a prepared one or its real optimizer), or every one."""
-        for wrapped in self.optimizers:
-            if optimizer is None or optimizer is wrapped or optimizer is wrapped.optimizer:
-                self.prepare(wrapped)
+        chosen = [
+            wrapped
+            for wrapped in self.optimizers
+            if optimizer is None or optimizer is wrapped or optimizer is wrapped.optimizer
+        ]
+        if optimizer is not None and not chosen:
+            raise MisconfigurationError(
+                f"unscale_gradients got a {type(optimizer).__name__} that this accelerator did "
+                "not prepare; pass one returned by accelerator.prepare (or its optimizer), or "
+                "nothing to unscale every prepared optimizer."
+            )
+        for wrapped in chosen:
+            self.prepare(wrapped)
 
     def clip_grad_norm_(
         self, parameters: Iterable[Tensor] | Tensor, max_norm: float, norm_type: float
@@ -176,8 +193,22 @@ class OptimizerStep:
             return precision.optimizer_step(optimizer.optimizer, closure, kwargs)
         optimizer.real_step_ran = False
         result = precision.optimizer_step(optimizer.optimizer, closure, kwargs)
-        optimizer.step_was_skipped = not optimizer.real_step_ran
+        skipped = not optimizer.real_step_ran
+        if self.update_after_step and not self._others_hold_gradients(optimizer):
+            self.end_iteration()
+        optimizer.step_was_skipped = skipped
         return result
+
+    def _others_hold_gradients(self, optimizer: AcceleratedOptimizer) -> bool:
+        # A gradient produced under the current scale and not stepped yet must be unscaled
+        # with that scale: the update waits for it.
+        generation = self.gradient_state.generation
+        return any(
+            other is not optimizer
+            and other.stepped_generation != generation
+            and any(p.grad is not None for group in other.param_groups for p in group["params"])
+            for other in self.optimizers
+        )
 
     def _gradient_factor(self) -> Tensor | float | None:
         state = self.gradient_state
@@ -202,7 +233,8 @@ class OptimizerStep:
         if not (self.precision.scales_gradients or self.gradient_state.needs_normalising()):
             return
         raise RuntimeError(
-            f"{optimizer!r} already stepped on this gradient and is asked to unscale or step "
+            f"The prepared {type(optimizer.optimizer).__name__} already stepped on this "
+            "gradient and is asked to unscale or step "
             "again, but no new loop iteration began in between, so the new gradient cannot be "
             "unscaled/normalised exactly once. Enter `with accelerator.accumulate(model):` at "
             "the start of each iteration (or draw the training batches from a prepared loader) "
@@ -212,10 +244,8 @@ class OptimizerStep:
     def _check_closure(self, optimizer: AcceleratedOptimizer) -> None:
         if self.precision.scales_gradients:
             return  # GradScaler.step raises its own error for closures, as in plain torch
-        from ember.errors import MisconfigurationError
-
         raise MisconfigurationError(
-            f"{optimizer!r}.step(closure) with a gradient that must be normalised (num_items, "
+            f"{type(optimizer.optimizer).__name__}.step(closure) with a gradient that must be normalised (num_items, "
             "or an accumulation window cut short): the closure would recompute a gradient "
             "that is not normalised. Use a closure without num_items and without "
             "accumulation, or step without a closure."

@@ -1,13 +1,19 @@
 """Strategies: where the module lives and how processes share gradients.
 
-Only ``SingleDeviceStrategy`` exists so far; DDP and FSDP implement the same methods.
-Nothing outside ``ember.accelerator`` checks which strategy is in use.
+Three small objects with the same methods: ``SingleDeviceStrategy`` (one process),
+``DDPStrategy`` (``DistributedDataParallel``) and ``FSDPStrategy`` (FSDP2,
+``torch.distributed.fsdp.fully_shard``; in ``fsdp.py``). Nothing outside ``ember.accelerator``
+checks which one is in use: it asks the strategy (``wraps_module``, ``distributed_type``, ...).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
 from typing import Any
 
 import torch
@@ -20,11 +26,65 @@ ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
+class DistributedType(str, Enum):
+    """How the processes share the work (Accelerate's names; ember reports ``NO``,
+    ``MULTI_CPU``, ``MULTI_GPU`` and ``FSDP``, never the others)."""
+
+    NO = "NO"
+    MULTI_CPU = "MULTI_CPU"
+    MULTI_GPU = "MULTI_GPU"
+    MULTI_NPU = "MULTI_NPU"
+    MULTI_MLU = "MULTI_MLU"
+    MULTI_SDAA = "MULTI_SDAA"
+    MULTI_MUSA = "MULTI_MUSA"
+    MULTI_XPU = "MULTI_XPU"
+    MULTI_HPU = "MULTI_HPU"
+    DEEPSPEED = "DEEPSPEED"
+    FSDP = "FSDP"
+    XLA = "XLA"
+    MEGATRON_LM = "MEGATRON_LM"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class AcceleratorState:
+    """What an ``Accelerator`` runs on: read-only (``accelerator.state``)."""
+
+    distributed_type: DistributedType
+    num_processes: int
+    process_index: int
+    local_process_index: int
+    device: torch.device
+    mixed_precision: str
+    backend: str | None = None
+
+    def __repr__(self) -> str:
+        backend = f"  Backend: {self.backend}" if self.backend else ""
+        return (
+            f"Distributed environment: {self.distributed_type.value}{backend}\n"
+            f"Num processes: {self.num_processes}\n"
+            f"Process index: {self.process_index}\n"
+            f"Local process index: {self.local_process_index}\n"
+            f"Device: {self.device}\n\n"
+            f"Mixed precision type: {self.mixed_precision}\n"
+        )
+
+
 class SingleDeviceStrategy:
     """One process, one device: placement only; every collective is the identity."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    #: Whether ``setup_module`` puts a wrapper (DDP) around the module, whose ``forward``
+    #: must run for the strategy to work: the Trainer then calls its steps through it.
+    wraps_module = False
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        #: The device asked for (the Trainer's ``accelerator``/``devices``); None lets the
+        #: accelerator choose (CUDA for this process's local rank, then MPS, then CPU).
+        self.requested_device = device
+        #: This process's device, decided by ``setup_environment``.
+        self.device = device if device is not None else torch.device("cpu")
 
     # --- process facts -------------------------------------------------------------------
     @property
@@ -38,6 +98,19 @@ class SingleDeviceStrategy:
     @property
     def local_rank(self) -> int:
         return 0
+
+    @property
+    def distributed_type(self) -> DistributedType:
+        return DistributedType.NO
+
+    @property
+    def backend(self) -> str | None:
+        """The process group's backend ("gloo", "nccl"), None for one process."""
+        return None
+
+    def setup_environment(self, device: torch.device) -> None:
+        """Take ``device`` as this process's device and join the process group (if any)."""
+        self.device = device
 
     # --- module ----------------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -53,6 +126,10 @@ class SingleDeviceStrategy:
         """A context in which backward does not exchange gradients."""
         return nullcontext()
 
+    def full_state_dict(self, module: nn.Module) -> dict[str, Tensor]:
+        """The module's full weights on every process (consolidated under FSDP)."""
+        return self.unwrap_module(module).state_dict()
+
     def clip_grad_norm_(
         self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0
     ) -> Tensor:
@@ -64,18 +141,110 @@ class SingleDeviceStrategy:
     # --- collectives -------------------------------------------------------------------------
     def barrier(self) -> None:
         """Wait until every process arrives here."""
+        distributed.barrier()
 
     def all_gather(self, tensor: Tensor) -> Tensor:
         """Every process's ``tensor``, concatenated along dim 0."""
-        return tensor
+        return distributed.all_gather(tensor)
 
     def all_reduce(self, tensor: Tensor, reduction: str) -> Tensor:
         """``tensor`` reduced over processes with ``reduction`` ("sum", "mean", "min", "max")."""
-        return tensor
+        return distributed.all_reduce(tensor, reduction)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        """``obj`` as process ``src`` has it."""
-        return obj
+        """``obj`` as process ``src`` has it (tensors keep their device)."""
+        if isinstance(obj, Tensor):
+            return distributed.broadcast_tensor(obj, src)
+        return distributed.broadcast_object(obj, src)
+
+    def teardown(self) -> None:
+        """Leave the process group this strategy joined."""
+
+
+class DDPStrategy(SingleDeviceStrategy):
+    """``DistributedDataParallel`` over a process group (gloo on CPU, nccl on CUDA).
+
+    Args:
+        find_unused_parameters: let DDP tolerate parameters that get no gradient in a step.
+        static_graph: the graph is the same every step (lets DDP optimise).
+        timeout: how long a collective may wait for the other processes before failing
+            (``EMBER_COLLECTIVE_TIMEOUT``, in seconds, overrides it).
+    """
+
+    wraps_module = True
+
+    def __init__(
+        self,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        timeout: timedelta = distributed.DEFAULT_TIMEOUT,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(device)
+        _check_flag("DDPStrategy", "find_unused_parameters", find_unused_parameters)
+        _check_flag("DDPStrategy", "static_graph", static_graph)
+        self.find_unused_parameters = find_unused_parameters
+        self.static_graph = static_graph
+        self.timeout = _check_timeout("DDPStrategy", timeout)
+
+    @property
+    def world_size(self) -> int:
+        return distributed.world_size()
+
+    @property
+    def global_rank(self) -> int:
+        return distributed.global_rank()
+
+    @property
+    def local_rank(self) -> int:
+        return distributed.local_rank()
+
+    @property
+    def distributed_type(self) -> DistributedType:
+        if self.world_size == 1:
+            return DistributedType.NO
+        return (
+            DistributedType.MULTI_GPU if self.device.type == "cuda" else DistributedType.MULTI_CPU
+        )
+
+    @property
+    def backend(self) -> str | None:
+        if not distributed.is_initialized():
+            return None
+        return str(torch.distributed.get_backend())
+
+    def setup_environment(self, device: torch.device) -> None:
+        self.device = device
+        distributed.init_process_group(device, distributed.collective_timeout(self.timeout))
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = module.to(self.device)
+        if self.world_size == 1:
+            return module  # one process: nothing to synchronise
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            module,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.find_unused_parameters,
+            static_graph=self.static_graph,
+        )
+
+    def unwrap_module(self, module: nn.Module) -> nn.Module:
+        module = super().unwrap_module(module)
+        inner = getattr(module, "module", None)
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel) and inner is not None:
+            return super().unwrap_module(inner)
+        return module
+
+    def no_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
+        no_sync = getattr(module, "no_sync", None)
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel) and no_sync is not None:
+            return no_sync()
+        return nullcontext()
+
+    def teardown(self) -> None:
+        distributed.destroy_process_group()
 
 
 def pick_device(accelerator: str, index: int = 0) -> torch.device:
@@ -106,21 +275,45 @@ def pick_device(accelerator: str, index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_strategy(strategy: Any, device: torch.device) -> SingleDeviceStrategy:
-    """A strategy object for ``strategy`` (a name or an object already built)."""
+def resolve_strategy(strategy: Any) -> SingleDeviceStrategy:
+    """A strategy object for ``strategy``: a name or an object already built.
+
+    "auto" (or None) takes ``EMBER_STRATEGY`` (which ``ember launch`` exports from its flag or
+    the ``ember config`` file), then DDP when a launcher started several processes, else one
+    device.
+    """
     if isinstance(strategy, SingleDeviceStrategy):
         return strategy
+    name = strategy
     if strategy is None or strategy == "auto":
-        if distributed.launched_externally():
-            raise MisconfigurationError(
-                f"This process was started as one of {distributed.world_size()} processes "
-                "(WORLD_SIZE is set), but multi-process training (DDP/FSDP) is not available in "
-                "this version of ember yet. Run a single process with plain `python script.py`."
-            )
-        return SingleDeviceStrategy(device)
-    if strategy in ("ddp", "fsdp"):
-        raise MisconfigurationError(
-            f"`strategy={strategy!r}` is not available in this version of ember yet: only "
-            "single-process training is. Use strategy='auto'."
-        )
+        name = os.environ.get("EMBER_STRATEGY") or "auto"
+        name = {"no": "auto", "NO": "auto"}.get(name, name)
+        if name == "auto":
+            name = "ddp" if distributed.launched_externally() else "single"
+    if name == "single":
+        return SingleDeviceStrategy()
+    if name == "ddp":
+        return DDPStrategy()
+    if name == "fsdp":
+        from ember.accelerator.fsdp import FSDPStrategy
+
+        return FSDPStrategy()
     raise MisconfigurationError(one_of("strategy", strategy, STRATEGIES))
+
+
+def _check_flag(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise MisconfigurationError(
+            f"`{owner}({name}={value!r})` is not supported: use True or False."
+        )
+
+
+def _check_timeout(owner: str, value: Any) -> timedelta:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return timedelta(seconds=value)
+    if not isinstance(value, timedelta) or value.total_seconds() <= 0:
+        raise MisconfigurationError(
+            f"`{owner}(timeout={value!r})` is not supported: use a datetime.timedelta (or a "
+            "number of seconds) > 0."
+        )
+    return value

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ember.accelerator.strategies import pick_device
+from ember.accelerator import distributed
+from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
 from ember.errors import MisconfigurationError, one_of
 from ember.hooks import Callback
 from ember.loggers.base import Logger
@@ -225,41 +226,60 @@ def set_deterministic(deterministic: bool | str) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def resolve_device(accelerator: str, devices: Any, num_nodes: Any) -> torch.device:
+def resolve_strategy_and_device(
+    accelerator: str, devices: Any, num_nodes: Any, strategy: Any
+) -> SingleDeviceStrategy:
+    """The strategy object for the Trainer's ``accelerator`` / ``devices`` / ``num_nodes`` /
+    ``strategy``, with this process's device requested on it.
+
+    Several processes (``devices=N`` > 1 or ``num_nodes`` > 1) come from a launcher
+    (``ember launch``, ``torchrun``), or, for a plain ``python script.py`` on one machine,
+    from the Trainer itself, which starts the other N - 1 processes here. The process count
+    comes only from ``WORLD_SIZE`` or an explicit ``devices=N``.
+    """
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise MisconfigurationError(
             f"`num_nodes={num_nodes!r}` is not supported: it must be an integer >= 1."
         )
-    if num_nodes > 1:
-        raise MisconfigurationError(
-            f"`num_nodes={num_nodes}`: multi-machine training is not available in this version of "
-            "ember yet; use num_nodes=1."
-        )
-    index = 0
+    indices: list[int] | None = None
     if devices == "auto":
-        count = 1
+        count = None
     elif isinstance(devices, int) and not isinstance(devices, bool):
         count = devices
     elif isinstance(devices, str) and devices.strip().isdigit():
         count = int(devices)
-    elif isinstance(devices, (list, tuple)) and all(isinstance(d, int) for d in devices):
+    elif isinstance(devices, (list, tuple)) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
+    ):
         count = len(devices)
-        index = devices[0] if devices else 0
+        indices = list(devices)
     else:
         raise MisconfigurationError(
             f"`devices={devices!r}` is not supported: use 'auto', a positive integer, or a "
-            "list of device indices such as [0]."
+            "list of device indices such as [0, 1]."
         )
-    if count < 1:
+    if count is not None and count < 1:
         raise MisconfigurationError(
             f"`devices={devices!r}` selects no device: use 'auto' or an integer >= 1."
         )
-    if count > 1:
+    from ember.launcher import check_devices_agree, launch_workers_if_needed
+
+    if distributed.launched_externally():
+        check_devices_agree(count, num_nodes)
+    elif num_nodes > 1:
         raise MisconfigurationError(
-            f"`devices={devices!r}`: training on several devices (DDP/FSDP) is not available in "
-            "this version of ember yet; use devices=1."
+            f"`num_nodes={num_nodes}` needs one launcher per machine: start the script on each "
+            "machine with `ember launch --num_machines M --machine_rank R --main_process_ip IP "
+            "--num_processes TOTAL script.py` (see docs/distributed.md)."
         )
-    return pick_device(accelerator, index)
+    elif count is not None and count > 1:
+        launch_workers_if_needed(count)
+    local = distributed.local_rank()
+    index = indices[local] if indices is not None and local < len(indices) else local
+    device = pick_device(accelerator, index if accelerator != "cpu" else 0)
+    resolved = resolve_strategy(strategy)
+    resolved.requested_device = device
+    return resolved
 
 
 def resolve_callbacks(callbacks: Any, enable_progress_bar: bool) -> list[Callback]:

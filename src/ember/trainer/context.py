@@ -227,6 +227,9 @@ class RunContext:
                 "gradient_clip_algorithm='norm'), before optimizer.step()."
             )
         self.optimizers = [self.accelerator.prepare_optimizer(item) for item in optimizers]
+        # Manual optimization may step one optimizer several times per batch (Lightning's
+        # convention): the fp16 scale is updated after each step that leaves nothing pending.
+        self.accelerator.optimizer_step.update_after_step = not module.automatic_optimization
         for config in schedulers:
             config.scheduler = self.accelerator.prepare_scheduler(config.scheduler)
         self.scheduler_configs = schedulers
@@ -241,10 +244,14 @@ class RunContext:
                 )
 
     def release(self) -> None:
-        """Remove the hooks this run put on the user's optimizers."""
+        """Remove the hooks this run and the accelerator put on the user's optimizers (they
+        would keep the run alive through the user's objects)."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.state.stage == "fit":
+            for optimizer in self.optimizers:
+                optimizer.release()
 
     # --- what the loops call ---------------------------------------------------------------
     def fire(self, event: str, *args: Any) -> None:
@@ -266,11 +273,11 @@ class RunContext:
         result: Tensor = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction)
         return result
 
-    def step_scheduler(self, config: SchedulerConfig, wrapped: bool) -> None:
-        """Step one scheduler; ``wrapped=False`` bypasses the accelerator's wrapper."""
-        # Epoch schedulers step whatever the last optimizer step did; step schedulers only
-        # after a real optimizer step (the wrapper checks).
-        scheduler = config.scheduler if wrapped else config.scheduler.scheduler
+    def step_scheduler(self, config: SchedulerConfig) -> None:
+        """Step one scheduler once: the Trainer's convention (Lightning's), on any number of
+        processes, and also after a step the fp16 scaler skipped (the window ended with
+        ``step()`` called: it counts as a step)."""
+        scheduler = config.scheduler.scheduler  # the real one, not the accelerator's wrapper
         if config.needs_metric:
             metrics = self.train_metrics.latest()
             if config.monitor not in metrics:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,7 +57,6 @@ def train_epoch(context: RunContext) -> None:
     training_step = context.steps.training_step
     accelerator = context.accelerator
     gradient_state = accelerator.gradient_state
-    autocast = accelerator.autocast
     loader = context.train_loader
     assert loader is not None, "fit prepares the training loader before the loop"
     metrics = context.train_metrics
@@ -66,6 +66,9 @@ def train_epoch(context: RunContext) -> None:
     backward = context.backward
     automatic = module.automatic_optimization
     optimizer_steps = accelerator.optimizer_step  # counts the real optimizers' steps
+    # Manual optimization steps inside training_step: no autocast cache of weight casts
+    # there, or a forward after a step would see the weights from before it.
+    autocast = accelerator.autocast if automatic else partial(accelerator.autocast, False)
     validates = context.validation_enabled
     max_steps = settings.max_steps if settings.max_steps != -1 else float("inf")
     log_every = settings.log_every_n_steps
@@ -148,7 +151,7 @@ def train_epoch(context: RunContext) -> None:
         # Under manual optimization the user steps the schedulers (Lightning's convention).
         for config in context.scheduler_configs if automatic else ():
             if config.interval == "epoch" and (state.epoch + 1) % config.frequency == 0:
-                context.step_scheduler(config, wrapped=False)
+                context.step_scheduler(config)
         state.epoch += 1
         state.batch_idx = 0
     for logger in context.loggers if context.is_global_zero else ():
@@ -265,7 +268,7 @@ def optimizer_step(context: RunContext) -> None:
     state.global_step += 1
     for config in context.scheduler_configs:
         if config.interval == "step" and state.global_step % config.frequency == 0:
-            context.step_scheduler(config, wrapped=True)
+            context.step_scheduler(config)
 
 
 def _all_finite(losses: list[tuple[int, Tensor]]) -> bool:

@@ -17,7 +17,6 @@ from ember.accelerator.accelerator import Accelerator, resolve_mixed_precision
 from ember.accelerator.data import DataLoaderConfiguration
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
-from ember.accelerator.strategies import resolve_strategy
 from ember.errors import MisconfigurationError, not_available_yet
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
@@ -158,12 +157,13 @@ class Trainer:
             if precision is not None
             else resolve_mixed_precision(None)
         )
-        device = arguments.resolve_device(accelerator, devices, num_nodes)
         self.accelerator = Accelerator(
             mixed_precision=precision_name,
             gradient_accumulation_steps=self.accumulate_grad_batches,
             dataloader_config=dataloader_config,
-            strategy=resolve_strategy(strategy, device),
+            strategy=arguments.resolve_strategy_and_device(
+                accelerator, devices, num_nodes, strategy
+            ),
             project_dir=self.default_root_dir,
         )
         self.callbacks = arguments.resolve_callbacks(callbacks, enable_progress_bar)
