@@ -352,3 +352,44 @@ def test_bf16_autocast_on_cuda() -> None:
         output = model(x.to(accelerator.device))
     assert output.device.type == "cuda"
     assert output.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False, None])
+def test_mixed_precision_on_a_cpu_without_native_support_warns_once(
+    monkeypatch: pytest.MonkeyPatch, native: bool | None
+) -> None:
+    """Emulated fp16/bf16 on a CPU is about 10x slower than fp32: say so, once per mode."""
+    import warnings
+
+    from ember.accelerator import precision
+
+    monkeypatch.setattr(precision, "cpu_supports", lambda dtype: native)
+    monkeypatch.setattr(precision, "_warned_cpu", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Accelerator(cpu=True, mixed_precision="fp16")
+        Accelerator(cpu=True, mixed_precision="fp16")
+        Accelerator(cpu=True, mixed_precision="no")
+    messages = [str(w.message) for w in caught if "10x slower" in str(w.message)]
+    if native is False:
+        assert len(messages) == 1
+        assert "'16-mixed'" in messages[0] and "avx512_fp16" in messages[0]
+    else:
+        assert messages == []
+
+
+def test_cpu_supports_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    import builtins
+
+    from ember.accelerator import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512_bf16\n")
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins,
+        "open",
+        lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k),
+    )
+    assert precision.cpu_supports(torch.bfloat16) is True
+    assert precision.cpu_supports(torch.float16) is False

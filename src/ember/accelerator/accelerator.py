@@ -23,8 +23,9 @@ from __future__ import annotations
 import builtins
 import gc
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from ember.accelerator.step import OptimizerStep
 from ember.accelerator.strategies import (
     AcceleratorState,
     DistributedType,
+    StepDispatcher,
     pick_device,
     resolve_strategy,
 )
@@ -234,6 +236,27 @@ class Accelerator:
         if not any(known is model for known in self._models):
             self._models.append(model)
         return model
+
+    def prepare_steps(
+        self, module: nn.Module, names: tuple[str, ...]
+    ) -> tuple[nn.Module, dict[str, Callable[..., Any]]]:
+        """For the Trainer: ``module`` placed and wrapped, and a callable per step name.
+
+        Where the strategy wraps the module (DDP, FSDP), the training steps (and, under FSDP,
+        the evaluation steps) run through the wrapper's ``forward``; otherwise each name is
+        the module's own bound method. Nothing is autocast here: the loops run whole steps
+        under ``autocast()``.
+        """
+        strategy = self.strategy
+        if not strategy.wraps_module:
+            model = self.prepare_model(module, autocast_forward=False)
+            return model, {name: getattr(module, name) for name in names}
+        model = self.prepare_model(StepDispatcher(module), autocast_forward=False)
+        steps = {}
+        for name in names:
+            through = name == "training_step" or strategy.evaluates_through_wrapper
+            steps[name] = partial(model, name) if through else getattr(module, name)
+        return model, steps
 
     def prepare_optimizer(self, optimizer: Optimizer) -> AcceleratedOptimizer:
         """Wrap ``optimizer`` so it steps at the end of each accumulation window."""

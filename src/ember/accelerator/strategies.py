@@ -72,12 +72,29 @@ class AcceleratorState:
         )
 
 
+class StepDispatcher(nn.Module):
+    """Makes a module's named method (``training_step``, ...) its ``forward``, so a strategy
+    whose wrapper needs its forward to run (DDP's gradient hooks, FSDP's unsharding) sees the
+    Trainer's steps: ``dispatcher("training_step", batch, batch_idx)``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, step_name: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.module, step_name)(*args, **kwargs)
+
+
 class SingleDeviceStrategy:
     """One process, one device: placement only; every collective is the identity."""
 
     #: Whether ``setup_module`` puts a wrapper (DDP) around the module, whose ``forward``
     #: must run for the strategy to work: the Trainer then calls its steps through it.
     wraps_module = False
+    #: Whether evaluation steps must run through the wrapper too (FSDP: every forward gathers
+    #: the weights). DDP evaluates on the bare module: no collective per batch, so ranks may
+    #: run different numbers of evaluation batches.
+    evaluates_through_wrapper = False
 
     def __init__(self, device: torch.device | None = None) -> None:
         #: The device asked for (the Trainer's ``accelerator``/``devices``); None lets the

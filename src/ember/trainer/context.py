@@ -71,7 +71,11 @@ class StepFunctions:
 
     @classmethod
     def of(
-        cls, module: TrainModule, compile: bool | dict[str, Any], used: tuple[str, ...] = ()
+        cls,
+        module: TrainModule,
+        compile: bool | dict[str, Any],
+        used: tuple[str, ...] = (),
+        callers: dict[str, Callable[..., Any]] | None = None,
     ) -> StepFunctions:
         """The steps of ``module``; those named in ``used`` compiled with ``compile``'s
         arguments when it is set.
@@ -81,6 +85,7 @@ class StepFunctions:
         uncompiled, with a warning naming it.
         """
         steps = {name: getattr(module, name) for name in STEP_NAMES}
+        steps.update(callers or {})
         if compile is False:
             return cls(**steps)
         options = compile if isinstance(compile, dict) else {}
@@ -203,10 +208,9 @@ class RunContext:
     def prepare_module(self, compile: bool | dict[str, Any], steps: tuple[str, ...]) -> None:
         """Place and wrap the module (``model``) and build the step functions the loops call
         (``steps``: the names of those this run calls, compiled under ``compile``)."""
-        # The steps run under autocast as a whole (the loops enter it): no second autocast
-        # around the forward.
-        self.model = self.accelerator.prepare_model(self.module, autocast_forward=False)
-        self.steps = StepFunctions.of(self.module, compile, steps)
+        # Under DDP / FSDP the training steps run through the wrapper's forward.
+        self.model, callers = self.accelerator.prepare_steps(self.module, STEP_NAMES)
+        self.steps = StepFunctions.of(self.module, compile, steps, callers)
 
     def prepare_optimizers(self) -> None:
         """Prepare what ``configure_optimizers`` returns: ``optimizers``, ``scheduler_configs``.
