@@ -516,3 +516,19 @@ def test_plain_list_of_batches_is_shared_whole() -> None:
     ranks = run_ranks(lambda: batches)
     assert [flat(b) for b in ranks[1][0]] == [[3, 4, 5], [9, 10, 11], [0, 1, 2]]
     assert len(ranks[0][0]) == 3
+
+
+def test_sharded_batches_still_move_to_the_device() -> None:
+    accelerator = Accelerator(cpu=True)
+    meta = torch.device("meta")
+    prepared = prepare_loader(
+        DataLoader(indices(8), batch_size=2),
+        accelerator.gradient_state,
+        meta,
+        accelerator.precision,
+        DataLoaderConfiguration(non_blocking=True),
+        collectives=Recorder(WORLD),
+    )
+    batches = list(prepared)
+    assert len(batches) == 2
+    assert all(batch[0].device == meta for batch in batches)

@@ -23,12 +23,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from ember.accelerator.nested import infer_batch_size as infer_batch_size
 from ember.accelerator.nested import slice_tensors
 from ember.accelerator.optim import GradientState
-from ember.accelerator.sharding import (
-    BatchPlace,
-    Collectives,
-    IndexSharding,
-    StreamSharding,
-)
+from ember.accelerator.sharding import BatchPlace, Collectives, IndexSharding
+from ember.accelerator.streams import StreamSharding
 from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
