@@ -37,11 +37,12 @@ from ember.accelerator import distributed
 from ember.accelerator.data import (
     DataLoaderConfiguration,
     PreparedDataLoader,
+    duplicates_in_last_batch,
     is_data_loader,
     prepare_loader,
     skip_first_batches,
 )
-from ember.accelerator.nested import apply_to_tensors, share
+from ember.accelerator.nested import apply_to_tensors, contains_tensor, pad_tensor, share
 from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler, GradientState
 from ember.accelerator.precision import (
     ACCELERATE_NAMES,
@@ -49,6 +50,7 @@ from ember.accelerator.precision import (
     create_precision,
     resolve_mixed_precision,
 )
+from ember.accelerator.sharding import ProcessGroupCollectives
 from ember.accelerator.step import OptimizerStep
 from ember.accelerator.strategies import (
     AcceleratorState,
@@ -290,14 +292,23 @@ class Accelerator:
         return wrapped
 
     def prepare_data_loader(
-        self, data_loader: Any, max_batches: int | None = None
+        self, data_loader: Any, max_batches: int | None = None, *, even_batches: bool | None = None
     ) -> PreparedDataLoader:
-        """Wrap ``data_loader`` so batches arrive on the device and epochs are tracked.
+        """Wrap ``data_loader`` so batches arrive on the device and epochs are tracked; with
+        several processes, shard it (each process gets its share of the global order).
 
         Args:
             data_loader: a ``DataLoader`` (or any iterable of batches).
-            max_batches: end each pass after this many batches.
+            max_batches: end each pass after this many batches (of this process).
+            even_batches: pad the last round so every process gets as many batches (None:
+                the ``DataLoaderConfiguration``'s). The Trainer's evaluation loaders pass
+                False: ranks may run different numbers of batches, none repeated.
         """
+        collectives = None
+        if self.num_processes > 1:
+            collectives = ProcessGroupCollectives(
+                self.process_index, self.num_processes, self.device
+            )
         return prepare_loader(
             data_loader,
             self.gradient_state,
@@ -305,18 +316,16 @@ class Accelerator:
             self.precision,
             self.dataloader_config,
             max_batches,
+            collectives=collectives,
+            even_batches=even_batches,
         )
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
-        """A loader that starts after the first ``num_batches`` batches (for resuming)."""
-        if isinstance(dataloader, PreparedDataLoader):
-            return PreparedDataLoader(
-                skip_first_batches(dataloader.loader, num_batches),
-                dataloader.gradient_state,
-                dataloader.transfer,
-                dataloader.max_batches,
-                data_seed=dataloader.data_seed,
-            )
+        """A loader that starts after the first ``num_batches`` batches (for resuming).
+
+        A prepared loader's copy replays the same epoch's order (it shares the epoch) and,
+        sharded, skips this process's first ``num_batches`` batches without loading them.
+        """
         return skip_first_batches(dataloader, num_batches)
 
     # --- the step ----------------------------------------------------------------------------
@@ -384,9 +393,28 @@ class Accelerator:
         """Every process's tensors concatenated on dim 0 (nested structures are followed)."""
         return apply_to_tensors(tensor, self.strategy.all_gather)
 
-    def gather_for_metrics(self, obj: Any) -> Any:
-        """Like ``gather``, minus the samples that even batching repeated on the last batch."""
-        return self.gather(obj)
+    def gather_for_metrics(self, obj: Any, *, use_gather_object: bool = False) -> Any:
+        """Like ``gather``, minus the samples that even batching repeated in the last round:
+        gathered over a prepared loader's epoch, the results hold each sample once.
+
+        Tensors (nested in dicts, lists, tuples) are gathered along dim 0; other objects
+        (or all, with ``use_gather_object``) with ``all_gather_object``, lists concatenated.
+        """
+        if self.num_processes == 1:
+            return obj
+        duplicates = duplicates_in_last_batch(self.gradient_state)
+        if use_gather_object or not contains_tensor(obj):
+            parts = distributed.all_gather_object(obj)
+            if all(isinstance(part, (list, tuple)) for part in parts):
+                gathered: Any = [item for part in parts for item in part]
+                return gathered[: len(gathered) - duplicates] if duplicates else gathered
+            return parts
+        gathered = self.gather(obj)
+        if not duplicates:
+            return gathered
+        return apply_to_tensors(
+            gathered, lambda tensor: tensor[: max(0, tensor.shape[0] - duplicates)]
+        )
 
     def reduce(self, tensor: Any, reduction: str = "mean") -> Any:
         """Reduce tensors over processes with "sum", "mean", "min" or "max"."""
@@ -397,9 +425,24 @@ class Accelerator:
             )
         return apply_to_tensors(tensor, lambda t: self.strategy.all_reduce(t, reduction))
 
-    def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: int = 0) -> Any:
-        """Pad tensors along ``dim`` to the largest size over processes (so they can gather)."""
-        return tensor
+    def pad_across_processes(
+        self, tensor: Any, dim: int = 0, pad_index: int = 0, *, pad_first: bool = False
+    ) -> Any:
+        """Pad tensors along ``dim`` to the largest size over processes (so they can gather),
+        with ``pad_index``, after the values (before them with ``pad_first``). Tensors too
+        small to have ``dim`` are left alone."""
+        if self.num_processes == 1:
+            return tensor
+
+        def pad(value: Tensor) -> Tensor:
+            axis = dim if dim >= 0 else value.ndim + dim
+            if not 0 <= axis < value.ndim:
+                return value
+            size = torch.tensor([value.shape[axis]], device=value.device)
+            largest = int(distributed.all_gather(size).max().item())
+            return pad_tensor(value, axis, largest, pad_index, pad_first)
+
+        return apply_to_tensors(tensor, pad)
 
     def broadcast(self, obj: Any, from_process: int = 0) -> Any:
         """``obj`` as process ``from_process`` has it."""

@@ -2,22 +2,29 @@
 
 ``PreparedDataLoader`` wraps a user's ``DataLoader`` without copying it. It tells the
 gradient state how many batches the epoch has (so the last, shorter accumulation window is
-normalised by its own size) and marks the last batch.
+normalised by its own size) and marks the last batch. In a run of several processes it
+iterates this process's share instead (``ember.accelerator.sharding``), and records where
+each batch sits in the epoch (``batch_places``; the padded duplicates that
+``gather_for_metrics`` drops).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
+from ember.accelerator.nested import infer_batch_size as infer_batch_size
+from ember.accelerator.nested import slice_tensors
 from ember.accelerator.optim import GradientState
+from ember.accelerator.sharding import BatchPlace, Collectives, IndexSharding
+from ember.accelerator.streams import StreamSharding
 from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
@@ -126,14 +133,31 @@ def batch_transfer(
     return transfer
 
 
+class _EpochCounter:
+    """The epoch of a loader's next pass, shared by the loader and its skipping copies (so a
+    resumed epoch keeps its shuffling order, and the pass after it is the next epoch)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+
 class PreparedDataLoader:
     """A data loader whose batches arrive on the device, with the epoch's length known.
+
+    In a run of several processes it is sharded (``sharding``): each process gets its share
+    of every epoch, in the global order (see ``ember.accelerator.sharding``).
 
     Args:
         loader: the user's loader (any iterable of batches; ``DataLoader`` usually).
         gradient_state: told where each epoch begins and when the last batch comes.
         transfer: applied to each batch (device move, dtype cast), or None.
         max_batches: stop the epoch after this many batches (the Trainer's ``limit_*``).
+        data_seed: see ``use_seedable_sampler``.
+        sharding: this process's share of the loader (``IndexSharding`` or
+            ``StreamSharding``); None in one process.
+        skip: leave out the first ``skip`` batches of every pass (``skip_first_batches``).
     """
 
     def __init__(
@@ -143,6 +167,8 @@ class PreparedDataLoader:
         transfer: Callable[[Any], Any] | None = None,
         max_batches: int | None = None,
         data_seed: int | None = None,
+        sharding: IndexSharding | StreamSharding | None = None,
+        skip: int = 0,
     ) -> None:
         self.loader = loader
         self.gradient_state = gradient_state
@@ -151,8 +177,19 @@ class PreparedDataLoader:
         #: With a seed, a shuffling RandomSampler draws each epoch's order from a generator
         #: seeded with ``data_seed + epoch``: the same order in every run and on every rank.
         self.data_seed = data_seed
-        #: The epoch of the next pass; each pass advances it (the Trainer sets it first).
-        self.epoch = 0
+        self.sharding = sharding
+        self.skip = skip
+        self._epochs = _EpochCounter()
+        self._places: list[BatchPlace] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next pass; each pass advances it (the Trainer sets it first)."""
+        return self._epochs.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epochs.value = value
 
     @property
     def dataset(self) -> Any:
@@ -166,8 +203,24 @@ class PreparedDataLoader:
     def sampler(self) -> Any:
         return getattr(self.loader, "sampler", None)
 
+    @property
+    def batch_places(self) -> list[BatchPlace] | None:
+        """Where each batch this process yielded in the current (or last) pass sits in the
+        epoch's order, in the order yielded; None when the loader is not sharded (one
+        process: the batches are the epoch's order itself).
+
+        To return per-batch outputs of every process once, in the order one process would
+        produce them (``Trainer.predict``): pair each output with its ``BatchPlace``, gather
+        the pairs of every process (``all_gather_object``), then ``assemble_in_order``. A
+        ``BatchPlace`` holds ``start`` (position of the first sample in the epoch's order; for
+        a sequential sampler, the dataset index), ``size`` (real samples) and ``padding``
+        (duplicates after them, from ``even_batches``).
+        """
+        return None if self._places is None else list(self._places)
+
     def __len__(self) -> int:
-        length = len(self.loader)
+        source = self.sharding if self.sharding is not None else self.loader
+        length = max(0, len(source) - self.skip)
         return length if self.max_batches is None else min(length, self.max_batches)
 
     def known_length(self) -> int | None:
@@ -184,7 +237,7 @@ class PreparedDataLoader:
     def _begin_pass(self) -> None:
         # Tell the samplers which epoch comes, then count it as started.
         epoch = self.epoch
-        self.epoch += 1
+        self.epoch = epoch + 1
         sampler = self.sampler
         if self.data_seed is not None and isinstance(sampler, RandomSampler):
             sampler.generator = torch.Generator().manual_seed(self.data_seed + epoch)
@@ -207,27 +260,37 @@ class PreparedDataLoader:
 
     def __iter__(self) -> Iterator[Any]:
         self._begin_pass()
-        length = self.exact_length()
         state = self.gradient_state if self.gradient_state is not None else _DETACHED
-        # The pass is registered now, not at the first batch: an iterator opened before the
-        # training loop (a validation iterator kept open) is older than the training pass, so
-        # it never takes over the training loop's accumulation windows.
-        frame = state.begin_pass(length, source=self)
-        batches = self._counted(state, frame, length) if length is not None else None
-        if batches is None:
-            batches = self._looking_ahead(state, frame)
+        if self.sharding is not None:
+            # Every rank starts the pass here (rank 0 broadcasts the epoch's order).
+            pairs, length = self.sharding.open(self.skip, self.max_batches)
+            frame = state.begin_pass(length, source=self)
+            batches: Iterator[Any] = self._sharded(state, frame, pairs)
+        else:
+            source = self.loader if not self.skip else _SkipLoader(self.loader, self.skip)
+            length = self.exact_length()
+            # The pass is registered now, not at the first batch: an iterator opened before
+            # the training loop (a validation iterator kept open) is older than the training
+            # pass, so it never takes over the training loop's accumulation windows.
+            frame = state.begin_pass(length, source=self)
+            if length is not None:
+                batches = self._counted(state, frame, length, source)
+            else:
+                batches = self._looking_ahead(state, frame, source)
         # An iterator dropped before its first batch never runs its `finally`: end its pass
         # when it is collected.
         weakref.finalize(batches, state.end_pass, frame)
         return batches
 
-    def _counted(self, state: GradientState, frame: _LoaderFrame, length: int) -> Iterator[Any]:
+    def _counted(
+        self, state: GradientState, frame: _LoaderFrame, length: int, source: Iterable[Any]
+    ) -> Iterator[Any]:
         """Batches of a loader whose length is exact: the last one is known by its index."""
         transfer = self.transfer
         try:
             if length == 0:
                 return
-            for index, batch in enumerate(self.loader, start=1):
+            for index, batch in enumerate(source, start=1):
                 last = index >= length
                 frame.end_of_dataloader = last
                 frame.yielded += 1
@@ -240,14 +303,16 @@ class PreparedDataLoader:
         finally:
             state.end_pass(frame)
 
-    def _looking_ahead(self, state: GradientState, frame: _LoaderFrame) -> Iterator[Any]:
+    def _looking_ahead(
+        self, state: GradientState, frame: _LoaderFrame, source: Iterable[Any]
+    ) -> Iterator[Any]:
         """Batches of a loader of unknown length: reading one batch ahead finds the last."""
         transfer = self.transfer
         limit = self.max_batches
         try:
             if limit == 0:
                 return
-            iterator = iter(self.loader)
+            iterator = iter(source)
             try:
                 current = next(iterator)
             except StopIteration:
@@ -274,6 +339,82 @@ class PreparedDataLoader:
         finally:
             state.end_pass(frame)
 
+    def _sharded(
+        self, state: GradientState, frame: _LoaderFrame, pairs: Iterator[tuple[BatchPlace, Any]]
+    ) -> Iterator[Any]:
+        """This process's share (``(place, batch)`` pairs), read one ahead to find the last;
+        each batch's place is recorded as it is yielded, for ``gather_for_metrics``."""
+        transfer = self.transfer
+        places: list[BatchPlace] = []
+        self._places = places
+        record = _OpenPass(state, frame)
+        _OPEN_PASSES.append(record)
+        try:
+            current = next(pairs, None)
+            while current is not None:
+                following = next(pairs, None)
+                last = following is None
+                frame.end_of_dataloader = last
+                frame.yielded += 1
+                if frame.first_yield < 0:
+                    frame.mark_first_yield(state)
+                state.signal_pending = True
+                place, batch = current
+                places.append(place)
+                record.mark(place.round_padding)
+                yield batch if transfer is None else transfer(batch)
+                if last:
+                    return
+                current = following
+        finally:
+            _OPEN_PASSES.remove(record)
+            state.end_pass(frame)
+
+
+class _OpenPass:
+    """A sharded pass being iterated: the duplicates of the round it yielded last."""
+
+    __slots__ = ("frame", "round_padding", "serial", "state")
+    serials = 0
+
+    def __init__(self, state: GradientState, frame: _LoaderFrame) -> None:
+        self.state = state
+        self.frame = frame
+        self.round_padding = 0
+        self.serial = -1
+
+    def mark(self, round_padding: int) -> None:
+        _OpenPass.serials += 1
+        self.serial = _OpenPass.serials
+        self.round_padding = round_padding
+
+
+#: Sharded passes not yet ended, across accelerators (few at a time: one per open iterator).
+_OPEN_PASSES: list[_OpenPass] = []
+
+
+def duplicates_in_last_batch(gradient_state: GradientState) -> int:
+    """How many padded duplicates end the batches that the newest sharded pass of
+    ``gradient_state`` yielded last, gathered over all processes (0 when none)."""
+    newest: _OpenPass | None = None
+    for record in _OPEN_PASSES:
+        if record.state is gradient_state and (newest is None or record.serial > newest.serial):
+            newest = record
+    return 0 if newest is None or newest.frame.ended else newest.round_padding
+
+
+def assemble_in_order(places_and_outputs: Iterable[tuple[BatchPlace, Any]]) -> list[Any]:
+    """Per-batch outputs of every process (each with its batch's ``BatchPlace``) in the
+    epoch's order, each sample once: sorted by place, batches holding only padding dropped,
+    padded samples cut off the others' tensors (dim 0)."""
+    ordered = sorted(places_and_outputs, key=lambda pair: pair[0].start)
+    result = []
+    for place, output in ordered:
+        if place.size == 0:
+            continue
+        result.append(slice_tensors(output, 0, place.size) if place.padding else output)
+    return result
+
 
 def prepare_loader(
     loader: Any,
@@ -282,9 +423,16 @@ def prepare_loader(
     precision: Precision,
     config: DataLoaderConfiguration,
     max_batches: int | None = None,
+    *,
+    collectives: Collectives | None = None,
+    even_batches: bool | None = None,
 ) -> PreparedDataLoader:
     """``Accelerator.prepare_data_loader``: ``loader`` wrapped so batches arrive on ``device``
-    (None: left where they are) in the precision's input dtype, with epochs tracked."""
+    (None: left where they are) in the precision's input dtype, with epochs tracked.
+
+    With ``collectives`` of more than one process, the loader is sharded (``even_batches``
+    None: the configuration's); with one process nothing is rebuilt.
+    """
     if isinstance(loader, PreparedDataLoader):
         loader = loader.loader
     convert = precision.convert_input if precision.casts_inputs else None
@@ -297,7 +445,38 @@ def prepare_loader(
         data_seed = config.data_seed
         if data_seed is None:
             data_seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    return PreparedDataLoader(loader, gradient_state, transfer, max_batches, data_seed=data_seed)
+    sharding = None
+    if collectives is not None and collectives.world_size > 1:
+        if data_seed is not None:
+            data_seed = collectives.broadcast_object(data_seed)  # rank 0's, on every rank
+        even = config.even_batches if even_batches is None else even_batches
+        sharding = shard_loader(loader, collectives, config, even)
+    return PreparedDataLoader(
+        loader, gradient_state, transfer, max_batches, data_seed=data_seed, sharding=sharding
+    )
+
+
+def shard_loader(
+    loader: Any, collectives: Collectives, config: DataLoaderConfiguration, even_batches: bool
+) -> IndexSharding | StreamSharding | None:
+    """This process's share of ``loader`` (None: the user sharded it already, with a
+    ``DistributedSampler``)."""
+    if isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler):
+        return None
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        return IndexSharding(loader, collectives, config.split_batches, even_batches)
+    is_loader = isinstance(loader, DataLoader)
+    dispatch = config.dispatch_batches
+    return StreamSharding(
+        loader,
+        collectives,
+        config.split_batches,
+        even_batches,
+        # None: dispatch for iterable datasets; plain iterables of batches are read everywhere.
+        dispatch=is_loader if dispatch is None else dispatch,
+        batch_size=loader.batch_size if is_loader else None,
+        drop_last=bool(loader.drop_last) if is_loader else False,
+    )
 
 
 #: The gradient state of a loader prepared without an accelerator: it only tracks its passes.
@@ -305,7 +484,24 @@ _DETACHED = GradientState()
 
 
 def skip_first_batches(loader: Any, num_batches: int) -> Any:
-    """A loader that yields what ``loader`` yields, minus its first ``num_batches`` batches."""
+    """A loader that yields what ``loader`` yields, minus its first ``num_batches`` batches.
+
+    A ``PreparedDataLoader`` gives a copy that shares its epoch (the skipped pass replays
+    that epoch's order; the pass after it is the next epoch); a sharded one skips this
+    process's batches without loading them.
+    """
+    if isinstance(loader, PreparedDataLoader):
+        skipped = PreparedDataLoader(
+            loader.loader,
+            loader.gradient_state,
+            loader.transfer,
+            loader.max_batches,
+            data_seed=loader.data_seed,
+            sharding=loader.sharding,
+            skip=loader.skip + num_batches,
+        )
+        skipped._epochs = loader._epochs
+        return skipped
     return _SkipLoader(loader, num_batches)
 
 
@@ -325,28 +521,6 @@ class _SkipLoader:
             except StopIteration:
                 return iter(())
         return iterator
-
-
-def infer_batch_size(batch: Any) -> int:
-    """The size of dim 0 of the first tensor found in ``batch`` (1 when there is none)."""
-    size = _first_size(batch)
-    return 1 if size is None else size
-
-
-def _first_size(value: Any) -> int | None:
-    # None (not 1) when a nested container holds no tensor, so the search goes on past it:
-    # a batch like ``(["name", ...], tensor)`` gets the tensor's size.
-    if isinstance(value, Tensor):
-        return value.shape[0] if value.ndim > 0 else 1
-    if isinstance(value, Mapping):
-        value = value.values()
-    elif not isinstance(value, (list, tuple)):
-        return None
-    for item in value:
-        size = _first_size(item)
-        if size is not None:
-            return size
-    return None
 
 
 def is_data_loader(obj: Any) -> bool:

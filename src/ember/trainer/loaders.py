@@ -94,10 +94,23 @@ def prepare_train_loader(
 
 
 def prepare_eval_loaders(
-    accelerator: Accelerator, dataloaders: Any, limit: int | float | None, stage: str
+    accelerator: Accelerator,
+    dataloaders: Any,
+    limit: int | float | None,
+    stage: str,
+    *,
+    even_batches: bool = False,
 ) -> tuple[list[PreparedDataLoader], list[int | None]]:
     """The prepared loaders of ``stage`` ("validation", "test", "predict") and the number of
-    batches of each (None: unknown)."""
+    batches of each (None: unknown), on this process.
+
+    In a run of several processes they are sharded without padding (``even_batches=False``,
+    whatever the configuration says): no sample is evaluated twice, ranks may run different
+    numbers of batches and a rank may run none. Pass ``even_batches=True`` where every
+    forward is a collective (FSDP). Each prepared loader's ``batch_places`` then says where
+    every batch sits in the epoch's order (``ember.accelerator.data.assemble_in_order`` puts
+    gathered predictions back in dataset order).
+    """
     arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
     loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
     for loader in loaders:
@@ -109,7 +122,9 @@ def prepare_eval_loaders(
         max_batches = arguments.apply_limit(
             f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
         )
-        item = accelerator.prepare_data_loader(loader, max_batches=max_batches)
+        item = accelerator.prepare_data_loader(
+            loader, max_batches=max_batches, even_batches=even_batches
+        )
         prepared.append(item)
         lengths.append(item.known_length())
     return prepared, lengths
