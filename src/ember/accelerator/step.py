@@ -75,8 +75,13 @@ class OptimizerStep:
         """``Accelerator.backward``: a new gradient where a new iteration began, the item count
         or the window's division, then the (scaled) backward."""
         state = self.gradient_state
-        if state.signal_pending or state.consumed:  # a new iteration, or the gradient was used
-            self.before_backward()
+        # A new gradient begins where a new iteration began after the last one was used (or,
+        # in a loop that marks no iterations, at any backward after it was used).
+        if state.consumed and (state.signal_pending or not state.generation_signalled):
+            self.end_iteration()
+        if state.signal_pending:
+            state.generation_signalled = True
+            state.signal_pending = False
         if num_items is not None:
             state.add_items(num_items)
         elif state.window_size > 1:
@@ -85,16 +90,6 @@ class OptimizerStep:
             self.precision.backward(loss, **kwargs)
         else:
             loss.backward(**kwargs)
-
-    def before_backward(self) -> None:
-        """Called by ``backward`` when a signal is pending or the gradient was used: start a
-        new gradient where a new iteration began."""
-        state = self.gradient_state
-        if state.consumed and (state.signal_pending or not state.generation_signalled):
-            self.end_iteration()
-        if state.signal_pending:
-            state.generation_signalled = True
-            state.signal_pending = False
 
     def end_iteration(self) -> None:
         """Close the gradient that was used: apply the pending scaler update, and start a new

@@ -298,7 +298,7 @@ class RunContext:
         fp16 scaling), ``on_after_backward``: automatic and manual optimization alike."""
         for hook in self.hooks["on_before_backward"]:
             hook(loss)
-        self.accelerator.backward(loss, num_items=num_items, **kwargs)
+        self.accelerator.optimizer_step.backward(loss, num_items, kwargs)  # = accelerator.backward
         for hook in self.hooks["on_after_backward"]:
             hook()
 
