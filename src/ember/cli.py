@@ -1,9 +1,9 @@
 """The ``ember`` command: ``ember config``, ``ember env`` and ``ember launch``.
 
 Every command returns an exit code instead of exiting, so ``main([...])`` can be called (and
-tested) in-process: 0 on success, 2 for a usage error (as argparse does), the script's own code
-for ``launch``. ``ember`` with no command prints the help and returns 2, since a command is
-required.
+tested) in-process: 0 on success, 2 for a usage error (as argparse does); for ``launch``, the
+script's own code with one process, torchrun's (0, or 1 when a worker failed) with several.
+``ember`` with no command prints the help and returns 2, since a command is required.
 """
 
 from __future__ import annotations

@@ -190,6 +190,16 @@ def test_self_launch_runs_two_ranks_and_exits_zero(worker: Path) -> None:
     assert "rank 0 done" in output and "rank 1 done" in output
 
 
+def test_self_launch_reruns_a_module_started_with_python_m(worker: Path, tmp_path: Path) -> None:
+    package = tmp_path / "project"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    worker.rename(package / "train.py")
+    code, output, _ = _run([sys.executable, "-m", "project.train", "ok", "2", "1"])  # cwd: tmp_path
+    assert code == 0, output
+    assert _sums(output) == {0: 3.0, 1: 3.0}
+
+
 def test_self_launch_a_child_that_raises_ends_the_parent(worker: Path) -> None:
     code, output, seconds = _run([sys.executable, str(worker), "raise", "2", "1"])
     _assert_failed_once(code, output, seconds)
