@@ -134,14 +134,15 @@ def _rerun_command() -> list[str]:
     return [sys.executable, *sys.argv]
 
 
-def launch_workers_if_needed(num_processes: int, num_nodes: int = 1) -> None:
-    """Make this process one of ``num_processes``: call it before joining the process group.
+def launch_workers_if_needed(num_processes: int | None, num_nodes: int = 1) -> None:
+    """Make this process one of ``num_processes`` (per machine; None: as many as a launcher
+    started, else one). Call it before joining the process group.
 
     - Started by a launcher (``WORLD_SIZE`` set: ``ember launch``, torchrun, or a parent
-      Trainer): checks that ``num_processes`` agrees (:func:`check_devices_agree`), prints
-      failures with their rank, and, in a worker of a parent Trainer, ends this process when
-      the parent dies. Starts nothing.
-    - ``num_processes <= 1``: nothing.
+      Trainer): checks that ``num_processes`` agrees (:func:`check_devices_agree`; None always
+      does), prints failures with their rank, and, in a worker of a parent Trainer, ends this
+      process when the parent dies. Starts nothing.
+    - ``num_processes`` None or <= 1: nothing.
     - Otherwise (plain ``python script.py``): runs the same command ``num_processes - 1``
       times as ranks 1.. with ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
       ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``, sets the same for itself as rank
@@ -155,11 +156,12 @@ def launch_workers_if_needed(num_processes: int, num_nodes: int = 1) -> None:
             launcher's ``WORLD_SIZE``.
     """
     if "WORLD_SIZE" in os.environ:
-        check_devices_agree(num_processes, num_nodes)
+        if num_processes is not None:
+            check_devices_agree(num_processes, num_nodes)
         install_excepthook()
         _watch_parent()
         return
-    if num_processes <= 1 and num_nodes <= 1:
+    if num_processes is None or (num_processes <= 1 and num_nodes <= 1):
         return
     if num_nodes > 1:
         raise MisconfigurationError(
@@ -173,17 +175,16 @@ def launch_workers_if_needed(num_processes: int, num_nodes: int = 1) -> None:
         "MASTER_PORT": str(find_free_port()),
         "WORLD_SIZE": str(num_processes),
         "LOCAL_WORLD_SIZE": str(num_processes),
-        PARENT_PID_VARIABLE: str(os.getpid()),
     }
+    worker_only = {PARENT_PID_VARIABLE: str(os.getpid())}
     workers = [
         subprocess.Popen(
             command,
-            env={**os.environ, **shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            env={**os.environ, **shared, **worker_only, "RANK": str(rank), "LOCAL_RANK": str(rank)},
         )
         for rank in range(1, num_processes)
     ]
     os.environ.update({**shared, "RANK": "0", "LOCAL_RANK": "0"})
-    del os.environ[PARENT_PID_VARIABLE]  # rank 0 has no parent to watch
     install_excepthook()
     supervisor = _Supervisor(workers)
     threading.Thread(target=supervisor.watch, name="ember-workers", daemon=True).start()
@@ -369,7 +370,7 @@ def install_excepthook() -> None:
         error_type: type[BaseException], error: BaseException, trace: TracebackType | None
     ) -> None:
         lines, original = format_failure(error_type, error, trace)
-        if original:
+        if original or issubclass(error_type, KeyboardInterrupt):  # its own reason to stop
             _own_failure.set()
         _failing.set()
         _record_failure(lines, original)

@@ -285,6 +285,7 @@ def test_one_process_and_no_launcher_starts_nothing(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(sys, "argv", ["-c"])  # would be refused if it tried to start anything
     launch_workers_if_needed(1)
+    launch_workers_if_needed(None)  # devices="auto"
     assert "WORLD_SIZE" not in os.environ
 
 
@@ -299,7 +300,10 @@ def test_devices_that_disagree_with_world_size_are_refused(
 ) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr("ember.launcher._hook_installed", False)
     check_devices_agree(2)
+    launch_workers_if_needed(None)  # devices="auto" takes the launcher's count
     with pytest.raises(MisconfigurationError) as error:
         launch_workers_if_needed(4)  # under a launcher it checks, and starts nothing
     message = str(error.value)
