@@ -1,9 +1,9 @@
 """The ``ember`` command: ``ember config``, ``ember env`` and ``ember launch``.
 
 Every command returns an exit code instead of exiting, so ``main([...])`` can be called (and
-tested) in-process: 0 on success, 2 for a usage error (as argparse does), the script's own code
-for ``launch``. ``ember`` with no command prints the help and returns 2, since a command is
-required.
+tested) in-process: 0 on success, 2 for a usage error (as argparse does); for ``launch``, the
+script's own code with one process, torchrun's (0, or 1 when a worker failed) with several.
+``ember`` with no command prints the help and returns 2, since a command is required.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from ember.config import config_path, load_config, save_config
 from ember.errors import MisconfigurationError
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+STRATEGY_CHOICES = ("no", "ddp", "fsdp")
+#: torchrun's default port on machine 0, for a run over several machines that names none.
+DEFAULT_MAIN_PROCESS_PORT = 29500
 
 
 class UsageError(Exception):
@@ -64,6 +68,24 @@ def _port(value: Any, argument: str) -> int:
     return _whole_number(value, argument, 1, 65535)
 
 
+def _strategy(value: Any, argument: str) -> str:
+    text = str(value).strip().lower()
+    if text in STRATEGY_CHOICES:
+        return text
+    choices = ", ".join(repr(choice) for choice in STRATEGY_CHOICES)
+    raise UsageError(f"`{argument}={value!r}` is not supported. Accepted values: {choices}.")
+
+
+def _address(value: Any, argument: str) -> str:
+    text = str(value).strip()
+    if text and not any(character.isspace() for character in text):
+        return text
+    raise UsageError(
+        f"`{argument}={value!r}` is not supported. Accepted values: the IP address or host name "
+        "of machine 0, such as '10.0.0.1'."
+    )
+
+
 def _gpu_ids(value: Any, argument: str) -> str:
     text = str(value).replace(" ", "")
     if text == "all" or (text and all(part.isdigit() for part in text.split(","))):
@@ -81,15 +103,38 @@ def _cuda_device_count() -> int:
 
 
 # --- ember config ----------------------------------------------------------------------------
-def _questions() -> list[tuple[str, str, Any, Callable[[Any, str], Any]]]:
-    """(key, question, default, validator) for every setting ``ember config`` writes."""
-    return [
-        ("mixed_precision", "Mixed precision (no/fp16/bf16)", "no", _mixed_precision),
-        ("num_processes", "Number of processes", _cuda_device_count() or 1, _positive),
-        ("num_machines", "Number of machines", 1, _positive),
-        ("main_process_port", "Main process port", 29500, _port),
-        ("gpu_ids", "GPU ids to use ('all' or e.g. 0,1)", "all", _gpu_ids),
-    ]
+Question = tuple[str, str, Any, Callable[[Any, str], Any]]
+
+
+def _questions(settings: dict[str, Any]) -> list[Question]:
+    """(key, question, default, validator) for the next settings, given the answers so far:
+    the machine questions are asked only for a run over several machines."""
+    if "mixed_precision" not in settings:
+        processes = _cuda_device_count() or 1
+        return [
+            ("mixed_precision", "Mixed precision (no/fp16/bf16)", "no", _mixed_precision),
+            ("num_processes", "Number of processes over all machines", processes, _positive),
+            ("num_machines", "Number of machines", 1, _positive),
+        ]
+    if "strategy" not in settings:
+        default_strategy = "ddp" if settings["num_processes"] > 1 else "no"
+        questions: list[Question] = [
+            ("strategy", "Distributed strategy (no/ddp/fsdp)", default_strategy, _strategy)
+        ]
+        machines = settings["num_machines"]
+        if machines > 1:
+            questions += [
+                (
+                    "machine_rank",
+                    f"This machine's rank (0 to {machines - 1})",
+                    0,
+                    lambda value, key: _whole_number(value, key, 0, machines - 1),
+                ),
+                ("main_process_ip", "IP address of machine 0", "127.0.0.1", _address),
+                ("main_process_port", "Port on machine 0", DEFAULT_MAIN_PROCESS_PORT, _port),
+            ]
+        return questions + [("gpu_ids", "GPU ids to use ('all' or e.g. 0,1)", "all", _gpu_ids)]
+    return []
 
 
 def _ask(question: str, default: Any, validate: Callable[[Any, str], Any], key: str) -> Any:
@@ -109,8 +154,9 @@ def run_config(args: argparse.Namespace) -> int:
         print("stdin is not a terminal: writing the default settings without asking.")
     settings: dict[str, Any] = {}
     try:
-        for key, question, default, validate in _questions():
-            settings[key] = _ask(question, default, validate, key) if interactive else default
+        while questions := _questions(settings):
+            for key, question, default, validate in questions:
+                settings[key] = _ask(question, default, validate, key) if interactive else default
     except (EOFError, KeyboardInterrupt):
         print("\nAborted: no config file was written.", file=sys.stderr)
         return 1
@@ -162,55 +208,143 @@ def run_env(args: argparse.Namespace) -> int:
 
 
 # --- ember launch ----------------------------------------------------------------------------
-def run_launch(args: argparse.Namespace) -> int:
-    """Run the script in one process, with the precision and config the arguments settle."""
+def _launch_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Every launch setting, each from the argument ``--key``, else ``EMBER_KEY``, else the
+    config file, else the default; each named in its own error."""
     config = load_config(args.config_file)
-    in_file = " (in the ember config file)"
 
     def setting(key: str, default: Any, validate: Callable[..., Any], *bounds: int) -> Any:
-        # The argument, else the config file, else the default; each named in its own error.
         given = getattr(args, key)
         if given is not None:
             return validate(given, f"--{key}", *bounds)
+        variable = f"EMBER_{key.upper()}"
+        if os.environ.get(variable):
+            return validate(os.environ[variable], variable, *bounds)
         if key in config:
-            return validate(config[key], key + in_file, *bounds)
+            return validate(config[key], f"{key} (in the ember config file)", *bounds)
         return default
 
-    num_processes = setting("num_processes", 1, _whole_number, 1)
-    num_machines = setting("num_machines", 1, _whole_number, 1)
-    setting("machine_rank", 0, _whole_number, 0, num_machines - 1)
-    setting("main_process_port", 29500, _whole_number, 1, 65535)
-    mixed_precision = setting("mixed_precision", None, _mixed_precision)
-    gpu_ids = _gpu_ids(config.get("gpu_ids", "all"), "gpu_ids" + in_file)
+    settings: dict[str, Any] = {}
+    settings["num_processes"] = setting("num_processes", 1, _whole_number, 1)
+    settings["num_machines"] = setting("num_machines", 1, _whole_number, 1)
+    settings["machine_rank"] = setting(
+        "machine_rank", 0, _whole_number, 0, settings["num_machines"] - 1
+    )
+    settings["main_process_ip"] = setting("main_process_ip", None, _address)
+    settings["main_process_port"] = setting("main_process_port", None, _port)
+    settings["max_restarts"] = setting("max_restarts", 0, _whole_number, 0)
+    settings["mixed_precision"] = setting("mixed_precision", None, _mixed_precision)
+    settings["strategy"] = setting("strategy", None, _strategy)
+    settings["gpu_ids"] = _gpu_ids(
+        config.get("gpu_ids", "all"), "gpu_ids (in the ember config file)"
+    )
+    return settings
+
+
+def _torchrun_arguments(settings: dict[str, Any]) -> list[str]:
+    """torchrun's options for these settings (static rendezvous: machine 0 hosts the store)."""
+    processes, machines = settings["num_processes"], settings["num_machines"]
+    if processes % machines:
+        raise UsageError(
+            f"--num_processes={processes} is not divisible by --num_machines={machines}: "
+            "--num_processes counts the processes over all machines, the same number on each. "
+            f"Pass a multiple of {machines}."
+        )
+    address, port = settings["main_process_ip"], settings["main_process_port"]
+    if machines > 1 and address is None:
+        raise UsageError(
+            f"--num_machines={machines} needs --main_process_ip: the address of machine 0 "
+            "that every machine can reach (the same on every machine)."
+        )
+    if machines > 1 and port is None:
+        port = DEFAULT_MAIN_PROCESS_PORT
+    if machines == 1:
+        from ember.launcher import find_free_port, port_in_use
+
+        address = address or "127.0.0.1"
+        if port is None:
+            port = find_free_port()
+        elif port_in_use(port):
+            raise UsageError(
+                f"--main_process_port={port} is already in use on this machine (another run "
+                "or program holds it). Pass another port, or leave it out to take a free one."
+            )
+    return [
+        f"--nproc_per_node={processes // machines}",
+        f"--nnodes={machines}",
+        f"--node_rank={settings['machine_rank']}",
+        f"--master_addr={address}",
+        f"--master_port={port}",
+        f"--max_restarts={settings['max_restarts']}",
+    ]
+
+
+def _script_environment(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, str]:
+    environment = dict(os.environ)
+    if args.config_file is not None:  # the script's Accelerator reads the same file
+        environment["EMBER_CONFIG_FILE"] = str(Path(args.config_file).resolve())
+    # Already settled by precedence (argument > EMBER_* > config file): the script only reads.
+    if settings["mixed_precision"] is not None:
+        environment["EMBER_MIXED_PRECISION"] = settings["mixed_precision"]
+    if settings["strategy"] is not None:
+        environment["EMBER_STRATEGY"] = settings["strategy"]
+    if settings["gpu_ids"] != "all" and "CUDA_VISIBLE_DEVICES" not in environment:
+        environment["CUDA_VISIBLE_DEVICES"] = settings["gpu_ids"]
+    return environment
+
+
+def _wait(process: subprocess.Popen[bytes]) -> int:
+    try:
+        returncode = process.wait()
+    except KeyboardInterrupt:  # the processes got the same Ctrl-C; let them stop
+        try:
+            process.wait(timeout=60)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            process.kill()
+        return 130
+    # A process killed by a signal returns -signal; shells report 128 + signal.
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def run_launch(args: argparse.Namespace) -> int:
+    """Run the script: directly for one process, through torchrun for more (or restarts)."""
+    settings = _launch_settings(args)
     if not args.script:
         raise UsageError("no script given. Usage: ember launch [options] script.py [script args]")
     script = Path(args.script[0])
     if not script.is_file():
         raise UsageError(f"the script {str(script)!r} does not exist (looked in {Path.cwd()}).")
-    if num_processes > 1 or num_machines > 1:
-        raise UsageError(
-            f"--num_processes={num_processes} with --num_machines={num_machines}: multi-process "
-            "launch arrives with ember's distributed support and is not available yet. Pass "
-            "--num_processes 1 --num_machines 1 (or write them with `ember config`)."
+    environment = _script_environment(args, settings)
+    distributed = (
+        settings["num_processes"] > 1
+        or settings["num_machines"] > 1
+        or settings["max_restarts"] > 0
+    )
+    if not distributed:
+        return _wait(
+            subprocess.Popen([sys.executable, str(script), *args.script[1:]], env=environment)
         )
 
-    environment = dict(os.environ)
-    if args.config_file is not None:  # the script's Accelerator reads the same file
-        environment["EMBER_CONFIG_FILE"] = str(Path(args.config_file).resolve())
-    # The argument beats EMBER_MIXED_PRECISION, which beats the config file.
-    from_argument = args.mixed_precision is not None
-    if mixed_precision is not None and (
-        from_argument or "EMBER_MIXED_PRECISION" not in environment
-    ):
-        environment["EMBER_MIXED_PRECISION"] = mixed_precision
-    if gpu_ids != "all" and "CUDA_VISIBLE_DEVICES" not in environment:
-        environment["CUDA_VISIBLE_DEVICES"] = gpu_ids
-    try:
-        completed = subprocess.run([sys.executable, str(script), *args.script[1:]], env=environment)
-    except KeyboardInterrupt:  # the script got the same Ctrl-C and has stopped
-        return 130
-    # A script killed by a signal returns -signal; shells report 128 + signal.
-    return completed.returncode if completed.returncode >= 0 else 128 - completed.returncode
+    from ember.launcher import FAILURES_DIRECTORY_VARIABLE, launch_failure_summary
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *_torchrun_arguments(settings),
+        str(script),
+        *args.script[1:],
+    ]
+    with tempfile.TemporaryDirectory(prefix="ember-launch-") as failures:
+        environment[FAILURES_DIRECTORY_VARIABLE] = failures
+        code = _wait(subprocess.Popen(command, env=environment))
+        if code not in (0, 130):
+            summary = launch_failure_summary(Path(failures)) or (
+                "a worker failed; torchrun's summary above names its rank and exit code (a "
+                "Python error's traceback is above it, lines prefixed [rankN]:)."
+            )
+            print(f"ember launch: error: {summary} Exit code {code}.", file=sys.stderr)
+    return code
 
 
 # --- the parser ------------------------------------------------------------------------------
@@ -229,15 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="print versions, devices and the config for a bug report")
     env.set_defaults(run=run_env)
 
-    launch = commands.add_parser("launch", help="run a training script with the launch settings")
-    launch.add_argument(
-        "--num_processes", default=None, help="processes per machine (only 1 for now)"
+    launch = commands.add_parser(
+        "launch", help="run a training script in one or several processes (torchrun)"
     )
-    launch.add_argument("--num_machines", default=None, help="machines (only 1 for now)")
+    launch.add_argument(
+        "--num_processes", default=None, help="processes over all machines (default 1)"
+    )
+    launch.add_argument("--num_machines", default=None, help="machines (default 1)")
     launch.add_argument("--machine_rank", default=None, help="this machine's index, from 0")
     launch.add_argument("--main_process_ip", default=None, help="address of machine 0")
-    launch.add_argument("--main_process_port", default=None, help="port on machine 0")
+    launch.add_argument(
+        "--main_process_port",
+        default=None,
+        help="port on machine 0 (default: a free one on one machine, 29500 on several)",
+    )
     launch.add_argument("--mixed_precision", default=None, help="no, fp16 or bf16")
+    launch.add_argument("--strategy", default=None, help="no, ddp or fsdp (EMBER_STRATEGY)")
+    launch.add_argument(
+        "--max_restarts", default=None, help="torchrun's restarts of a failed group (default 0)"
+    )
     launch.add_argument(
         "--config_file", default=None, help="config file to read instead of the default"
     )

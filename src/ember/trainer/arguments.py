@@ -262,18 +262,11 @@ def resolve_strategy_and_device(
         raise MisconfigurationError(
             f"`devices={devices!r}` selects no device: use 'auto' or an integer >= 1."
         )
-    from ember.launcher import check_devices_agree, launch_workers_if_needed
+    from ember.launcher import launch_workers_if_needed
 
-    if distributed.launched_externally():
-        check_devices_agree(count, num_nodes)
-    elif num_nodes > 1:
-        raise MisconfigurationError(
-            f"`num_nodes={num_nodes}` needs one launcher per machine: start the script on each "
-            "machine with `ember launch --num_machines M --machine_rank R --main_process_ip IP "
-            "--num_processes TOTAL script.py` (see docs/distributed.md)."
-        )
-    elif count is not None and count > 1:
-        launch_workers_if_needed(count)
+    # Under a launcher: checks `devices` against it; from plain `python script.py` with
+    # devices=N > 1: starts the other N - 1 processes and makes this one rank 0.
+    launch_workers_if_needed(count, num_nodes)
     local = distributed.local_rank()
     index = indices[local] if indices is not None and local < len(indices) else local
     device = pick_device(accelerator, index if accelerator != "cpu" else 0)
