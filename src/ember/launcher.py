@@ -169,12 +169,12 @@ def launch_workers_if_needed(num_processes: int | None, num_nodes: int = 1) -> N
         install_excepthook()
         _watch_parent()
         return
-    if num_processes is None or (num_processes <= 1 and num_nodes <= 1):
+    if num_nodes <= 1 and (num_processes is None or num_processes <= 1):
         return
     if num_nodes > 1:
         raise MisconfigurationError(
             f"Trainer(num_nodes={num_nodes}) needs a launcher on every machine: run `ember "
-            f"launch --num_processes {num_processes * num_nodes} --num_machines {num_nodes} "
+            f"launch --num_processes {(num_processes or 1) * num_nodes} --num_machines {num_nodes} "
             "--machine_rank R --main_process_ip IP script.py` on machine R."
         )
     command = _rerun_command()

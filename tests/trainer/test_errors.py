@@ -39,6 +39,7 @@ from tests.helpers import TinyModule, bare_trainer_kwargs, loader
         ({"log_every_n_steps": 0}, ["log_every_n_steps=0"]),
         ({"on_nonfinite_loss": "ignore"}, ["on_nonfinite_loss='ignore'", "'raise'", "'skip'"]),
         ({"devices": 0}, ["devices=0"]),
+        ({"devices": 2}, ["devices=N", "test runner", "ember launch"]),
         ({"devices": "many"}, ["devices='many'"]),
         ({"num_nodes": 2}, ["num_nodes=2"]),
         ({"compile": "yes"}, ["compile='yes'"]),
