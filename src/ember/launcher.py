@@ -177,6 +177,7 @@ def launch_workers_if_needed(num_processes: int | None, num_nodes: int = 1) -> N
             f"launch --num_processes {(num_processes or 1) * num_nodes} --num_machines {num_nodes} "
             "--machine_rank R --main_process_ip IP script.py` on machine R."
         )
+    assert num_processes is not None  # num_nodes == 1 and num_processes > 1 here
     command = _rerun_command()
     shared = {
         "MASTER_ADDR": "127.0.0.1",
