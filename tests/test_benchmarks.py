@@ -74,3 +74,22 @@ def test_overhead_benchmark_options_in_process(
     assert document["config"]["loader"] == "batched"
     assert document["config"]["clock"] == "cpu"
     assert all(entry["us_per_step"] > 0 for entry in document["variants"].values())
+
+
+def test_ddp_benchmark_runs_two_processes_and_writes_json(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "ddp.py"
+    output = tmp_path / "ddp.json"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--steps", "5", "--rounds", "1", "--warmup", "2",
+         "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(output.read_text())
+    assert set(results) == {"plain_ddp", "accelerator_loop", "trainer_bare"}
+    for name, result in results.items():
+        assert result["us_per_step"] > 0, name
+        assert len(result["rounds"]) == 1
