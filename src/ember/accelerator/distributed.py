@@ -10,6 +10,7 @@ launcher sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MAST
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import Any
@@ -104,6 +105,16 @@ def init_process_group(device: torch.device, timeout: timedelta) -> None:
         timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+    # Leave the group at exit: a gloo group still open then can abort the interpreter
+    # ("terminate called without an active exception") and turn exit code 0 into 134.
+    atexit.register(_leave_at_exit)
+
+
+def _leave_at_exit() -> None:
+    try:
+        destroy_process_group()
+    except Exception:  # a peer already gone: nothing left to leave cleanly
+        pass
 
 
 def destroy_process_group() -> None:

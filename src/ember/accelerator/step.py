@@ -36,7 +36,7 @@ from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
     from ember.accelerator.precision import Precision
-    from ember.accelerator.strategies import SingleDeviceStrategy
+    from ember.accelerator.strategies import Strategy
 
 
 class OptimizerStep:
@@ -52,7 +52,7 @@ class OptimizerStep:
         self,
         gradient_state: GradientState,
         precision: Precision,
-        strategy: SingleDeviceStrategy,
+        strategy: Strategy,
         optimizers: list[AcceleratedOptimizer],
     ) -> None:
         self.gradient_state = gradient_state

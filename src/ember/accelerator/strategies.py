@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,43 @@ class AcceleratorState:
             f"Device: {self.device}\n\n"
             f"Mixed precision type: {self.mixed_precision}\n"
         )
+
+
+class Strategy(Protocol):
+    """What the accelerator asks of a strategy: the process facts, joining and leaving the
+    process group, placing and wrapping the module, ``no_sync``, clipping and collectives.
+    ``SingleDeviceStrategy``, ``DDPStrategy`` and ``FSDPStrategy`` implement it; the rest of
+    ember only ever talks to this."""
+
+    wraps_module: bool
+    evaluates_through_wrapper: bool
+    requested_device: torch.device | None
+    device: torch.device
+
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def global_rank(self) -> int: ...
+    @property
+    def local_rank(self) -> int: ...
+    @property
+    def distributed_type(self) -> DistributedType: ...
+    @property
+    def backend(self) -> str | None: ...
+    def setup_environment(self, device: torch.device) -> None: ...
+    def setup_module(self, module: nn.Module) -> nn.Module: ...
+    def unwrap_module(self, module: nn.Module) -> nn.Module: ...
+    def no_sync(self, module: nn.Module) -> AbstractContextManager[Any]: ...
+    def full_state_dict(self, module: nn.Module) -> dict[str, Tensor]: ...
+    def clip_grad_norm_(
+        self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0
+    ) -> Tensor: ...
+    def clip_grad_value_(self, parameters: Iterable[Tensor], clip_value: float) -> None: ...
+    def barrier(self) -> None: ...
+    def all_gather(self, tensor: Tensor) -> Tensor: ...
+    def all_reduce(self, tensor: Tensor, reduction: str) -> Tensor: ...
+    def broadcast(self, obj: Any, src: int = 0) -> Any: ...
+    def teardown(self) -> None: ...
 
 
 class StepDispatcher(nn.Module):
@@ -292,7 +329,7 @@ def pick_device(accelerator: str, index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_strategy(strategy: Any) -> SingleDeviceStrategy:
+def resolve_strategy(strategy: Any) -> Strategy:
     """A strategy object for ``strategy``: a name or an object already built.
 
     "auto" (or None) takes ``EMBER_STRATEGY`` (which ``ember launch`` exports from its flag or

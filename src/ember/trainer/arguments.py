@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ember.accelerator import distributed
-from ember.accelerator.strategies import SingleDeviceStrategy, pick_device, resolve_strategy
+from ember.accelerator.strategies import Strategy, pick_device, resolve_strategy
 from ember.errors import MisconfigurationError, one_of
 from ember.hooks import Callback
 from ember.loggers.base import Logger
@@ -228,7 +228,7 @@ def set_deterministic(deterministic: bool | str) -> None:
 
 def resolve_strategy_and_device(
     accelerator: str, devices: Any, num_nodes: Any, strategy: Any
-) -> SingleDeviceStrategy:
+) -> Strategy:
     """The strategy object for the Trainer's ``accelerator`` / ``devices`` / ``num_nodes`` /
     ``strategy``, with this process's device requested on it.
 
