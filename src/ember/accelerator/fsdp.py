@@ -12,6 +12,7 @@ clipping and the state dicts differ. With one process it is a single device, as 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import timedelta
@@ -97,7 +98,7 @@ class FSDPStrategy(DDPStrategy):
         from torch.distributed.fsdp import fully_shard
         from torch.utils.weak import WeakIdKeyDictionary
 
-        if isinstance(module, torch.distributed.fsdp.FSDPModule):
+        if _is_fsdp_module(module):
             return module  # prepared already
         blocks = self.blocks_of(module)
         before = dict(module.named_parameters())
@@ -180,7 +181,7 @@ class FSDPStrategy(DDPStrategy):
         return _user_module(super().unwrap_module(module))
 
     def no_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
-        if isinstance(module, torch.distributed.fsdp.FSDPModule):
+        if _is_fsdp_module(module):
             return _without_gradient_sync(module)
         return nullcontext()
 
@@ -192,6 +193,13 @@ class FSDPStrategy(DDPStrategy):
         norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
         full_tensor = getattr(norm, "full_tensor", None)
         return full_tensor() if callable(full_tensor) else norm
+
+    def teardown(self) -> None:
+        # Sharded modules' states sit in reference cycles and hold the process group: freed
+        # after it is destroyed, at interpreter exit, gloo may abort ("terminate called
+        # without an active exception"). Collect them first.
+        gc.collect()
+        super().teardown()
 
     # --- state dicts -------------------------------------------------------------------------
     def full_state_dict(self, module: nn.Module) -> dict[str, Tensor]:
@@ -293,11 +301,17 @@ def _without_gradient_sync(module: Any) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
+def _is_fsdp_module(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def _is_sharded(module: nn.Module) -> bool:
     """Whether ``module`` is (or lies inside) a module sharded by ``fully_shard``."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(module, torch.distributed.fsdp.FSDPModule):
+    if _is_fsdp_module(module):
         return True
     return any(isinstance(parameter, DTensor) for parameter in module.parameters())
 
