@@ -4,6 +4,7 @@ compared with one process and batch N x B, plus the argument checks in one proce
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -136,7 +137,7 @@ def test_trainer_fit_under_fsdp(results: dict[str, Any]) -> None:
     assert results["trainer_distributed_type"] == "FSDP"
     # accumulate_grad_batches=2 and gradient_clip_val=0.5, against one process.
     assert results["trainer_diff"] < 1e-6
-    assert results["trainer_val_loss"] == pytest.approx(results["trainer_val_loss"])
+    assert math.isfinite(results["trainer_val_loss"])  # validation ran through the sharded root
     [warning] = results["trainer_warnings"]
     assert "10 samples" in warning and "= 8" in warning
 
