@@ -5,6 +5,7 @@ your own loop and use the ``Accelerator`` underneath.
 """
 
 from ember.accelerator import Accelerator, DataLoaderConfiguration
+from ember.accelerator.fsdp import FSDPStrategy
 from ember.accelerator.strategies import DDPStrategy, DistributedType
 from ember.errors import CheckpointError, MisconfigurationError
 from ember.hooks import Callback
@@ -22,6 +23,7 @@ __all__ = [
     "DDPStrategy",
     "DataLoaderConfiguration",
     "DistributedType",
+    "FSDPStrategy",
     "MisconfigurationError",
     "TrainModule",
     "Trainer",

@@ -74,7 +74,9 @@ class Accelerator:
         gradient_accumulation_steps: batches per optimizer step inside ``accumulate``.
         cpu: run on the CPU even when an accelerator is present.
         dataloader_config: how loaders are prepared (``DataLoaderConfiguration``).
-        strategy: "auto" (one device) or a strategy object; "ddp"/"fsdp" are not available yet.
+        strategy: "auto", "ddp", "fsdp" or a strategy object (``DDPStrategy``,
+            ``FSDPStrategy``); several processes come from a launcher (``ember launch``,
+            ``torchrun``).
         project_dir: the default folder for files the accelerator writes (kept as
             ``accelerator.project_dir``; ``save_state`` will write there once it exists).
         step_scheduler_with_optimizer: prepared schedulers step only when their optimizer did.
@@ -117,6 +119,7 @@ class Accelerator:
         self.precision: Precision = create_precision(
             resolve_mixed_precision(mixed_precision), self.device
         )
+        self.strategy.setup_precision(self.precision)  # FSDP's mixed-precision policy
         self.gradient_state = GradientState(gradient_accumulation_steps)
         self.device_placement = device_placement
         self.dataloader_config = dataloader_config or DataLoaderConfiguration()
@@ -158,6 +161,12 @@ class Accelerator:
     def mixed_precision(self) -> str:
         """The mode in force: "no", "fp16", "bf16" (or "bf16-true")."""
         return ACCELERATE_NAMES[self.precision.name]
+
+    @property
+    def pads_evaluation(self) -> bool:
+        """Whether evaluation loaders must be padded so that every process runs as many
+        batches: under FSDP with several processes, where every forward is a collective."""
+        return self.strategy.pads_evaluation
 
     @property
     def num_processes(self) -> int:
@@ -235,6 +244,9 @@ class Accelerator:
             self.precision.wrap_forward(model)
         if self.device_placement:
             model = self.strategy.setup_module(model)
+            # FSDP replaced the parameters: optimizers prepared before follow them.
+            for optimizer in self._optimizers:
+                self.strategy.update_optimizer(optimizer.optimizer)
         if not any(known is model for known in self._models):
             self._models.append(model)
         return model
@@ -264,6 +276,8 @@ class Accelerator:
         """Wrap ``optimizer`` so it steps at the end of each accumulation window."""
         if isinstance(optimizer, AcceleratedOptimizer):
             return optimizer
+        # Built over the module before FSDP sharded it: point it at the sharded parameters.
+        self.strategy.update_optimizer(optimizer)
         for known in self._optimizers:  # prepared again (a re-run notebook cell): the same
             if known.optimizer is optimizer:
                 return known
@@ -519,13 +533,24 @@ class Accelerator:
         """The user's module, without the distributed or compile wrappers."""
         return self.strategy.unwrap_module(model)
 
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, Tensor]:
+        """The module's full weights, without wrapper prefixes. Under FSDP they are gathered
+        from every shard (call it on every process) onto the CPU of the main process; the
+        other processes get an empty dict. ``unwrap=False``: the prepared module's own
+        ``state_dict()`` (sharded DTensors under FSDP)."""
+        if not unwrap:
+            return model.state_dict()
+        return self.strategy.full_state_dict(model)
+
     def save_model(self, model: nn.Module, save_directory: str | os.PathLike[str]) -> Path:
-        """Write the module's full weights to ``save_directory/model.safetensors``."""
+        """Write the module's full weights to ``save_directory/model.safetensors`` (from the
+        main process; under FSDP consolidated from every shard, so call it on every process).
+        Plain ``safetensors.torch.load_file`` reads it back."""
         from ember.serialization import save_safetensors
 
         directory = Path(save_directory)
         path = directory / "model.safetensors"
-        state_dict = self.unwrap_model(model).state_dict()
+        state_dict = self.strategy.full_state_dict(model)
         if self.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
             save_safetensors(state_dict, path)

@@ -11,6 +11,7 @@ launcher sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MAST
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 from datetime import timedelta
 from typing import Any
@@ -120,6 +121,9 @@ def _leave_at_exit() -> None:
 def destroy_process_group() -> None:
     """Leave the process group (at the end of a run started here)."""
     if is_initialized():
+        # Wrapped modules (FSDP) hold the group in reference cycles; freed after the group
+        # is gone, gloo can abort the interpreter at exit.
+        gc.collect()
         torch_distributed.destroy_process_group()
 
 

@@ -14,13 +14,17 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from ember.accelerator import distributed
 from ember.errors import MisconfigurationError, one_of
+
+if TYPE_CHECKING:
+    from ember.accelerator.precision import Precision
 
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -93,11 +97,20 @@ class Strategy(Protocol):
     def distributed_type(self) -> DistributedType: ...
     @property
     def backend(self) -> str | None: ...
+    @property
+    def pads_evaluation(self) -> bool: ...
     def setup_environment(self, device: torch.device) -> None: ...
+    def setup_precision(self, precision: Precision) -> None: ...
     def setup_module(self, module: nn.Module) -> nn.Module: ...
+    def update_optimizer(self, optimizer: Optimizer) -> None: ...
     def unwrap_module(self, module: nn.Module) -> nn.Module: ...
     def no_sync(self, module: nn.Module) -> AbstractContextManager[Any]: ...
     def full_state_dict(self, module: nn.Module) -> dict[str, Tensor]: ...
+    def full_optimizer_state_dict(self, module: nn.Module, optimizer: Any) -> dict[str, Any]: ...
+    def load_full_state_dict(self, module: nn.Module, state_dict: dict[str, Tensor]) -> None: ...
+    def load_full_optimizer_state_dict(
+        self, module: nn.Module, optimizer: Any, state: dict[str, Any]
+    ) -> None: ...
     def clip_grad_norm_(
         self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0
     ) -> Tensor: ...
@@ -158,6 +171,12 @@ class SingleDeviceStrategy:
         return DistributedType.NO
 
     @property
+    def pads_evaluation(self) -> bool:
+        """Whether evaluation loaders must give every process as many batches (padded): FSDP,
+        where every forward is a collective, in a run of several processes."""
+        return False
+
+    @property
     def backend(self) -> str | None:
         """The process group's backend ("gloo", "nccl"), None for one process."""
         return None
@@ -166,10 +185,17 @@ class SingleDeviceStrategy:
         """Take ``device`` as this process's device and join the process group (if any)."""
         self.device = device
 
+    def setup_precision(self, precision: Precision) -> None:
+        """Learn the accelerator's precision (FSDP derives its mixed-precision policy)."""
+
     # --- module ----------------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Place ``module`` on the device (and wrap it, in distributed strategies)."""
         return module.to(self.device)
+
+    def update_optimizer(self, optimizer: Optimizer) -> None:
+        """Point ``optimizer`` at the parameters that ``setup_module`` put in place of the
+        ones it was built over (FSDP's sharded parameters); nothing elsewhere."""
 
     def unwrap_module(self, module: nn.Module) -> nn.Module:
         """The user's module inside whatever wrapper ``setup_module`` put around it."""
@@ -181,8 +207,24 @@ class SingleDeviceStrategy:
         return nullcontext()
 
     def full_state_dict(self, module: nn.Module) -> dict[str, Tensor]:
-        """The module's full weights on every process (consolidated under FSDP)."""
+        """The module's full weights: on every process here and under DDP; under FSDP
+        consolidated on global rank 0 (CPU), an empty dict on the others."""
         return self.unwrap_module(module).state_dict()
+
+    def full_optimizer_state_dict(self, module: nn.Module, optimizer: Any) -> dict[str, Any]:
+        """The optimizer's full state (under FSDP: gathered on global rank 0, keyed by
+        parameter names; an empty dict on the others)."""
+        return dict(getattr(optimizer, "optimizer", optimizer).state_dict())
+
+    def load_full_state_dict(self, module: nn.Module, state_dict: dict[str, Tensor]) -> None:
+        """Load full weights as ``full_state_dict`` gives them."""
+        self.unwrap_module(module).load_state_dict(state_dict)
+
+    def load_full_optimizer_state_dict(
+        self, module: nn.Module, optimizer: Any, state: dict[str, Any]
+    ) -> None:
+        """Load an optimizer state as ``full_optimizer_state_dict`` gives it."""
+        getattr(optimizer, "optimizer", optimizer).load_state_dict(state)
 
     def clip_grad_norm_(
         self, parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader
@@ -99,15 +100,16 @@ def prepare_eval_loaders(
     limit: int | float | None,
     stage: str,
     *,
-    even_batches: bool = False,
+    even_batches: bool | None = None,
 ) -> tuple[list[PreparedDataLoader], list[int | None]]:
     """The prepared loaders of ``stage`` ("validation", "test", "predict") and the number of
     batches of each (None: unknown), on this process.
 
     In a run of several processes they are sharded without padding (``even_batches=False``,
     whatever the configuration says): no sample is evaluated twice, ranks may run different
-    numbers of batches and a rank may run none. Pass ``even_batches=True`` where every
-    forward is a collective (FSDP). Each prepared loader's ``batch_places`` then says where
+    numbers of batches and a rank may run none. Where every forward is a collective (FSDP,
+    ``accelerator.pads_evaluation``) they are padded instead (``even_batches=None`` decides
+    so), with a warning when padding repeats samples in the metrics. Each prepared loader's ``batch_places`` then says where
     every batch sits in the epoch's order (``ember.accelerator.data.assemble_in_order`` puts
     gathered predictions back in dataset order).
     """
@@ -115,9 +117,13 @@ def prepare_eval_loaders(
     loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
     for loader in loaders:
         arguments.check_loader(f"{stage} (dataloaders)", loader)
+    if even_batches is None:
+        even_batches = accelerator.pads_evaluation
     prepared = []
     lengths: list[int | None] = []
     for loader in loaders:
+        if even_batches and accelerator.num_processes > 1:
+            warn_if_padding_repeats(accelerator, loader, stage)
         length = arguments.length(loader)
         max_batches = arguments.apply_limit(
             f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
@@ -128,3 +134,37 @@ def prepare_eval_loaders(
         prepared.append(item)
         lengths.append(item.known_length())
     return prepared, lengths
+
+
+def warn_if_padding_repeats(accelerator: Accelerator, loader: Any, stage: str) -> None:
+    """Warn when padded evaluation (FSDP) repeats samples: the dataset size does not divide
+    world size x batch size (or is unknown), so the last round is filled with duplicates."""
+    processes = accelerator.num_processes
+    batch_size = getattr(loader, "batch_size", None)
+    dataset = getattr(loader, "dataset", None)
+    try:
+        size: int | None = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        size = None
+    if isinstance(batch_size, int) and batch_size > 0:
+        per_round = (
+            batch_size if accelerator.dataloader_config.split_batches else batch_size * processes
+        )
+        if size is not None and size % per_round == 0:
+            return
+        what = (
+            f"{size} samples, which world size x batch size = {per_round} does not divide"
+            if size is not None
+            else "a dataset without a length"
+        )
+    else:
+        what = "a loader without a fixed batch size"
+    warnings.warn(
+        f"{stage} under FSDP runs padded batches ({processes} processes: every forward is a "
+        f"collective, so each process must run as many batches), and this loader has {what}: "
+        "the last round repeats samples from the start of the epoch, so metrics averaged over "
+        "the loader count them twice. For exact metrics, make the dataset size a multiple of "
+        "world size x batch size.",
+        UserWarning,
+        stacklevel=3,
+    )

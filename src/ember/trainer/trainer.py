@@ -46,9 +46,10 @@ class Trainer:
             ``max_steps``, training runs 1000 epochs.
         max_steps: stop after this many optimizer steps (-1: no limit).
         accelerator: "auto", "cpu", "cuda" or "mps".
-        devices: "auto", a count, or a list of device indices (one device for now).
-        strategy: "auto" ("ddp" and "fsdp" are not available in this version yet).
-        num_nodes: machines taking part (1 for now).
+        devices: "auto", a count, or a list of device indices: processes on this machine.
+            N > 1 from plain ``python script.py`` starts the other N - 1 processes.
+        strategy: "auto", "ddp", "fsdp", or a ``DDPStrategy`` / ``FSDPStrategy``.
+        num_nodes: machines taking part (> 1: ``ember launch`` on each machine).
         precision: "32-true", "16-mixed", "bf16-mixed" or "bf16-true"; None takes
             ``EMBER_MIXED_PRECISION``, then the ``ember config`` file, then "32-true".
         accumulate_grad_batches: batches per optimizer step.
