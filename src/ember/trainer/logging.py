@@ -353,6 +353,7 @@ class MetricStore:
             synced = synchronize(self, sync)
         values: dict[str, float] = {}
         for_loggers: dict[str, float] = {}
+        metrics: dict[int, Any] = {}
         for key, series in self.series.items():
             value: float | None = synced.get(key)
             if value is None and series.on_epoch and (series.values or series.metric is not None):
@@ -362,11 +363,15 @@ class MetricStore:
                 if series.logger:
                     for_loggers[series.epoch_key] = value
             if series.metric is not None:
-                series.metric.reset()
+                metrics[id(series.metric)] = series.metric
                 # Reduced once: a second pass (after the epoch-end hooks) skips it unless the
                 # metric is logged again.
                 series.metric = None
             series.values, series.weights = [], []
+        # Reset after every compute: one metric logged under several names (one per loader)
+        # gives each name the same value, with one process as with several.
+        for metric in metrics.values():
+            metric.reset()
         self._latest.update(values)
         return values, for_loggers
 
