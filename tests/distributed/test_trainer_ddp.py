@@ -118,6 +118,15 @@ def test_a_rank_without_batches_contributes_nothing(ranks: list[dict[str, Any]])
     assert "local_count" not in ranks[1]["validate/5"][0]  # nothing of its own to report
 
 
+def test_limit_val_batches_counts_each_ranks_batches(ranks: list[dict[str, Any]]) -> None:
+    trainer = Trainer(accelerator="cpu", limit_val_batches=0.5, **bare_trainer_kwargs())
+    (expected,) = trainer.validate(EvalModule(), eval_loader(99))
+    assert expected["count"] == 48  # 6 of 13 batches
+    for rank in ranks:
+        (got,) = rank["validate/99/limited"]
+        assert_close(got, expected, [*REDUCTIONS, "tm_mse", "tm_seen"])
+
+
 def test_several_loaders_each_exact(ranks: list[dict[str, Any]]) -> None:
     expected = one_process("validate", [eval_loader(99), eval_loader(5, seed=2)])
     for rank in ranks:
@@ -203,6 +212,7 @@ def test_predict_with_several_loaders(ranks: list[dict[str, Any]]) -> None:
     [
         "plain",
         "accumulate",
+        "limited",
         "shuffled",
         "num_items/accumulate=1",
         "num_items/accumulate=2",
@@ -222,6 +232,7 @@ def test_training_epoch_values_sync_and_steps_count_big_batches(
     for rank in ranks:
         assert rank["equivalence/plain"]["global_step"] == 16  # 2 epochs of 64 / (2 x 4)
         assert rank["equivalence/accumulate"]["global_step"] == 8
+        assert rank["equivalence/limited"]["global_step"] == 8
         assert rank["equivalence/plain"]["samples"] == 64.0  # a synced sum over both ranks
 
 

@@ -172,11 +172,14 @@ def reference_weights(
     epochs: int,
     lr: float,
     loss_of: Callable[[nn.Module, Any], tuple[Tensor, Tensor | None]],
+    batches_per_epoch: int | None = None,
 ) -> dict[str, Tensor]:
     """One process, plain PyTorch: SGD on each batch of ``loader`` (the big batches)."""
     optimizer = torch.optim.SGD(module.parameters(), lr=lr)
     for _ in range(epochs):
-        for batch in loader:
+        for index, batch in enumerate(loader):
+            if index == batches_per_epoch:
+                break
             loss, count = loss_of(module, batch)
             (loss / count if count is not None else loss).backward()
             optimizer.step()
@@ -212,6 +215,10 @@ def scenario_validate() -> dict[str, Any]:
     # 5 samples: one batch, on rank 0; rank 1 runs none of this loader.
     results["validate/99+5"] = trainer().validate(module, [eval_loader(99), eval_loader(5, seed=2)])
     results["validate/5"] = trainer().validate(module, eval_loader(5, seed=2))
+    # 3 of each rank's 7 / 6 batches: the 6 first batches, as one process
+    results["validate/99/limited"] = trainer(limit_val_batches=0.5).validate(
+        module, eval_loader(99)
+    )
     return results
 
 
@@ -244,17 +251,19 @@ def scenario_predict() -> dict[str, Any]:
 def scenario_equivalence() -> dict[str, Any]:
     results: dict[str, Any] = {}
     data = regression_data(64)
-    cases: dict[str, tuple[dict[str, Any], dict[str, Any], int]] = {
-        # name: (loader arguments, Trainer arguments, big batch of the one-process reference)
-        "plain": ({}, {}, 8),
-        "accumulate": ({}, {"accumulate_grad_batches": 2}, 16),
+    cases: dict[str, tuple[dict[str, Any], int, int | None]] = {
+        # name: (Trainer arguments, big batch and batches per epoch of the one-process loop)
+        "plain": ({}, 8, None),
+        "accumulate": ({"accumulate_grad_batches": 2}, 16, None),
+        # a fraction of each process's share: 4 of 8 batches, as one process with batch 8
+        "limited": ({"limit_train_batches": 0.5}, 8, 4),
     }
-    for name, (loader_arguments, trainer_arguments, big_batch) in cases.items():
+    for name, (trainer_arguments, big_batch, batches) in cases.items():
         module = Regression()
         fit = trainer(max_epochs=2, **trainer_arguments)
-        fit.fit(module, DataLoader(data, batch_size=4, **loader_arguments))
+        fit.fit(module, DataLoader(data, batch_size=4))
         reference = reference_weights(
-            Regression(), DataLoader(data, batch_size=big_batch), 2, 0.1, mean_loss
+            Regression(), DataLoader(data, batch_size=big_batch), 2, 0.1, mean_loss, batches
         )
         results[f"equivalence/{name}"] = {
             "difference": largest_difference(trained(module), reference),
