@@ -379,6 +379,10 @@ def main(out: Path) -> None:
     every = distributed.all_gather_object(results)
     if distributed.global_rank() == 0:
         (out / "results.json").write_text(json.dumps(every))
+    # Leave together: a process that exits while its peer still talks to it can abort in
+    # gloo ("terminate called without an active exception").
+    distributed.barrier()
+    distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -169,10 +169,11 @@ def check_agreement(every: list[list[Description]], union: dict[str, Description
         )
     if missing:
         raise MisconfigurationError(
-            "Every process that ran a batch must log the same names with sync_dist=True (or "
-            "as torchmetrics), because the epoch value is reduced over all of them; logged "
-            f"{'; '.join(missing)}. Log these names on every process (e.g. outside the "
-            "condition that skips them), or without sync_dist=True to keep per-process values."
+            "Every process must log the same names with sync_dist=True (or as torchmetrics): "
+            "the epoch value is reduced over all of them (a process that ran no batch of a "
+            f"loader is excused from the names logged in its batches). Logged {'; '.join(missing)}. "
+            "Log these names on every process (e.g. outside the condition that skips them), or "
+            "without sync_dist=True to keep per-process values."
         )
 
 
