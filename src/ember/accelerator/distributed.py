@@ -113,8 +113,16 @@ def init_process_group(device: torch.device, timeout: timedelta) -> None:
 
 def _leave_at_exit() -> None:
     try:
+        if is_initialized() and torch_distributed.get_backend() == "gloo":
+            # Every process reaches its exit before any leaves: gloo aborts a process whose
+            # peer closed the connection under it. Bounded, so a peer that is gone (or still
+            # busy) cannot hold this exit for long.
+            torch_distributed.monitored_barrier(timeout=timedelta(seconds=10))
+    except Exception:  # a peer already gone, or slower than the bound
+        pass
+    try:
         destroy_process_group()
-    except Exception:  # a peer already gone: nothing left to leave cleanly
+    except Exception:  # nothing left to leave cleanly
         pass
 
 

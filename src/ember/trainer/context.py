@@ -20,10 +20,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ember.accelerator import distributed
 from ember.errors import MisconfigurationError
 from ember.hooks import EVENTS
 from ember.module import overrides
 from ember.trainer.arguments import check_choice, check_clip_value
+from ember.trainer.epoch_sync import EpochSync
 from ember.trainer.logging import MetricStore
 from ember.trainer.optimizers import check_automatic, parse_optimizers
 from ember.trainer.state import LoopState
@@ -276,6 +278,16 @@ class RunContext:
         """``tensor`` reduced over every process (the metric stores' reducer)."""
         result: Tensor = self.accelerator.reduce(tensor.to(self.accelerator.device), reduction)
         return result
+
+    @property
+    def epoch_sync(self) -> EpochSync:
+        """What the metric stores reduce over at epoch end: every process of the run."""
+        return EpochSync(
+            world_size=self.accelerator.num_processes,
+            all_reduce=self.reduce_across_processes,
+            all_gather_object=distributed.all_gather_object,
+            module=self.module,
+        )
 
     def step_scheduler(self, config: SchedulerConfig) -> None:
         """Step one scheduler once: the Trainer's convention (Lightning's), on any number of

@@ -68,13 +68,18 @@ def prepare_train_loader(
             "The training loader is empty (0 batches). Check the dataset's length and "
             "the batch size (with drop_last=True a dataset smaller than one batch is empty)."
         )
-    limit = arguments.apply_limit("limit_train_batches", limit_train_batches, length)
+    prepared = accelerator.prepare_data_loader(loader)
+    # The limit counts this process's batches (as in Lightning): a fraction of its share,
+    # so N processes with batch B stop where one process with batch N x B does.
+    limit = arguments.apply_limit(
+        "limit_train_batches", limit_train_batches, prepared.known_length()
+    )
     if limit == 0:
         raise MisconfigurationError(
             f"`limit_train_batches={limit_train_batches!r}` leaves 0 of the loader's "
-            f"{length} batches to train on; raise it."
+            f"{prepared.known_length()} batches (on this process) to train on; raise it."
         )
-    prepared = accelerator.prepare_data_loader(loader, max_batches=limit)
+    prepared.max_batches = limit
     # Only a certain length decides windows and validation timing (an IterableDataset's
     # __len__ is an estimate).
     num_batches = prepared.exact_length()
@@ -109,9 +114,11 @@ def prepare_eval_loaders(
     whatever the configuration says): no sample is evaluated twice, ranks may run different
     numbers of batches and a rank may run none. Where every forward is a collective (FSDP,
     ``accelerator.pads_evaluation``) they are padded instead (``even_batches=None`` decides
-    so), with a warning when padding repeats samples in the metrics. Each prepared loader's ``batch_places`` then says where
+    so), with a warning when padding repeats samples in the metrics. Each prepared loader's
+    ``batch_places`` then says where
     every batch sits in the epoch's order (``ember.accelerator.data.assemble_in_order`` puts
-    gathered predictions back in dataset order).
+    gathered predictions back in dataset order). ``limit`` counts this process's batches (a
+    fraction: of its share).
     """
     arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
     loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
@@ -124,12 +131,11 @@ def prepare_eval_loaders(
     for loader in loaders:
         if even_batches and accelerator.num_processes > 1:
             warn_if_padding_repeats(accelerator, loader, stage)
-        length = arguments.length(loader)
-        max_batches = arguments.apply_limit(
-            f"limit_{'val' if stage == 'validation' else stage}_batches", limit, length
-        )
-        item = accelerator.prepare_data_loader(
-            loader, max_batches=max_batches, even_batches=even_batches
+        item = accelerator.prepare_data_loader(loader, even_batches=even_batches)
+        item.max_batches = arguments.apply_limit(
+            f"limit_{'val' if stage == 'validation' else stage}_batches",
+            limit,
+            item.known_length(),
         )
         prepared.append(item)
         lengths.append(item.known_length())

@@ -3,13 +3,14 @@
 Per batch, ``log`` does a dict lookup and a list append; it never calls ``.item()``. Values
 become floats (one device sync) when the trainer flushes to the loggers every
 ``log_every_n_steps`` steps, at the end of an epoch, or when ``callback_metrics`` is read.
+Across processes, ``sync_dist=True`` values and torchmetrics objects are reduced at epoch end
+by ``ember.trainer.epoch_sync`` (exactly, with a handful of collectives for all names).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,11 +18,10 @@ from torch import Tensor
 
 from ember.accelerator.data import infer_batch_size
 from ember.errors import MisconfigurationError, one_of
+from ember.trainer.epoch_sync import Description, EpochSync, synchronize
 
 REDUCTIONS = ("mean", "sum", "min", "max")
 _FOLD_EVERY = 1024  # fold the per-step values into one running value this often
-
-Reducer = Callable[[Tensor, str], Tensor]
 
 
 def is_metric(value: Any) -> bool:
@@ -41,8 +41,10 @@ class _Series:
     __slots__ = (
         "dataloader_idx",
         "epoch_key",
+        "in_batch",
         "logger",
         "metric",
+        "name",
         "on_epoch",
         "on_step",
         "prog_bar",
@@ -63,8 +65,10 @@ class _Series:
         logger: bool,
         sync_dist: bool,
         dataloader_idx: int | None,
+        in_batch: bool = True,
     ) -> None:
         both = on_step and on_epoch
+        self.name = name
         self.step_key = f"{name}_step" if both else name
         self.epoch_key = f"{name}_epoch" if both else name
         self.on_step = on_step
@@ -74,6 +78,8 @@ class _Series:
         self.logger = logger
         self.sync_dist = sync_dist
         self.dataloader_idx = dataloader_idx
+        #: first logged while a batch was in flight (not in an epoch-level hook)
+        self.in_batch = in_batch
         self.values: list[Any] = []
         self.weights: list[float] = []
         self.metric: Any = None
@@ -93,7 +99,11 @@ class _Series:
         self.values = [value]
         self.weights = [total_weight]
 
-    def _reduce_local(self) -> Tensor:
+    def host_values(self) -> tuple[Tensor, Tensor]:
+        """The stored values and their weights, float64 on the host (empty when none)."""
+        if not self.values:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return empty, empty
         # One stack on the device, one copy to the host, reduced in float64 there: this runs
         # at epoch end (or every _FOLD_EVERY steps), never per step.
         tensors = [v.reshape(()).float() for v in self.values if isinstance(v, Tensor)]
@@ -110,6 +120,10 @@ class _Series:
             weights = torch.tensor([self.weights[i] for i in order], dtype=torch.float64)
         else:
             weights = torch.tensor(self.weights, dtype=torch.float64)
+        return values, weights
+
+    def _reduce_local(self) -> Tensor:
+        values, weights = self.host_values()
         if self.reduce_fx == "mean":
             return (values * weights).sum() / weights.sum()
         if self.reduce_fx == "sum":
@@ -118,18 +132,11 @@ class _Series:
             return values.min()
         return values.max()
 
-    def reduce(self, reducer: Reducer | None) -> float:
-        """The epoch value, over processes when ``sync_dist`` (``reducer`` is the all-reduce)."""
+    def local_value(self) -> float:
+        """The epoch value of this process alone (the metric's ``compute()`` for a metric)."""
         if self.metric is not None:
             return to_float(self.metric.compute())
-        local = self._reduce_local()
-        if reducer is None or not self.sync_dist:
-            return to_float(local)
-        if self.reduce_fx == "mean":
-            weight = torch.as_tensor(sum(self.weights), dtype=torch.float64, device=local.device)
-            total = reducer(local * weight, "sum")
-            return to_float(total / reducer(weight, "sum"))
-        return to_float(reducer(local, self.reduce_fx))
+        return to_float(self._reduce_local())
 
 
 def _on_one_device(values: list[Any]) -> list[Any]:
@@ -143,8 +150,9 @@ class MetricStore:
     """Everything logged during one run of a loop (a training epoch, a validation run).
 
     The loop sets ``default_on_step`` / ``default_on_epoch`` for the hook being run,
-    ``batch`` for the batch in flight (its size is inferred only when a mean needs it) and
-    ``dataloader_idx`` when several evaluation loaders run.
+    ``batch`` for the batch in flight (its size is inferred only when a mean needs it; None
+    outside batches, in the epoch-level hooks) and ``dataloader_idx`` when several evaluation
+    loaders run.
     """
 
     # Slots: `log` reads these on every call.
@@ -273,11 +281,30 @@ class MetricStore:
             logger,
             sync_dist,
             self.dataloader_idx,
+            in_batch=self.batch is not None,
         )
         self.series[self._suffixed(name)] = series
         if prog_bar:
             self._prog_bar.update({series.step_key, series.epoch_key})
         return series
+
+    def adopt(self, description: Description) -> None:
+        """Add a series that other processes logged and this one did not (it ran no batch of
+        that loader): it takes part in the epoch's reduction with nothing of its own."""
+        series = _Series(
+            description.name,
+            description.on_step,
+            description.on_epoch,
+            "mean" if description.reduce_fx == "metric" else description.reduce_fx,
+            description.prog_bar,
+            description.logger,
+            True,
+            description.dataloader_idx,
+            in_batch=description.in_batch,
+        )
+        self.series[description.key] = series
+        if description.prog_bar:
+            self._prog_bar.update({series.step_key, series.epoch_key})
 
     def _batch_size(self) -> float:
         # Inferred lazily and once per batch: most log calls never need it.
@@ -309,28 +336,42 @@ class MetricStore:
         return metrics
 
     def reduce_epoch(
-        self, reducer: Reducer | None = None
+        self, sync: EpochSync | None = None
     ) -> tuple[dict[str, float], dict[str, float]]:
         """Reduce every on_epoch series and reset the logged metrics.
+
+        With ``sync`` of several processes, every process must call this at the same point:
+        series logged with ``sync_dist=True`` and torchmetrics objects are reduced over all
+        of them (``ember.trainer.epoch_sync``); the others keep this process's values.
 
         Returns:
             ``(all_values, for_loggers)``: every epoch value, and those logged with
             ``logger=True``.
         """
+        synced: dict[str, float] = {}
+        if sync is not None and sync.world_size > 1:
+            synced = synchronize(self, sync)
         values: dict[str, float] = {}
         for_loggers: dict[str, float] = {}
-        for series in self.series.values():
-            if series.on_epoch and (series.values or series.metric is not None):
-                value = series.reduce(reducer)
+        metrics: dict[int, Any] = {}
+        for key, series in self.series.items():
+            value: float | None = synced.get(key)
+            if value is None and series.on_epoch and (series.values or series.metric is not None):
+                value = series.local_value()
+            if value is not None:
                 values[series.epoch_key] = value
                 if series.logger:
                     for_loggers[series.epoch_key] = value
             if series.metric is not None:
-                series.metric.reset()
+                metrics[id(series.metric)] = series.metric
                 # Reduced once: a second pass (after the epoch-end hooks) skips it unless the
                 # metric is logged again.
                 series.metric = None
             series.values, series.weights = [], []
+        # Reset after every compute: one metric logged under several names (one per loader)
+        # gives each name the same value, with one process as with several.
+        for metric in metrics.values():
+            metric.reset()
         self._latest.update(values)
         return values, for_loggers
 
@@ -351,6 +392,7 @@ class MetricStore:
         self.default_on_step = on_step
         self.default_on_epoch = on_epoch
         self.dataloader_idx = None
+        self.batch = None
         self.open = True
 
     def close(self) -> None:

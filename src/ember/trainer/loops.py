@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ember.accelerator import distributed
+from ember.accelerator.data import assemble_in_order
+from ember.accelerator.nested import apply_to_tensors
 from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
@@ -140,11 +143,12 @@ def train_epoch(context: RunContext) -> None:
             "that `limit_train_batches` leaves at least one batch."
         )
     metrics.default_on_step, metrics.default_on_epoch = False, True
+    metrics.batch = None  # what the epoch-end hooks log is not from a batch
     # Epoch values of what the batches logged are ready for on_train_epoch_end; what the
     # epoch-end hooks log themselves is reduced just after them.
-    _, for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+    _, for_loggers = metrics.reduce_epoch(context.epoch_sync)
     context.fire("on_train_epoch_end")
-    _, more_for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+    _, more_for_loggers = metrics.reduce_epoch(context.epoch_sync)
     context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
     metrics.close()
     if finished:
@@ -331,9 +335,10 @@ def evaluate(
                     for hook in batch_end:
                         hook(outputs, batch, batch_idx, *extra)
         metrics.dataloader_idx = None
-        values, for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+        metrics.batch = None  # what the epoch-end hooks log is not from a batch
+        values, for_loggers = metrics.reduce_epoch(context.epoch_sync)
         context.fire(f"on_{stage}_epoch_end")
-        more_values, more_for_loggers = metrics.reduce_epoch(context.reduce_across_processes)
+        more_values, more_for_loggers = metrics.reduce_epoch(context.epoch_sync)
         values.update(more_values)
         for_loggers.update(more_for_loggers)
         metrics.close()
@@ -349,6 +354,24 @@ def evaluate(
             module.train()
     grouped = metrics.values_by_dataloader(values)
     return [grouped.get(index, {}) for index in range(len(loaders))]
+
+
+def in_dataset_order(
+    context: RunContext, loader: PreparedDataLoader, outputs: list[Any]
+) -> list[Any]:
+    """The per-batch ``outputs`` of every process, each batch once, in the epoch's order.
+
+    Each output is paired with where its batch sits in the epoch (``batch_places``), the
+    pairs of every process gathered (one ``all_gather_object``, through the CPU: tensors come
+    back on the CPU) and put in order. With one process, or a loader the user sharded
+    (a ``DistributedSampler``: nothing says where its batches sit), ``outputs`` as they are.
+    """
+    places = loader.batch_places
+    if context.accelerator.num_processes == 1 or places is None:
+        return outputs
+    pairs = list(zip(places, apply_to_tensors(outputs, Tensor.cpu), strict=True))
+    every = distributed.all_gather_object(pairs)
+    return assemble_in_order(pair for pairs_of_rank in every for pair in pairs_of_rank)
 
 
 def takes_dataloader_idx(step: Any) -> bool:
@@ -372,7 +395,11 @@ def takes_dataloader_idx(step: Any) -> bool:
 
 
 def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]:
-    """``predict_step`` over every loader: a list of outputs (a list of lists for several)."""
+    """``predict_step`` over every loader: a list of outputs (a list of lists for several).
+
+    In a run of several processes, every process returns every output once, in the order one
+    process would produce them (``in_dataset_order``).
+    """
     module = context.module
     hooks = context.hooks
     predict_step = context.steps.predict_step
@@ -397,7 +424,7 @@ def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]
                 for hook in hooks["on_predict_batch_end"]:
                     hook(outputs, batch, batch_idx, *extra)
                 outputs_of_loader.append(outputs)
-            results.append(outputs_of_loader)
+            results.append(in_dataset_order(context, loader, outputs_of_loader))
     context.fire("on_predict_epoch_end")
     context.fire("on_predict_end")
     module.train(was_training)
