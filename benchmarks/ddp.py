@@ -14,7 +14,8 @@ Each variant's time per step is the slowest process's (DDP steps together); the 
 median over rounds of each round's ratio to ``plain_ddp``. Goal (issue 6): within 1.10x.
 
 Run: ``python benchmarks/ddp.py [--steps N] [--rounds R] [--json PATH]``; it starts its own
-two workers with ``torch.distributed.run``. The exit code is 0 whatever the numbers.
+two workers with ``torch.distributed.run``. The exit code is 0 whatever the numbers (1 only
+when the workers failed).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def worker(steps: int, rounds: int, warmup: int, output: Path) -> None:
             times[name].append(seconds.item() / steps * 1e6)
     if dist.get_rank() == 0:
         output.write_text(json.dumps(times))
+    dist.barrier()  # leave together: gloo aborts a process whose peer left under it
     dist.destroy_process_group()
 
 
@@ -184,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         completed = subprocess.run(command, env=env, capture_output=True, text=True)
-        if completed.returncode != 0:
+        if completed.returncode != 0:  # the workers failed: no numbers to show
             print(completed.stdout, completed.stderr, sep="\n")
-            return 0
+            return 1
         times = json.loads(output.read_text())
     results = {}
     print(f"{'variant':<18} {'us/step':>9} {'vs plain_ddp':>13}   goal   result")

@@ -87,7 +87,7 @@ def test_ddp_benchmark_runs_two_processes_and_writes_json(tmp_path: Path) -> Non
         timeout=180,
         cwd=tmp_path,
     )  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     results = json.loads(output.read_text())
     assert set(results) == {"plain_ddp", "accelerator_loop", "trainer_bare"}
     for name, result in results.items():

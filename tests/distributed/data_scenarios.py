@@ -142,7 +142,7 @@ def main() -> None:
     if distributed.global_rank() == 0:
         with open(f"{sys.argv[1]}/results.json", "w") as file:
             json.dump(everyone, file)
-    torch_distributed.destroy_process_group()
+    distributed.destroy_process_group()  # together, bounded
 
 
 if __name__ == "__main__":

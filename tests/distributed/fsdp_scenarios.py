@@ -4,7 +4,6 @@ FSDP scenarios in one launch. Rank 0 computes each one-process reference with pl
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 import warnings
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_distributed
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
@@ -299,9 +297,7 @@ def main() -> None:
     # The sharded modules' states (reference cycles) hold the process group: collected after
     # it was destroyed, at interpreter exit, gloo aborts now and then ("terminate called
     # without an active exception"). Collect them first.
-    gc.collect()
-    if torch_distributed.is_initialized():
-        torch_distributed.destroy_process_group()
+    distributed.destroy_process_group()  # gc, then leave together (bounded)
 
 
 if __name__ == "__main__":

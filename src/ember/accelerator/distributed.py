@@ -113,26 +113,26 @@ def init_process_group(device: torch.device, timeout: timedelta) -> None:
 
 def _leave_at_exit() -> None:
     try:
-        if is_initialized() and torch_distributed.get_backend() == "gloo":
-            # Every process reaches its exit before any leaves: gloo aborts a process whose
-            # peer closed the connection under it. Bounded, so a peer that is gone (or still
-            # busy) cannot hold this exit for long.
-            torch_distributed.monitored_barrier(timeout=timedelta(seconds=10))
-    except Exception:  # a peer already gone, or slower than the bound
-        pass
-    try:
         destroy_process_group()
     except Exception:  # nothing left to leave cleanly
         pass
 
 
 def destroy_process_group() -> None:
-    """Leave the process group (at the end of a run started here)."""
-    if is_initialized():
-        # Wrapped modules (FSDP) hold the group in reference cycles; freed after the group
-        # is gone, gloo can abort the interpreter at exit.
-        gc.collect()
-        torch_distributed.destroy_process_group()
+    """Leave the process group, together with the other processes (a bounded wait: a peer
+    that is gone cannot hold this for more than 10 seconds)."""
+    if not is_initialized():
+        return
+    try:
+        if torch_distributed.get_backend() == "gloo":
+            # gloo aborts a process whose peer closed the connection under it.
+            torch_distributed.monitored_barrier(timeout=timedelta(seconds=10))
+    except Exception:  # a peer already gone, or slower than the bound
+        pass
+    # Wrapped modules (FSDP) hold the group in reference cycles; freed after the group is
+    # gone, gloo can abort the interpreter at exit.
+    gc.collect()
+    torch_distributed.destroy_process_group()
 
 
 # --- collectives (the identity with one process) ----------------------------------------------
