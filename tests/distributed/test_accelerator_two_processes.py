@@ -161,3 +161,56 @@ def test_trainer_devices_2_from_plain_python_trains_like_one_process(tmp_path: P
     assert results[1]["steps"] == results[2]["steps"] == 16
     for mine, theirs in zip(results[2]["weight"][0], results[1]["weight"][0], strict=True):
         assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+FAILING_SCRIPT = """
+import os, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from ember import Trainer, TrainModule
+
+class Failing(TrainModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_rank == 1 and batch_idx == 3:
+            raise ValueError("bad batch on rank 1")
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+if __name__ == "__main__":
+    data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    trainer = Trainer(max_epochs=100, accelerator="cpu", devices=2, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(Failing(), DataLoader(data, batch_size=4))
+"""
+
+
+def test_a_rank_that_raises_mid_epoch_ends_the_run_quickly(tmp_path: Path) -> None:
+    """Trainer(devices=2) from plain python, rank 1 raises at its 4th batch: both processes
+    end well within 30 s (never the collectives' 30-minute timeout), the exit code is
+    non-zero, and the traceback appears once, with its rank."""
+    import time
+
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_SCRIPT)
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    elapsed = time.monotonic() - start
+    assert done.returncode != 0
+    assert elapsed < 30, elapsed
+    output = done.stdout + done.stderr
+    assert output.count("ValueError: bad batch on rank 1") == 1, output[-3000:]
+    assert "[rank1]" in output

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -112,6 +113,11 @@ def init_process_group(device: torch.device, timeout: timedelta) -> None:
 
 
 def _leave_at_exit() -> None:
+    if getattr(sys, "last_value", None) is not None:
+        # Exiting on an uncaught exception: the peers may be waiting in a collective for
+        # this process, so waiting for them would hang both sides. Leave at once; the
+        # launcher ends the others.
+        return
     try:
         destroy_process_group()
     except Exception:  # nothing left to leave cleanly
