@@ -268,8 +268,13 @@ class _Supervisor:
         """At rank 0's exit: when rank 0 failed, end the workers (and report a worker's failure
         that caused it); else wait for them and exit with the first failure's code."""
         if _failing.is_set():
-            self.end_all()
+            # A worker that failed first is probably still exiting: give it a moment, and read
+            # its own exit code before ending the others (which would report our SIGTERM).
+            deadline = time.monotonic() + 2.0
+            while self.failure() is None and time.monotonic() < deadline:
+                time.sleep(POLL_SECONDS)
             failed = self.failure()
+            self.end_all()
             if failed is not None and not _own_failure.is_set():
                 self._stop_after_failure(*failed)
             return

@@ -188,6 +188,53 @@ def even_batches_gather() -> dict[str, Any]:
     return {"collected": collected}
 
 
+def trainer_stops_together() -> dict[str, Any]:
+    """A callback asks to stop on rank 1 only: both ranks stop at the same step (one later),
+    no hang. And a training loader that would not be padded is refused, not hung on."""
+    from ember import Callback, MisconfigurationError, Trainer, TrainModule
+
+    class Regression(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(3, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class StopOnRankOne(Callback):
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_rank == 1 and trainer.global_step == 3:
+                trainer.should_stop = True
+
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+    }
+    _, dataset = model_and_data(80)
+    trainer = Trainer(max_epochs=3, callbacks=[StopOnRankOne()], **kwargs)
+    trainer.fit(Regression(), DataLoader(dataset, batch_size=BATCH))
+    uneven = Trainer(
+        max_epochs=1, dataloader_config=DataLoaderConfiguration(even_batches=False), **kwargs
+    )
+    try:
+        uneven.fit(Regression(), DataLoader(TensorDataset(*dataset[:42]), batch_size=BATCH))
+        refused = ""
+    except MisconfigurationError as error:
+        refused = str(error)
+    return {
+        "global_step": trainer.global_step,
+        "epoch": trainer.current_epoch,
+        "should_stop": trainer.should_stop,
+        "refused": refused,
+    }
+
+
 def main(output: Path) -> None:
     results = {
         "collectives": collectives(),
@@ -196,6 +243,7 @@ def main(output: Path) -> None:
         "uneven_items": uneven_items(),
         "no_sync_and_scheduler": no_sync_and_scheduler(),
         "even_batches_gather": even_batches_gather(),
+        "trainer_stops_together": trainer_stops_together(),
     }
     every_rank = distributed.all_gather_object(results)
     if distributed.global_rank() == 0:

@@ -99,6 +99,27 @@ def test_gather_for_metrics_returns_each_sample_once(ranks: list[dict[str, Any]]
         assert result["even_batches_gather"]["collected"] == list(range(99))
 
 
+def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step(
+    ranks: list[dict[str, Any]],
+) -> None:
+    """SPEC §4: ranks agree on a stop without a blocking collective per step; here rank 1
+    asks at step 3, every rank stops at step 4 (no hang: the other rank would otherwise wait
+    in the next all-reduce)."""
+    for result in ranks:
+        scenario = result["trainer_stops_together"]
+        assert scenario["global_step"] == 4
+        assert scenario["epoch"] == 0
+        assert scenario["should_stop"] is True
+
+
+def test_an_unpadded_training_loader_is_refused_under_several_processes(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for result in ranks:
+        refused = result["trainer_stops_together"]["refused"]
+        assert "even_batches=False" in refused and "every optimizer step" in refused
+
+
 TRAINER_SCRIPT = """
 import json, sys, torch
 from torch import nn
@@ -209,7 +230,7 @@ def test_a_rank_that_raises_mid_epoch_ends_the_run_quickly(tmp_path: Path) -> No
         cwd=tmp_path,
     )
     elapsed = time.monotonic() - start
-    assert done.returncode != 0
+    assert done.returncode == 1, done.returncode  # the failing worker's own code
     assert elapsed < 30, elapsed
     output = done.stdout + done.stderr
     assert output.count("ValueError: bad batch on rank 1") == 1, output[-3000:]

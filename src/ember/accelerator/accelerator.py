@@ -42,6 +42,7 @@ from ember.accelerator.data import (
     prepare_loader,
     skip_first_batches,
 )
+from ember.accelerator.distributed import Agreement
 from ember.accelerator.nested import apply_to_tensors, contains_tensor, pad_tensor, share
 from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler, GradientState
 from ember.accelerator.precision import (
@@ -262,14 +263,23 @@ class Accelerator:
         under ``autocast()``.
         """
         strategy = self.strategy
-        if not strategy.wraps_module:
-            model = self.prepare_model(module, autocast_forward=False)
+        through = {
+            name
+            for name in names
+            if strategy.wraps_module
+            and (name == "training_step" or strategy.evaluates_through_wrapper)
+        }
+        if not through:
+            # One device; or DDP evaluating on the bare module: placed, no wrapper to build.
+            if strategy.wraps_module:
+                model = self.precision.convert_module(module).to(self.device)
+            else:
+                model = self.prepare_model(module, autocast_forward=False)
             return model, {name: getattr(module, name) for name in names}
         model = self.prepare_model(StepDispatcher(module), autocast_forward=False)
         steps = {}
         for name in names:
-            through = name == "training_step" or strategy.evaluates_through_wrapper
-            steps[name] = partial(model, name) if through else getattr(module, name)
+            steps[name] = partial(model, name) if name in through else getattr(module, name)
         return model, steps
 
     def prepare_optimizer(self, optimizer: Optimizer) -> AcceleratedOptimizer:
@@ -461,6 +471,11 @@ class Accelerator:
     def broadcast(self, obj: Any, from_process: int = 0) -> Any:
         """``obj`` as process ``from_process`` has it."""
         return self.strategy.broadcast(obj, from_process)
+
+    def agreement(self) -> Agreement:
+        """A flag the processes agree on without a blocking collective per step (the
+        Trainer's stop): see ``distributed.Agreement``."""
+        return Agreement(self.device)
 
     def wait_for_everyone(self) -> None:
         """Block until every process reaches this line."""

@@ -141,6 +141,51 @@ def destroy_process_group() -> None:
     torch_distributed.destroy_process_group()
 
 
+# --- agreeing on a flag without waiting ------------------------------------------------------
+class Agreement:
+    """A flag (stop now?) the processes agree on without a blocking collective per step.
+
+    ``exchange(local)`` returns the decision of the previous round (True when any process
+    voted True then) and starts this round's vote as a non-blocking all-reduce, read at the
+    next call: every process stops at the same step, one step after the first one asked.
+    With one process it returns ``local`` at once. ``settle()`` reads the round in flight
+    (at an epoch's end, so the rounds stay aligned).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else torch.device("cpu")
+        self._work: Any = None
+        self._vote: Tensor | None = None
+
+    def exchange(self, local: bool) -> bool:
+        if not is_initialized():
+            return local
+        agreed = self.settle()
+        self._vote = torch.tensor([1 if local else 0], device=self.device)
+        self._work = torch_distributed.all_reduce(
+            self._vote, op=torch_distributed.ReduceOp.MAX, async_op=True
+        )
+        return agreed
+
+    def now(self, local: bool) -> bool:
+        """Agree at once (a blocking all-reduce; between epochs, not per step)."""
+        pending = self.settle()
+        if not is_initialized():
+            return local or pending
+        vote = torch.tensor([1 if local or pending else 0], device=self.device)
+        torch_distributed.all_reduce(vote, op=torch_distributed.ReduceOp.MAX)
+        return bool(vote.item())
+
+    def settle(self) -> bool:
+        """The decision of the round in flight (False when none is)."""
+        if self._work is None or self._vote is None:
+            return False
+        self._work.wait()
+        agreed = bool(self._vote.item())
+        self._work = self._vote = None
+        return agreed
+
+
 # --- collectives (the identity with one process) ----------------------------------------------
 def barrier() -> None:
     """Wait until every process arrives here."""

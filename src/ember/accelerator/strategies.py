@@ -381,8 +381,10 @@ def resolve_strategy(strategy: Any) -> Strategy:
     if isinstance(strategy, SingleDeviceStrategy):
         return strategy
     name = strategy
+    argument, given = "strategy", strategy
     if strategy is None or strategy == "auto":
         name = os.environ.get("EMBER_STRATEGY") or "auto"
+        argument, given = "EMBER_STRATEGY", name
         name = {"no": "auto", "NO": "auto"}.get(name, name)
         if name == "auto":
             name = "ddp" if distributed.launched_externally() else "single"
@@ -394,7 +396,8 @@ def resolve_strategy(strategy: Any) -> Strategy:
         from ember.accelerator.fsdp import FSDPStrategy
 
         return FSDPStrategy()
-    raise MisconfigurationError(one_of("strategy", strategy, STRATEGIES))
+    accepted = STRATEGIES if argument == "strategy" else ("no", *STRATEGIES)
+    raise MisconfigurationError(one_of(argument, given, accepted))
 
 
 def _check_flag(owner: str, name: str, value: Any) -> None:

@@ -264,13 +264,16 @@ def resolve_strategy_and_device(
         )
     from ember.launcher import launch_workers_if_needed
 
+    # Checked before any process starts: a typo must not start workers only to end them.
+    resolve_strategy(strategy)
+    pick_device(accelerator)
     # Under a launcher: checks `devices` against it; from plain `python script.py` with
     # devices=N > 1: starts the other N - 1 processes and makes this one rank 0.
     launch_workers_if_needed(count, num_nodes)
     local = distributed.local_rank()
     index = indices[local] if indices is not None and local < len(indices) else local
     device = pick_device(accelerator, index if accelerator != "cpu" else 0)
-    resolved = resolve_strategy(strategy)
+    resolved = resolve_strategy(strategy)  # "auto" now sees the processes just started
     resolved.requested_device = device
     return resolved
 

@@ -155,6 +155,7 @@ class RunContext:
         "should_stop",
         "state",
         "steps",
+        "stop_vote",
         "train_loader",
         "train_metrics",
         "val_loaders",
@@ -183,6 +184,8 @@ class RunContext:
         self.val_loaders: list[PreparedDataLoader] = []
         self.window_losses: list[tuple[int, Tensor]] = []
         self.should_stop = False
+        #: How the processes agree on ``should_stop`` (at once with one process).
+        self.stop_vote = accelerator.agreement()
         self.num_val_batches: list[int | None] = []
         self.handles: list[Any] = []
         if previous is None:  # a new run
@@ -211,7 +214,7 @@ class RunContext:
         """Place and wrap the module (``model``) and build the step functions the loops call
         (``steps``: the names of those this run calls, compiled under ``compile``)."""
         # Under DDP / FSDP the training steps run through the wrapper's forward.
-        self.model, callers = self.accelerator.prepare_steps(self.module, STEP_NAMES)
+        self.model, callers = self.accelerator.prepare_steps(self.module, steps)
         self.steps = StepFunctions.of(self.module, compile, steps, callers)
 
     def prepare_optimizers(self) -> None:

@@ -68,6 +68,14 @@ def prepare_train_loader(
             "The training loader is empty (0 batches). Check the dataset's length and "
             "the batch size (with drop_last=True a dataset smaller than one batch is empty)."
         )
+    if accelerator.num_processes > 1 and not accelerator.dataloader_config.even_batches:
+        raise MisconfigurationError(
+            "DataLoaderConfiguration(even_batches=False) for the Trainer's training loader in "
+            f"a run of {accelerator.num_processes} processes: every process must take every "
+            "optimizer step (each is a collective), so the last round is padded. Leave "
+            "even_batches=True (it still applies as given to Accelerator.prepare in your own "
+            "loop, and evaluation loaders are never padded)."
+        )
     prepared = accelerator.prepare_data_loader(loader)
     # The limit counts this process's batches (as in Lightning): a fraction of its share,
     # so N processes with batch B stop where one process with batch N x B does.

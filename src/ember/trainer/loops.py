@@ -74,6 +74,7 @@ def train_epoch(context: RunContext) -> None:
     autocast = accelerator.autocast if automatic else partial(accelerator.autocast, False)
     validates = context.validation_enabled
     max_steps = settings.max_steps if settings.max_steps != -1 else float("inf")
+    stop_vote = context.stop_vote
     log_every = settings.log_every_n_steps
     flushed_at = state.global_step  # the step whose values the loggers last received
     loader.set_epoch(state.epoch)
@@ -124,12 +125,17 @@ def train_epoch(context: RunContext) -> None:
             context.send_to_loggers(metrics.pop_step_metrics())
         if validates and validation_due(context, batch_idx):
             evaluate(context, "validation", context.val_loaders)
-        # Stop only between windows, so no half-accumulated gradient is left behind.
-        if state.accumulation_position == 0 and (
-            context.should_stop or state.global_step >= max_steps
-        ):
-            finished = batch_idx + 1 == context.num_training_batches
-            break
+        # Stop only between windows, so no half-accumulated gradient is left behind. Every
+        # process stops at the same step: a stop asked on one is agreed on one step later,
+        # without a blocking collective per step (one process: at once).
+        if state.accumulation_position == 0:
+            agreed_stop = stop_vote.exchange(context.should_stop)
+            if agreed_stop or state.global_step >= max_steps:
+                context.should_stop = context.should_stop or agreed_stop
+                finished = batch_idx + 1 == context.num_training_batches
+                break
+    if stop_vote.settle():  # a stop voted at the epoch's last step
+        context.should_stop = True
     if state.accumulation_position != 0:
         # The loader ended before the length it announced: close the open window (its
         # gradient is rescaled to the batches it really holds) rather than carry it over.
@@ -194,7 +200,8 @@ def should_stop_now(context: RunContext) -> bool:
 
 
 def fit_done(context: RunContext) -> bool:
-    """Whether fit should not start another epoch."""
+    """Whether fit should not start another epoch (agreed by every process)."""
+    context.should_stop = context.stop_vote.now(context.should_stop)
     if should_stop_now(context):
         return True
     max_epochs = context.settings.max_epochs
