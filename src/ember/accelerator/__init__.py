@@ -1,6 +1,6 @@
 """The lower layer: devices, distribution, precision, data and gradient accumulation."""
 
 from ember.accelerator.accelerator import Accelerator
-from ember.accelerator.data import DataLoaderConfiguration
+from ember.accelerator.transfer import DataLoaderConfiguration
 
 __all__ = ["Accelerator", "DataLoaderConfiguration"]

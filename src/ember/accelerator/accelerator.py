@@ -35,7 +35,6 @@ from torch.optim import Optimizer
 
 from ember.accelerator import distributed
 from ember.accelerator.data import (
-    DataLoaderConfiguration,
     PreparedDataLoader,
     duplicates_in_last_batch,
     is_data_loader,
@@ -60,6 +59,7 @@ from ember.accelerator.strategies import (
     pick_device,
     resolve_strategy,
 )
+from ember.accelerator.transfer import DataLoaderConfiguration
 from ember.errors import MisconfigurationError, not_available_yet
 
 _NO_CONTEXT = nullcontext()

@@ -6,18 +6,18 @@ normalised by its own size) and marks the last batch. In a run of several proces
 iterates this process's share instead (``ember.accelerator.sharding``), and records where
 each batch sits in the epoch (``batch_places``; the padded duplicates that
 ``gather_for_metrics`` drops).
+
+The settings and the per-batch device transfer live in ``ember.accelerator.transfer``
+(``DataLoaderConfiguration`` and ``move_to_device`` are importable from here too).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from functools import partial
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from ember.accelerator.nested import infer_batch_size as infer_batch_size
@@ -25,112 +25,13 @@ from ember.accelerator.nested import slice_tensors
 from ember.accelerator.optim import GradientState
 from ember.accelerator.sharding import BatchPlace, Collectives, IndexSharding
 from ember.accelerator.streams import StreamSharding
-from ember.errors import MisconfigurationError
+from ember.accelerator.transfer import DataLoaderConfiguration as DataLoaderConfiguration
+from ember.accelerator.transfer import batch_transfer as batch_transfer
+from ember.accelerator.transfer import move_to_device as move_to_device
 
 if TYPE_CHECKING:
     from ember.accelerator.optim import _LoaderFrame
     from ember.accelerator.precision import Precision
-
-
-@dataclasses.dataclass
-class DataLoaderConfiguration:
-    """How ``Accelerator.prepare`` treats data loaders (the names follow Accelerate).
-
-    Args:
-        split_batches: the loader's batch size is the global one, divided over processes.
-        dispatch_batches: process 0 reads and sends batches to the others (None: only for
-            iterable datasets).
-        even_batches: pad the last round so every process gets the same number of batches.
-        use_seedable_sampler: shuffle with a sampler seeded from ``data_seed`` and the epoch.
-        data_seed: the seed of that sampler.
-        non_blocking: copy batches to the device asynchronously (needs pinned memory).
-        use_stateful_dataloader: use ``torchdata``'s ``StatefulDataLoader``.
-    """
-
-    split_batches: bool = False
-    dispatch_batches: bool | None = None
-    even_batches: bool = True
-    use_seedable_sampler: bool = False
-    data_seed: int | None = None
-    non_blocking: bool = False
-    use_stateful_dataloader: bool = False
-
-    def __post_init__(self) -> None:
-        for name in (
-            "split_batches",
-            "even_batches",
-            "use_seedable_sampler",
-            "non_blocking",
-            "use_stateful_dataloader",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise MisconfigurationError(
-                    f"`DataLoaderConfiguration({name}={value!r})` is not supported: use True or "
-                    "False."
-                )
-        if self.dispatch_batches is not None and not isinstance(self.dispatch_batches, bool):
-            raise MisconfigurationError(
-                f"`DataLoaderConfiguration(dispatch_batches={self.dispatch_batches!r})` is not "
-                "supported: use True, False or None."
-            )
-        seed = self.data_seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise MisconfigurationError(
-                f"`DataLoaderConfiguration(data_seed={seed!r})` is not supported: use an "
-                "integer >= 0, or None."
-            )
-        if self.use_stateful_dataloader:
-            raise MisconfigurationError(
-                "`DataLoaderConfiguration(use_stateful_dataloader=True)` needs torchdata's "
-                "StatefulDataLoader, which ember does not support yet; leave it False."
-            )
-
-
-def move_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """``data`` with every tensor in it on ``device`` (dicts, lists, tuples, namedtuples,
-    dataclasses and objects with a ``.to`` method are followed)."""
-    if isinstance(data, Tensor):
-        return data.to(device, non_blocking=non_blocking)
-    if isinstance(data, Mapping):
-        return type(data)(  # type: ignore[call-arg]
-            {key: move_to_device(value, device, non_blocking) for key, value in data.items()}
-        )
-    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(move_to_device(value, device, non_blocking) for value in data))
-    if isinstance(data, (list, tuple)):
-        return type(data)(move_to_device(value, device, non_blocking) for value in data)
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        changes = {
-            field.name: move_to_device(getattr(data, field.name), device, non_blocking)
-            for field in dataclasses.fields(data)
-            if field.init
-        }
-        return dataclasses.replace(data, **changes)
-    to = getattr(data, "to", None)
-    if callable(to):
-        return to(device)
-    return data
-
-
-def batch_transfer(
-    device: torch.device, non_blocking: bool, convert_input: Callable[[Any], Any] | None
-) -> Callable[[Any], Any] | None:
-    """The function applied to each batch, or None when batches need nothing done.
-
-    Loaders yield CPU tensors, so on the CPU without a dtype cast the batch passes untouched:
-    no per-batch walk over the batch at all.
-    """
-    if device.type == "cpu":
-        return convert_input
-    if convert_input is None:
-        return partial(move_to_device, device=device, non_blocking=non_blocking)
-    convert = convert_input
-
-    def transfer(batch: Any) -> Any:
-        return convert(move_to_device(batch, device, non_blocking))
-
-    return transfer
 
 
 class _EpochCounter:

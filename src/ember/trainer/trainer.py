@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ember.accelerator.accelerator import Accelerator, resolve_mixed_precision
-from ember.accelerator.data import DataLoaderConfiguration
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
+from ember.accelerator.transfer import DataLoaderConfiguration
 from ember.errors import MisconfigurationError, not_available_yet
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
