@@ -59,6 +59,8 @@ class PreparedDataLoader:
         sharding: this process's share of the loader (``IndexSharding`` or
             ``StreamSharding``); None in one process.
         skip: leave out the first ``skip`` batches of every pass (``skip_first_batches``).
+        epochs: the epoch counter to share (a skipping copy shares its loader's, see
+            ``skipping``); None: a counter of its own, from epoch 0.
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class PreparedDataLoader:
         data_seed: int | None = None,
         sharding: IndexSharding | StreamSharding | None = None,
         skip: int = 0,
+        epochs: _EpochCounter | None = None,
     ) -> None:
         self.loader = loader
         self.gradient_state = gradient_state
@@ -80,7 +83,7 @@ class PreparedDataLoader:
         self.data_seed = data_seed
         self.sharding = sharding
         self.skip = skip
-        self._epochs = _EpochCounter()
+        self._epochs = epochs if epochs is not None else _EpochCounter()
         self._places: list[BatchPlace] | None = None
 
     @property
@@ -134,6 +137,20 @@ class PreparedDataLoader:
     def set_epoch(self, epoch: int) -> None:
         """Make ``epoch`` the epoch of the next pass (its shuffling order)."""
         self.epoch = epoch
+
+    def skipping(self, num_batches: int) -> PreparedDataLoader:
+        """A copy that leaves out ``num_batches`` more batches of every pass and shares this
+        loader's epoch (see ``skip_first_batches``)."""
+        return PreparedDataLoader(
+            self.loader,
+            self.gradient_state,
+            self.transfer,
+            self.max_batches,
+            data_seed=self.data_seed,
+            sharding=self.sharding,
+            skip=self.skip + num_batches,
+            epochs=self._epochs,
+        )
 
     def _begin_pass(self) -> None:
         # Tell the samplers which epoch comes, then count it as started.
@@ -392,17 +409,7 @@ def skip_first_batches(loader: Any, num_batches: int) -> Any:
     process's batches without loading them.
     """
     if isinstance(loader, PreparedDataLoader):
-        skipped = PreparedDataLoader(
-            loader.loader,
-            loader.gradient_state,
-            loader.transfer,
-            loader.max_batches,
-            data_seed=loader.data_seed,
-            sharding=loader.sharding,
-            skip=loader.skip + num_batches,
-        )
-        skipped._epochs = loader._epochs
-        return skipped
+        return loader.skipping(num_batches)
     return _SkipLoader(loader, num_batches)
 
 
