@@ -265,8 +265,7 @@ class PreparedDataLoader:
         transfer = self.transfer
         places: list[BatchPlace] = []
         self._places = places
-        record = _OpenPass(state, frame)
-        _OPEN_PASSES.append(record)
+        state.sharded_passes.append(frame)
         try:
             current = next(pairs, None)
             while current is not None:
@@ -279,46 +278,24 @@ class PreparedDataLoader:
                 state.signal_pending = True
                 place, batch = current
                 places.append(place)
-                record.mark(place.round_padding)
+                frame.mark_padding(state, place.round_padding)
                 yield batch if transfer is None else transfer(batch)
                 if last:
                     return
                 current = following
         finally:
-            _OPEN_PASSES.remove(record)
+            state.sharded_passes.remove(frame)
             state.end_pass(frame)
-
-
-class _OpenPass:
-    """A sharded pass being iterated: the duplicates of the round it yielded last."""
-
-    __slots__ = ("frame", "round_padding", "serial", "state")
-    serials = 0
-
-    def __init__(self, state: GradientState, frame: _LoaderFrame) -> None:
-        self.state = state
-        self.frame = frame
-        self.round_padding = 0
-        self.serial = -1
-
-    def mark(self, round_padding: int) -> None:
-        _OpenPass.serials += 1
-        self.serial = _OpenPass.serials
-        self.round_padding = round_padding
-
-
-#: Sharded passes not yet ended, across accelerators (few at a time: one per open iterator).
-_OPEN_PASSES: list[_OpenPass] = []
 
 
 def duplicates_in_last_batch(gradient_state: GradientState) -> int:
     """How many padded duplicates end the batches that the newest sharded pass of
     ``gradient_state`` yielded last, gathered over all processes (0 when none)."""
-    newest: _OpenPass | None = None
-    for record in _OPEN_PASSES:
-        if record.state is gradient_state and (newest is None or record.serial > newest.serial):
-            newest = record
-    return 0 if newest is None or newest.frame.ended else newest.round_padding
+    newest: _LoaderFrame | None = None
+    for frame in gradient_state.sharded_passes:
+        if newest is None or frame.padding_mark > newest.padding_mark:
+            newest = frame
+    return 0 if newest is None or newest.ended else newest.round_padding
 
 
 def assemble_in_order(places_and_outputs: Iterable[tuple[BatchPlace, Any]]) -> list[Any]:

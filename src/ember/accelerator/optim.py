@@ -36,11 +36,22 @@ class _LoaderFrame:
     first_yield: int = -1
     #: The prepared loader this pass goes over (None for the frame of loops without one).
     source: object = None
+    #: A sharded pass: the padded duplicates in the round of its latest batch, and when that
+    #: batch came (numbered among the latest batches of all sharded passes).
+    round_padding: int = 0
+    padding_mark: int = -1
 
     def mark_first_yield(self, state: GradientState) -> None:
         """The pass handed out its first batch: number it among the passes' first batches."""
         self.first_yield = state.first_yields
         state.first_yields += 1
+
+    def mark_padding(self, state: GradientState, round_padding: int) -> None:
+        """The sharded pass handed out a batch of a round holding ``round_padding``
+        duplicates: it becomes the newest among ``state.sharded_passes``."""
+        state.padding_marks += 1
+        self.padding_mark = state.padding_marks
+        self.round_padding = round_padding
 
 
 class GradientState:
@@ -73,6 +84,8 @@ class GradientState:
         "generation",
         "generation_signalled",
         "item_total",
+        "padding_marks",
+        "sharded_passes",
         "signal_pending",
         "sync_gradients",
         "window_batches",
@@ -81,6 +94,11 @@ class GradientState:
 
     def __init__(self, accumulation_steps: int = 1) -> None:
         self.accumulation_steps = accumulation_steps
+        #: The frames of the sharded passes not yet ended, whose padding ``gather_for_metrics``
+        #: drops (``ember.accelerator.data.duplicates_in_last_batch``), and the count that
+        #: orders their latest batches. ``reset`` keeps them: each pass's iterator ends it.
+        self.sharded_passes: list[_LoaderFrame] = []
+        self.padding_marks = 0
         self.reset()
 
     def reset(self) -> None:
