@@ -15,7 +15,8 @@ A loop in the style of Hugging Face Accelerate::
             optimizer.zero_grad()
 
 The composed pieces: a strategy (``strategies.py``: placement, process group), a precision
-plugin (``precision.py``), a ``GradientState`` (``optim.py``) and prepared loaders (``data.py``).
+plugin (``precision.py``), a ``GradientState`` (``optim.py``) and prepared loaders (``data.py``);
+the collectives behind ``gather``, ``reduce`` and the rest are in ``across_processes.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from __future__ import annotations
 import builtins
 import gc
 import os
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,16 +34,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ember.accelerator import distributed
+from ember.accelerator import across_processes, distributed
 from ember.accelerator.data import (
     PreparedDataLoader,
-    duplicates_in_last_batch,
     is_data_loader,
     prepare_loader,
     skip_first_batches,
 )
 from ember.accelerator.distributed import Agreement
-from ember.accelerator.nested import apply_to_tensors, contains_tensor, pad_tensor, share
 from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler, GradientState
 from ember.accelerator.precision import (
     ACCELERATE_NAMES,
@@ -412,10 +411,10 @@ class Accelerator:
         """Clamp every gradient element to ``[-clip_value, clip_value]`` (after unscaling)."""
         self.optimizer_step.clip_grad_value_(parameters, clip_value)
 
-    # --- across processes ------------------------------------------------------------------
+    # --- across processes (``across_processes.py``) ------------------------------------------
     def gather(self, tensor: Any) -> Any:
         """Every process's tensors concatenated on dim 0 (nested structures are followed)."""
-        return apply_to_tensors(tensor, self.strategy.all_gather)
+        return across_processes.gather(self.strategy, tensor)
 
     def gather_for_metrics(self, obj: Any, *, use_gather_object: bool = False) -> Any:
         """Like ``gather``, minus the samples that even batching repeated in the last round:
@@ -424,30 +423,13 @@ class Accelerator:
         Tensors (nested in dicts, lists, tuples) are gathered along dim 0; other objects
         (or all, with ``use_gather_object``) with ``all_gather_object``, lists concatenated.
         """
-        if self.num_processes == 1:
-            return obj
-        duplicates = duplicates_in_last_batch(self.gradient_state)
-        if use_gather_object or not contains_tensor(obj):
-            parts = distributed.all_gather_object(obj)
-            if all(isinstance(part, (list, tuple)) for part in parts):
-                gathered: Any = [item for part in parts for item in part]
-                return gathered[: len(gathered) - duplicates] if duplicates else gathered
-            return parts
-        gathered = self.gather(obj)
-        if not duplicates:
-            return gathered
-        return apply_to_tensors(
-            gathered, lambda tensor: tensor[: max(0, tensor.shape[0] - duplicates)]
+        return across_processes.gather_for_metrics(
+            self.strategy, self.gradient_state, obj, use_gather_object=use_gather_object
         )
 
     def reduce(self, tensor: Any, reduction: str = "mean") -> Any:
         """Reduce tensors over processes with "sum", "mean", "min" or "max"."""
-        if reduction not in ("sum", "mean", "min", "max"):
-            raise MisconfigurationError(
-                f"`reduction={reduction!r}` is not supported. Accepted values: 'sum', 'mean', "
-                "'min', 'max'."
-            )
-        return apply_to_tensors(tensor, lambda t: self.strategy.all_reduce(t, reduction))
+        return across_processes.reduce(self.strategy, tensor, reduction)
 
     def pad_across_processes(
         self, tensor: Any, dim: int = 0, pad_index: int = 0, *, pad_first: bool = False
@@ -455,18 +437,9 @@ class Accelerator:
         """Pad tensors along ``dim`` to the largest size over processes (so they can gather),
         with ``pad_index``, after the values (before them with ``pad_first``). Tensors too
         small to have ``dim`` are left alone."""
-        if self.num_processes == 1:
-            return tensor
-
-        def pad(value: Tensor) -> Tensor:
-            axis = dim if dim >= 0 else value.ndim + dim
-            if not 0 <= axis < value.ndim:
-                return value
-            size = torch.tensor([value.shape[axis]], device=value.device)
-            largest = int(distributed.all_gather(size).max().item())
-            return pad_tensor(value, axis, largest, pad_index, pad_first)
-
-        return apply_to_tensors(tensor, pad)
+        return across_processes.pad_across_processes(
+            self.strategy, tensor, dim, pad_index, pad_first=pad_first
+        )
 
     def broadcast(self, obj: Any, from_process: int = 0) -> Any:
         """``obj`` as process ``from_process`` has it."""
@@ -481,19 +454,13 @@ class Accelerator:
         """Block until every process reaches this line."""
         self.strategy.barrier()
 
-    @contextmanager
-    def main_process_first(self) -> Iterator[None]:
+    def main_process_first(self) -> AbstractContextManager[None]:
         """Run the block on the main process first, then on the others (downloads, caches)."""
-        if not self.is_main_process:
-            self.wait_for_everyone()
-        yield
-        if self.is_main_process:
-            self.wait_for_everyone()
+        return across_processes.main_process_first(self.strategy)
 
-    @contextmanager
-    def split_between_processes(self, inputs: Any) -> Iterator[Any]:
+    def split_between_processes(self, inputs: Any) -> AbstractContextManager[Any]:
         """Give each process its contiguous share of a list, tuple, tensor or dict of them."""
-        yield share(inputs, self.process_index, self.num_processes)
+        return across_processes.split_between_processes(self.strategy, inputs)
 
     def free_memory(self, *objects: Any) -> list[None]:
         """Forget every prepared module, optimizer and scheduler and start a fresh gradient
