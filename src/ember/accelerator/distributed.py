@@ -115,8 +115,13 @@ def init_process_group(device: torch.device, timeout: timedelta) -> None:
 def _leave_at_exit() -> None:
     if getattr(sys, "last_value", None) is not None:
         # Exiting on an uncaught exception: the peers may be waiting in a collective for
-        # this process, so waiting for them would hang both sides. Leave at once; the
-        # launcher ends the others.
+        # this process, so waiting for them would hang both sides. Leave at once (the
+        # launcher ends the others), without the group's C++ teardown, which can abort with
+        # gloo's threads still running and turn exit code 1 into 134.
+        if is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return
     try:
         destroy_process_group()
