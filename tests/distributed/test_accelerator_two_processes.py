@@ -5,7 +5,6 @@ one launch each, many assertions."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,9 @@ from typing import Any
 
 import pytest
 
+from tests.distributed.launching import clean_environment
+
 SCRIPTS = Path(__file__).parent
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def clean_environment() -> dict[str, str]:
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 @pytest.fixture(scope="module")

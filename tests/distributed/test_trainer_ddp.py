@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,48 +19,18 @@ import pytest
 from torch.utils.data import DataLoader
 
 from ember import Trainer
+from tests.distributed.launching import run_two_processes
 from tests.distributed.trainer_scenarios import EvalModule, Signal, eval_loader
 from tests.helpers import bare_trainer_kwargs, regression_data
 
 SCRIPT = Path(__file__).with_name("trainer_scenarios.py")
-ROOT = Path(__file__).resolve().parents[2]
 REDUCTIONS = ("mean", "sum", "min", "max", "count")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("trainer_ddp")
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "OMP_NUM_THREADS": "1",
-        # A scenario that fails on one rank must not leave the other waiting 30 minutes.
-        "EMBER_COLLECTIVE_TIMEOUT": "60",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPT),
-        str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    run_two_processes(SCRIPT, str(out), EMBER_COLLECTIVE_TIMEOUT="60")
     results: list[dict[str, Any]] = json.loads((out / "results.json").read_text())
     return results
 

@@ -161,9 +161,11 @@ class Agreement:
         self.device = device if device.type == "cuda" else torch.device("cpu")
         self._work: Any = None
         self._vote: Tensor | None = None
+        #: Several processes (decided once: this is called every step).
+        self.shared = is_initialized() and world_size() > 1
 
     def exchange(self, local: bool) -> bool:
-        if not is_initialized():
+        if not self.shared:
             return local
         agreed = self.settle()
         self._vote = torch.tensor([1 if local else 0], device=self.device)
