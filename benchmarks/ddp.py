@@ -161,8 +161,9 @@ def worker(steps: int, rounds: int, warmup: int, output: Path) -> None:
             times[name].append(seconds.item() / steps * 1e6)
     if dist.get_rank() == 0:
         output.write_text(json.dumps(times))
-    dist.barrier()  # leave together: gloo aborts a process whose peer left under it
-    dist.destroy_process_group()
+    from ember.accelerator import distributed
+
+    distributed.destroy_process_group()  # together, after gc: gloo can abort otherwise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,9 @@ if rank == 0 and mode == "raise-while-rank-0-sleeps":
 if rank == 1 and mode == "hang":
     time.sleep(600)
 dist.all_reduce(total)  # the survivors wait here for the rank that failed
-dist.destroy_process_group()
+from ember.accelerator import distributed
+
+distributed.destroy_process_group()  # together, after gc (gloo may abort otherwise)
 print(f"rank {rank} done", flush=True)
 """
 

@@ -127,6 +127,10 @@ def _leave_at_exit() -> None:
         destroy_process_group()
     except Exception:  # nothing left to leave cleanly
         pass
+    # Also when the script left the group itself: objects still holding gloo's threads (a
+    # DDP reducer in a reference cycle) are freed now, not in the interpreter's teardown,
+    # where freeing them can abort the process.
+    gc.collect()
 
 
 def destroy_process_group() -> None:
