@@ -57,13 +57,9 @@ class RecordNorms(Callback):
         self.records.append((trainer.current_epoch, total, trainer_second))
 
 
-def test_clipping_covers_a_layer_unfrozen_after_fit_started() -> None:
-    recorder = RecordNorms()
-    module = UnfreezeLater()
-    trainer = Trainer(
-        max_epochs=2, gradient_clip_val=0.01, callbacks=[recorder], **bare_trainer_kwargs()
-    )
-    # Clipping runs after on_before_optimizer_step (as in Lightning): measure what step() uses.
+def fit_recording_step_norms(trainer: Trainer, module: TrainModule) -> list[tuple[int, float]]:
+    """Fit, recording (epoch, total gradient norm) inside every real ``SGD.step``: the
+    gradient the step applies, after the Trainer's clipping."""
     seen: list[tuple[int, float]] = []
     original_step = torch.optim.SGD.step
 
@@ -77,6 +73,17 @@ def test_clipping_covers_a_layer_unfrozen_after_fit_started() -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.optim.SGD, "step", recording_step)
         trainer.fit(module, loader(32, batch_size=8))
+    return seen
+
+
+def test_clipping_covers_a_layer_unfrozen_after_fit_started() -> None:
+    recorder = RecordNorms()
+    module = UnfreezeLater()
+    trainer = Trainer(
+        max_epochs=2, gradient_clip_val=0.01, callbacks=[recorder], **bare_trainer_kwargs()
+    )
+    # Clipping runs after on_before_optimizer_step (as in Lightning): measure what step() uses.
+    seen = fit_recording_step_norms(trainer, module)
     epoch_one = [norm for epoch, norm in seen if epoch == 1]
     assert epoch_one and all(norm <= 0.01 * (1 + 1e-4) for norm in epoch_one)
     # The unfrozen layer really has a gradient in epoch 1, far above the clip value unclipped.
@@ -96,19 +103,7 @@ def test_clipping_covers_a_param_group_added_after_fit_started() -> None:
 
     module = AddGroupLater()
     trainer = Trainer(max_epochs=2, gradient_clip_val=0.01, **bare_trainer_kwargs())
-    seen: list[tuple[int, float]] = []
-    original_step = torch.optim.SGD.step
-
-    def recording_step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
-        grads = [
-            p.grad for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        seen.append((trainer.current_epoch, float(torch.nn.utils.get_total_norm(grads))))
-        return original_step(self, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.optim.SGD, "step", recording_step)
-        trainer.fit(module, loader(32, batch_size=8))
+    seen = fit_recording_step_norms(trainer, module)
     assert len(trainer.optimizers[0].param_groups) == 2
     assert all(norm <= 0.01 * (1 + 1e-4) for _, norm in seen)
 
