@@ -6,14 +6,13 @@ from typing import Any
 
 import pytest
 
-from ember import Accelerator, MisconfigurationError, Trainer
-from tests.helpers import TinyModule, bare_trainer_kwargs, loader
+from ember import Accelerator, MisconfigurationError
+from tests.helpers import TinyModule
 
 
 @pytest.mark.parametrize(
     ("call", "name"),
     [
-        (lambda: Trainer(**bare_trainer_kwargs()).save_checkpoint("x"), "Trainer.save_checkpoint"),
         (lambda: TinyModule.load_from_checkpoint("x"), "TrainModule.load_from_checkpoint"),
         (lambda: Accelerator(cpu=True).save_state("x"), "Accelerator.save_state"),
         (lambda: Accelerator(cpu=True).load_state("x"), "Accelerator.load_state"),
@@ -33,16 +32,3 @@ def test_model_checkpoint_is_importable_and_refuses_clearly() -> None:
 
     with pytest.raises(MisconfigurationError, match="ModelCheckpoint is not available"):
         ModelCheckpoint(monitor="val_loss")
-
-
-def test_resuming_is_refused_before_any_work() -> None:
-    calls: list[int] = []
-
-    class Counting(TinyModule):
-        def training_step(self, batch: Any, batch_idx: int) -> Any:
-            calls.append(batch_idx)
-            return super().training_step(batch, batch_idx)
-
-    with pytest.raises(MisconfigurationError, match="ckpt_path='last'"):
-        Trainer(**bare_trainer_kwargs()).fit(Counting(), loader(16), ckpt_path="last")
-    assert calls == []

@@ -261,9 +261,9 @@ def test_validate_without_validation_step_or_data() -> None:
         Trainer(**bare_trainer_kwargs()).test(TinyModule())
 
 
-def test_ckpt_path_not_yet_available() -> None:
-    with pytest.raises(MisconfigurationError, match="ckpt_path='last'"):
-        Trainer(**bare_trainer_kwargs()).fit(TinyModule(), loader(16), ckpt_path="last")
+def test_ckpt_path_of_the_wrong_type() -> None:
+    with pytest.raises(MisconfigurationError, match="ckpt_path=3.*'last', 'best'"):
+        Trainer(**bare_trainer_kwargs()).fit(TinyModule(), loader(16), ckpt_path=3)
 
 
 def test_val_check_interval_longer_than_the_epoch() -> None:

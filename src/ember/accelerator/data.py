@@ -35,13 +35,30 @@ if TYPE_CHECKING:
 
 
 class _EpochCounter:
-    """The epoch of a loader's next pass, shared by the loader and its skipping copies (so a
-    resumed epoch keeps its shuffling order, and the pass after it is the next epoch)."""
+    """The epoch of a loader's next pass and where the current pass stands, shared by the
+    loader and its skipping copies (so a resumed epoch keeps its shuffling order, and the
+    pass after it is the next epoch).
 
-    __slots__ = ("value",)
+    Attributes:
+        value: the epoch of the next pass.
+        pass_epoch: the epoch of the pass in progress (or last begun); -1 before any.
+        pass_rng: the random state the pass began from (``capture_pass_rng``): replaying it
+            draws the same order and worker seeds.
+        frame: the pass's frame (how many batches it yielded); None before any pass.
+        pass_skip: batches the pass left out at its start (a resumed pass).
+        replay: set by ``load_state_dict``: the next pass replays that epoch from its saved
+            random state and leaves out the batches already consumed.
+    """
+
+    __slots__ = ("frame", "pass_epoch", "pass_rng", "pass_skip", "replay", "value")
 
     def __init__(self, value: int = 0) -> None:
         self.value = value
+        self.pass_epoch = -1
+        self.pass_rng: dict[str, Any] | None = None
+        self.frame: _LoaderFrame | None = None
+        self.pass_skip = 0
+        self.replay: dict[str, Any] | None = None
 
 
 class PreparedDataLoader:
@@ -138,6 +155,29 @@ class PreparedDataLoader:
         """Make ``epoch`` the epoch of the next pass (its shuffling order)."""
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader stands, for a checkpoint: the epoch of the pass in progress,
+        how many batches of it this process consumed, and the random state it began from.
+        Between passes: the next epoch and 0 batches."""
+        counter = self._epochs
+        frame = counter.frame
+        if frame is None or frame.ended or counter.pass_epoch < 0:
+            return {"epoch": counter.value, "batches": 0, "rng": None}
+        return {
+            "epoch": counter.pass_epoch,
+            "batches": counter.pass_skip + frame.yielded,
+            "rng": counter.pass_rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], batches: int | None = None) -> None:
+        """Continue from ``state`` (``state_dict``'s): the next pass replays its epoch in the
+        same order and leaves out the batches consumed (``batches`` overrides that count; 0:
+        replay the whole epoch, for ``skip_first_batches`` to skip)."""
+        skip = int(state["batches"]) if batches is None else batches
+        counter = self._epochs
+        counter.value = int(state["epoch"])
+        counter.replay = {"skip": skip, "rng": state.get("rng")}
+
     def skipping(self, num_batches: int) -> PreparedDataLoader:
         """A copy that leaves out ``num_batches`` more batches of every pass and shares this
         loader's epoch (see ``skip_first_batches``)."""
@@ -156,6 +196,7 @@ class PreparedDataLoader:
         # Tell the samplers which epoch comes, then count it as started.
         epoch = self.epoch
         self.epoch = epoch + 1
+        self._epochs.pass_epoch = epoch
         sampler = self.sampler
         if self.data_seed is not None and isinstance(sampler, RandomSampler):
             sampler.generator = torch.Generator().manual_seed(self.data_seed + epoch)
@@ -163,6 +204,14 @@ class PreparedDataLoader:
             set_epoch = getattr(holder, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
+
+    def _pass_length(self, skip: int, limit: int | None) -> int | None:
+        """Batches of a pass of the loader itself that leaves out ``skip`` and yields at most
+        ``limit``, when certain (``exact_length``)."""
+        if self.exact_length() is None:
+            return None
+        length = max(0, len(self.loader) - skip)
+        return length if limit is None else min(length, limit)
 
     def exact_length(self) -> int | None:
         """The number of batches a pass yields, when it is certain (None otherwise).
@@ -177,24 +226,69 @@ class PreparedDataLoader:
         return len(self) if certain else None
 
     def __iter__(self) -> Iterator[Any]:
+        counter = self._epochs
+        replay, counter.replay = counter.replay, None
+        if replay is None:
+            counter.pass_rng = capture_pass_rng(self.loader)
+            counter.pass_skip = self.skip
+            return self._open_pass(self.skip, self.max_batches, self.sharding)
+        # A resumed pass: the saved epoch, drawn from the random state it began from (the
+        # same order, the same worker seeds), without the batches already consumed; then the
+        # random state of now is put back.
+        counter.pass_rng = replay["rng"]
+        consumed = int(replay["skip"])
+        skip = self.skip + consumed
+        counter.pass_skip = skip
+        limit = None if self.max_batches is None else max(0, self.max_batches - consumed)
+        now = capture_pass_rng(self.loader)
+        if replay["rng"] is not None:
+            restore_pass_rng(self.loader, replay["rng"])
+        try:
+            sharding = self.sharding
+            if sharding is None and skip and _has_sampler(self.loader):
+                # Skip by index, without loading the skipped batches: the pass goes through
+                # a one-process plan of the epoch's order.
+                sharding = IndexSharding(self.loader, _ONE_PROCESS, False, False)
+            return self._open_pass(skip, limit, sharding, eager=True)
+        finally:
+            if now is not None:
+                restore_pass_rng(self.loader, now)
+
+    def _open_pass(
+        self,
+        skip: int,
+        limit: int | None,
+        sharding: IndexSharding | StreamSharding | None,
+        eager: bool = False,
+    ) -> Iterator[Any]:
+        """Begin a pass that leaves out its first ``skip`` batches and then yields at most
+        ``limit``. ``eager``: draw the order (and skip by reading, where it must) now, not
+        at the first batch."""
         self._begin_pass()
         state = self.gradient_state if self.gradient_state is not None else _DETACHED
-        if self.sharding is not None:
+        if sharding is not None:
             # Every rank starts the pass here (rank 0 broadcasts the epoch's order).
-            pairs, length = self.sharding.open(self.skip, self.max_batches)
-            frame = state.begin_pass(length, source=self)
+            pairs, length = sharding.open(skip, limit)
+            frame = state.begin_pass(None if length is None else length + skip, source=self)
             batches: Iterator[Any] = self._sharded(state, frame, pairs)
         else:
-            source = self.loader if not self.skip else _SkipLoader(self.loader, self.skip)
-            length = self.exact_length()
+            source: Iterable[Any] = self.loader
+            if skip:
+                source = _SkipLoader(self.loader, skip)
+                if eager:
+                    source = _SkipLoader.started(self.loader, skip)
+            length = self._pass_length(skip, limit)
             # The pass is registered now, not at the first batch: an iterator opened before
             # the training loop (a validation iterator kept open) is older than the training
             # pass, so it never takes over the training loop's accumulation windows.
-            frame = state.begin_pass(length, source=self)
+            frame = state.begin_pass(None if length is None else length + skip, source=self)
             if length is not None:
                 batches = self._counted(state, frame, length, source)
             else:
-                batches = self._looking_ahead(state, frame, source)
+                batches = self._looking_ahead(state, frame, source, limit)
+        # The windows of a resumed pass line up with those of the pass it continues.
+        frame.batches_seen = skip
+        self._epochs.frame = frame
         # An iterator dropped before its first batch never runs its `finally`: end its pass
         # when it is collected.
         weakref.finalize(batches, state.end_pass, frame)
@@ -222,11 +316,14 @@ class PreparedDataLoader:
             state.end_pass(frame)
 
     def _looking_ahead(
-        self, state: GradientState, frame: _LoaderFrame, source: Iterable[Any]
+        self,
+        state: GradientState,
+        frame: _LoaderFrame,
+        source: Iterable[Any],
+        limit: int | None,
     ) -> Iterator[Any]:
         """Batches of a loader of unknown length: reading one batch ahead finds the last."""
         transfer = self.transfer
-        limit = self.max_batches
         try:
             if limit == 0:
                 return
@@ -394,11 +491,22 @@ class _SkipLoader:
     def __init__(self, loader: Any, num_batches: int) -> None:
         self.loader = loader
         self.num_batches = num_batches
+        self._started: Iterator[Any] | None = None
+
+    @classmethod
+    def started(cls, loader: Any, num_batches: int) -> _SkipLoader:
+        """One whose first pass already read and dropped its first ``num_batches`` (now)."""
+        skipper = cls(loader, num_batches)
+        skipper._started = iter(skipper)
+        return skipper
 
     def __len__(self) -> int:
         return max(0, len(self.loader) - self.num_batches)
 
     def __iter__(self) -> Iterator[Any]:
+        if self._started is not None:
+            iterator, self._started = self._started, None
+            return iterator
         iterator = iter(self.loader)
         for _ in range(self.num_batches):
             try:
@@ -406,6 +514,58 @@ class _SkipLoader:
             except StopIteration:
                 return iter(())
         return iterator
+
+
+def _has_sampler(loader: Any) -> bool:
+    """A ``DataLoader`` over a map-style dataset: its order comes from a sampler."""
+    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+
+
+class _OneProcess:
+    """The collectives of a one-process plan (``IndexSharding`` of one rank)."""
+
+    rank = 0
+    world_size = 1
+
+    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return obj
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.unsqueeze(0)
+
+
+_ONE_PROCESS = _OneProcess()
+
+
+def capture_pass_rng(loader: Any) -> dict[str, Any] | None:
+    """The random state a pass of ``loader`` draws its order and worker seeds from: torch's
+    global generator and the loader's and sampler's own generators (None: not a map-style
+    ``DataLoader``, whose order nothing random decides that ember could replay)."""
+    if not _has_sampler(loader):
+        return None
+    sampler_generator = getattr(loader.sampler, "generator", None)
+    return {
+        "torch": torch.get_rng_state(),
+        "loader": loader.generator.get_state() if loader.generator is not None else None,
+        "sampler": (
+            sampler_generator.get_state()
+            if isinstance(sampler_generator, torch.Generator)
+            else None
+        ),
+    }
+
+
+def restore_pass_rng(loader: Any, state: dict[str, Any]) -> None:
+    """Put back what ``capture_pass_rng`` returned."""
+    torch.set_rng_state(state["torch"])
+    if state.get("loader") is not None and loader.generator is not None:
+        loader.generator.set_state(state["loader"])
+    sampler_generator = getattr(loader.sampler, "generator", None)
+    if state.get("sampler") is not None and isinstance(sampler_generator, torch.Generator):
+        sampler_generator.set_state(state["sampler"])
 
 
 def is_data_loader(obj: Any) -> bool:

@@ -70,6 +70,15 @@ def launched_externally() -> bool:
 
 
 # --- the process group -----------------------------------------------------------------------
+def restart_count() -> int:
+    """How many times torchrun's elastic agent restarted this group (0 on the first attempt
+    and without torchrun)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 def collective_timeout(timeout: timedelta | None) -> timedelta:
     """The collectives' timeout: ``EMBER_COLLECTIVE_TIMEOUT`` (seconds) when set, else
     ``timeout``, else torch's 30 minutes."""
@@ -154,8 +163,10 @@ def destroy_process_group() -> None:
 class Agreement:
     """A flag (stop now?) the processes agree on without a blocking collective per step.
 
-    ``exchange(local)`` returns the decision of the previous round (True when any process
-    voted True then) and starts this round's vote as a non-blocking all-reduce, read at the
+    A vote is a bool or a small int (the Trainer votes 2 for "preempted: save and exit",
+    1 for "stop", 0 for "go on"); the decision is the highest vote.
+    ``exchange(local)`` returns the decision of the previous round (true when any process
+    voted so then) and starts this round's vote as a non-blocking all-reduce, read at the
     next call: every process stops at the same step, one step after the first one asked.
     With one process it returns ``local`` at once. ``settle()`` reads the round in flight
     (at an epoch's end, so the rounds stay aligned).
@@ -168,31 +179,31 @@ class Agreement:
         #: Several processes (decided once: this is called every step).
         self.shared = is_initialized() and world_size() > 1
 
-    def exchange(self, local: bool) -> bool:
+    def exchange(self, local: int) -> int:
         if not self.shared:
             return local
         agreed = self.settle()
-        self._vote = torch.tensor([1 if local else 0], device=self.device)
+        self._vote = torch.tensor([int(local)], device=self.device)
         self._work = torch_distributed.all_reduce(
             self._vote, op=torch_distributed.ReduceOp.MAX, async_op=True
         )
         return agreed
 
-    def now(self, local: bool) -> bool:
+    def now(self, local: int) -> int:
         """Agree at once (a blocking all-reduce; between epochs, not per step)."""
         pending = self.settle()
         if not is_initialized():
-            return local or pending
-        vote = torch.tensor([1 if local or pending else 0], device=self.device)
+            return max(int(local), pending)
+        vote = torch.tensor([max(int(local), pending)], device=self.device)
         torch_distributed.all_reduce(vote, op=torch_distributed.ReduceOp.MAX)
-        return bool(vote.item())
+        return int(vote.item())
 
-    def settle(self) -> bool:
-        """The decision of the round in flight (False when none is)."""
+    def settle(self) -> int:
+        """The decision of the round in flight (0 when none is)."""
         if self._work is None or self._vote is None:
-            return False
+            return 0
         self._work.wait()
-        agreed = bool(self._vote.item())
+        agreed = int(self._vote.item())
         self._work = self._vote = None
         return agreed
 

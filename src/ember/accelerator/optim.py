@@ -214,13 +214,14 @@ class GradientState:
             self.item_total = None
             return True
         position = frame.batches_seen % steps
-        if position == 0:
-            remaining = (
-                None if frame.num_batches is None else frame.num_batches - frame.batches_seen
-            )
+        # A window begins, or a fresh state enters one already open (resumed mid-window).
+        if position == 0 or self.window_batches == 0:
+            start = frame.batches_seen - position
+            remaining = None if frame.num_batches is None else frame.num_batches - start
             # A last window with fewer than `steps` batches is divided by its own size.
             self.window_size = steps if remaining is None else max(1, min(steps, remaining))
-            self.item_total = None
+            if position == 0:
+                self.item_total = None
         frame.batches_seen += 1
         frame.counted += 1
         self.window_batches = position + 1

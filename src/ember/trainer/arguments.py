@@ -205,11 +205,13 @@ def check_fit_module(module: Any) -> None:
 
 
 def check_ckpt_path(ckpt_path: Any) -> None:
-    if ckpt_path is not None:
-        raise MisconfigurationError(
-            f"`ckpt_path={ckpt_path!r}`: resuming from checkpoints is not available in this "
-            "version of ember yet; pass ckpt_path=None."
-        )
+    """None, ``"last"``, ``"best"`` or a path."""
+    if ckpt_path is None or isinstance(ckpt_path, (str, os.PathLike)):
+        return
+    raise MisconfigurationError(
+        f"`ckpt_path={ckpt_path!r}` is not supported: pass a checkpoint directory (str or "
+        "path), 'last', 'best' or None."
+    )
 
 
 def set_deterministic(deterministic: bool | str) -> None:

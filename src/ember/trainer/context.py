@@ -133,11 +133,17 @@ class RunContext:
         window_losses: (batch_idx, loss) of the open accumulation window.
         should_stop: set (by callbacks, through ``Trainer.should_stop``) to end fit after the
             current step.
+        preempted: the signal (SIGTERM, SIGINT) that asked this process to stop, else 0.
+        epoch_finished: True while the epoch-end hooks of an epoch that ran to its end fire
+            (a checkpoint written then resumes with the next epoch).
+        resume_rng / resume_seed / resume_metrics / pending_epoch_end: what a checkpoint
+            left for the loop to put back when training starts (``trainer/checkpoint.py``).
     """
 
     __slots__ = (
         "accelerator",
         "active_metrics",
+        "epoch_finished",
         "eval_metrics",
         "handles",
         "hooks",
@@ -150,6 +156,11 @@ class RunContext:
         "num_training_batches",
         "num_val_batches",
         "optimizers",
+        "pending_epoch_end",
+        "preempted",
+        "resume_metrics",
+        "resume_rng",
+        "resume_seed",
         "scheduler_configs",
         "settings",
         "should_stop",
@@ -184,6 +195,12 @@ class RunContext:
         self.val_loaders: list[PreparedDataLoader] = []
         self.window_losses: list[tuple[int, Tensor]] = []
         self.should_stop = False
+        self.preempted = 0
+        self.epoch_finished = False
+        self.resume_rng: dict[str, Any] | None = None
+        self.resume_seed: int | None = None
+        self.resume_metrics: dict[str, Any] | None = None
+        self.pending_epoch_end = False
         #: How the processes agree on ``should_stop`` (at once with one process).
         self.stop_vote = accelerator.agreement()
         self.num_val_batches: list[int | None] = []

@@ -385,6 +385,53 @@ class MetricStore:
                 ]
         return grouped
 
+    # --- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The latest values and this process's partially reduced epoch values, as plain
+        values (a ``torchmetrics.Metric``'s own state is not kept: it lives in the metric)."""
+        series = []
+        for key, item in self.series.items():
+            if item.metric is not None or not item.on_epoch:
+                continue
+            item.fold()
+            values = [to_float(value) for value in item.values]
+            series.append(
+                {
+                    "key": key,
+                    "name": item.name,
+                    "on_step": item.on_step,
+                    "reduce_fx": item.reduce_fx,
+                    "prog_bar": item.prog_bar,
+                    "logger": item.logger,
+                    "sync_dist": item.sync_dist,
+                    "dataloader_idx": item.dataloader_idx,
+                    "in_batch": item.in_batch,
+                    "values": values,
+                    "weights": list(item.weights),
+                }
+            )
+        return {"latest": dict(self.latest()), "prog_bar": sorted(self._prog_bar), "series": series}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the epoch ``state_dict`` described (call after ``start``)."""
+        self._latest.update(state.get("latest", {}))
+        self._prog_bar.update(state.get("prog_bar", []))
+        for saved in state.get("series", []):
+            item = _Series(
+                saved["name"],
+                saved["on_step"],
+                True,
+                saved["reduce_fx"],
+                saved["prog_bar"],
+                saved["logger"],
+                saved["sync_dist"],
+                saved["dataloader_idx"],
+                in_batch=saved["in_batch"],
+            )
+            item.values = [torch.tensor(value, dtype=torch.float64) for value in saved["values"]]
+            item.weights = [float(weight) for weight in saved["weights"]]
+            self.series[saved["key"]] = item
+
     def start(self, on_step: bool, on_epoch: bool) -> None:
         """Begin a new run of a loop: forget its series (the latest values stay)."""
         self.series = {}

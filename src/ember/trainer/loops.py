@@ -22,7 +22,9 @@ from torch import Tensor
 from ember.accelerator import distributed
 from ember.accelerator.data import assemble_in_order
 from ember.accelerator.nested import apply_to_tensors
+from ember.checkpoint.rng import capture_rng, restore_rng
 from ember.errors import MisconfigurationError
+from ember.seed import seed_everything
 
 if TYPE_CHECKING:
     from ember.accelerator.data import PreparedDataLoader
@@ -39,12 +41,65 @@ def fit(context: RunContext) -> None:
         finally:
             context.state.sanity_checking = False
     context.fire("on_train_start")
+    _continue_from_checkpoint(context)
     while not fit_done(context):
         train_epoch(context)
     # The last step's grad-scaler update would otherwise wait for a next backward.
     context.accelerator.end_iteration()
     context.fire("on_train_end")
     context.fire("on_fit_end")
+
+
+class Preempted(BaseException):
+    """Every process agreed to stop at this step boundary because one got SIGTERM / SIGINT
+    (``signal``); the Trainer saves ``last`` and exits. A BaseException, like
+    KeyboardInterrupt: ``except Exception`` in user code must not swallow it."""
+
+    def __init__(self, signal: int) -> None:
+        super().__init__(signal)
+        self.signal = signal
+
+
+#: The stop vote: 0 go on, 1 stop (should_stop), 2 preempted (save last and exit).
+_STOP, _PREEMPT = 1, 2
+
+
+def _continue_from_checkpoint(context: RunContext) -> None:
+    """Put back what a checkpoint left for the loop: the RNG states of the moment it was
+    written (after the sanity check, which must not move them), and the rest of an epoch's
+    bookkeeping when it was written at that epoch's end."""
+    if context.resume_rng is not None:
+        restore_rng(context.resume_rng)
+    elif context.resume_seed is not None:  # resumed on more processes than wrote it
+        seed_everything(context.resume_seed)
+    context.resume_rng = context.resume_seed = None
+    if context.pending_epoch_end:
+        context.pending_epoch_end = False
+        _finish_epoch(context)
+
+
+def _vote(context: RunContext) -> int:
+    return _PREEMPT if context.preempted else int(context.should_stop)
+
+
+def _agreed(context: RunContext, decision: int) -> None:
+    """Act on what the processes agreed: raise ``Preempted`` (every process together), or
+    note a stop."""
+    if decision >= _PREEMPT:
+        raise Preempted(context.preempted or 15)
+    if decision:
+        context.should_stop = True
+
+
+def _finish_epoch(context: RunContext) -> None:
+    """The end of an epoch that ran to its last batch: epoch-interval schedulers step (under
+    manual optimization the user steps them, Lightning's convention), the next epoch begins."""
+    state = context.state
+    for config in context.scheduler_configs if context.module.automatic_optimization else ():
+        if config.interval == "epoch" and (state.epoch + 1) % config.frequency == 0:
+            context.step_scheduler(config)
+    state.epoch += 1
+    state.batch_idx = 0
 
 
 def train_epoch(context: RunContext) -> None:
@@ -79,11 +134,16 @@ def train_epoch(context: RunContext) -> None:
     flushed_at = state.global_step  # the step whose values the loggers last received
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
+    if context.resume_metrics is not None:  # an epoch resumed from a checkpoint
+        metrics.load_state_dict(context.resume_metrics)
+        context.resume_metrics = None
     module.train()
     context.fire("on_train_epoch_start")
     finished = True
-    batch_idx = -1
-    for batch_idx, batch in enumerate(loader):
+    # A resumed epoch starts at the batch after the last one the checkpoint had processed.
+    start = state.batch_idx
+    batch_idx = start - 1
+    for batch_idx, batch in enumerate(loader, start):
         # state.batch_idx already equals batch_idx: it counts the batches processed so far.
         metrics.batch = batch
         for hook in batch_start:
@@ -129,13 +189,12 @@ def train_epoch(context: RunContext) -> None:
         # process stops at the same step: a stop asked on one is agreed on one step later,
         # without a blocking collective per step (one process: at once).
         if state.accumulation_position == 0:
-            agreed_stop = stop_vote.exchange(context.should_stop)
-            if agreed_stop or state.global_step >= max_steps:
-                context.should_stop = context.should_stop or agreed_stop
+            agreed = stop_vote.exchange(_PREEMPT if context.preempted else context.should_stop)
+            if agreed or state.global_step >= max_steps:
+                _agreed(context, agreed)
                 finished = batch_idx + 1 == context.num_training_batches
                 break
-    if stop_vote.settle():  # a stop voted at the epoch's last step
-        context.should_stop = True
+    _agreed(context, stop_vote.settle())  # a stop voted at the epoch's last step
     if state.accumulation_position != 0:
         # The loader ended before the length it announced: close the open window (its
         # gradient is rescaled to the batches it really holds) rather than carry it over.
@@ -153,17 +212,17 @@ def train_epoch(context: RunContext) -> None:
     # Epoch values of what the batches logged are ready for on_train_epoch_end; what the
     # epoch-end hooks log themselves is reduced just after them.
     _, for_loggers = metrics.reduce_epoch(context.epoch_sync)
-    context.fire("on_train_epoch_end")
+    # A checkpoint written by the epoch-end hooks of a finished epoch resumes with the next.
+    context.epoch_finished = finished
+    try:
+        context.fire("on_train_epoch_end")
+    finally:
+        context.epoch_finished = False
     _, more_for_loggers = metrics.reduce_epoch(context.epoch_sync)
     context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
     metrics.close()
     if finished:
-        # Under manual optimization the user steps the schedulers (Lightning's convention).
-        for config in context.scheduler_configs if automatic else ():
-            if config.interval == "epoch" and (state.epoch + 1) % config.frequency == 0:
-                context.step_scheduler(config)
-        state.epoch += 1
-        state.batch_idx = 0
+        _finish_epoch(context)
     for logger in context.loggers if context.is_global_zero else ():
         logger.save()
 
@@ -201,7 +260,7 @@ def should_stop_now(context: RunContext) -> bool:
 
 def fit_done(context: RunContext) -> bool:
     """Whether fit should not start another epoch (agreed by every process)."""
-    context.should_stop = context.stop_vote.now(context.should_stop)
+    _agreed(context, context.stop_vote.now(_vote(context)))
     if should_stop_now(context):
         return True
     max_epochs = context.settings.max_epochs
@@ -321,6 +380,10 @@ def evaluate(
     previous_metrics = context.active_metrics
     context.active_metrics = metrics
     autocast = context.accelerator.autocast
+    # Evaluation never moves training's random streams (its loaders draw seeds): adding or
+    # moving a validation leaves training bit-identical, and a checkpoint written at a
+    # step resumes exactly whether or not a validation followed it.
+    random_state = capture_rng()
     module.eval()
     try:
         context.fire(f"on_{stage}_start")
@@ -357,6 +420,7 @@ def evaluate(
         context.fire(f"on_{stage}_end")
     finally:
         context.active_metrics = previous_metrics
+        restore_rng(random_state)
         if was_training:
             module.train()
     grouped = metrics.values_by_dataloader(values)

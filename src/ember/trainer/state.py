@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+#: Fields that describe what the process is doing now, never saved.
+TRANSIENT = ("stage", "sanity_checking")
+
 
 @dataclass(slots=True)  # slots: read and written every batch
 class LoopState:
@@ -35,12 +38,17 @@ class LoopState:
     sanity_checking: bool = False
 
     def state_dict(self) -> dict[str, Any]:
-        """Every field, as plain Python values."""
-        return asdict(self)
+        """The persisted progress, as plain Python values (not the transient flags ``stage``
+        and ``sanity_checking``, which describe the process, not the run)."""
+        progress = asdict(self)
+        for flag in TRANSIENT:
+            progress.pop(flag)
+        return progress
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the fields saved by ``state_dict`` (unknown keys are ignored)."""
-        names = {field.name for field in fields(self)}
+        """Restore the fields saved by ``state_dict`` (unknown keys and the transient flags
+        are ignored)."""
+        names = {field.name for field in fields(self)} - set(TRANSIENT)
         for key, value in state.items():
             if key in names:
                 setattr(self, key, value)

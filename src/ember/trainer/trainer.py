@@ -13,16 +13,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ember.accelerator import distributed
 from ember.accelerator.accelerator import Accelerator, resolve_mixed_precision
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
 from ember.accelerator.transfer import DataLoaderConfiguration
-from ember.errors import MisconfigurationError, not_available_yet
+from ember.errors import MisconfigurationError
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
-from ember.trainer import arguments, loops
+from ember.trainer import arguments, loops, preemption
+from ember.trainer import checkpoint as trainer_checkpoint
 from ember.trainer.context import LoopSettings, RunContext
 from ember.trainer.loaders import (
     eval_loaders,
@@ -149,6 +151,8 @@ class Trainer:
         )
         arguments.check_flag("enable_progress_bar", enable_progress_bar)
 
+        #: The run's seed (a process resumed without saved RNG states is seeded from it).
+        self.seed = seed
         if seed is not None:
             seed_everything(seed)
         arguments.set_deterministic(deterministic)
@@ -325,13 +329,21 @@ class Trainer:
         val_dataloaders: Any = None,
         ckpt_path: str | os.PathLike[str] | None = None,
     ) -> None:
-        """Train ``module`` on ``train_dataloaders``, validating on ``val_dataloaders``."""
+        """Train ``module`` on ``train_dataloaders``, validating on ``val_dataloaders``.
+
+        ``ckpt_path``: continue from a checkpoint (a path, ``"last"`` or ``"best"``) exactly
+        where it was written. A process restarted by torchrun (``TORCHELASTIC_RESTART_COUNT``
+        > 0) given None continues from ``"last"``.
+        """
         arguments.check_fit_module(module)
         arguments.check_ckpt_path(ckpt_path)
+        if ckpt_path is None and distributed.restart_count() > 0:
+            ckpt_path = "last"  # a restarted group continues from its newest checkpoint
         train_dataloaders, val_dataloaders = fit_loaders(module, train_dataloaders, val_dataloaders)
 
         def run(context: RunContext) -> None:
-            self._fit(context, train_dataloaders, val_dataloaders)
+            with preemption.signals_stop(context):
+                self._fit(context, train_dataloaders, val_dataloaders, ckpt_path)
 
         self._run("fit", module, run, new_run=True)
 
@@ -366,6 +378,7 @@ class Trainer:
         arguments.check_ckpt_path(ckpt_path)
         dataloaders = eval_loaders("predict", "predict", module, dataloaders)
         loaders, _ = prepare_eval_loaders(self.accelerator, dataloaders, None, "predict")
+        self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[Any]:
             context.prepare_module(self.compile, ("predict_step",))
@@ -374,12 +387,21 @@ class Trainer:
         result: list[Any] = self._run("predict", module, run, new_run=False)
         return result
 
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> None:
-        """Write a checkpoint (not available in this version of ember yet)."""
-        raise not_available_yet(
-            "Trainer.save_checkpoint",
-            "To keep the weights, use `trainer.accelerator.save_model(module, directory)`.",
-        )
+    def save_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
+        """Write a checkpoint directory at ``path`` (atomically: complete or absent) from
+        which ``fit(ckpt_path=path)`` continues exactly; call it on every process.
+
+        Args:
+            path: the checkpoint directory to write (replaced when it exists).
+            weights_only: keep only the weights, hparams and progress (no optimizer, loop
+                position or RNG states): enough for ``load_from_checkpoint``, not to resume.
+        """
+        if self._context is None:
+            raise MisconfigurationError(
+                "Trainer.save_checkpoint needs a module: call it during or after fit (or "
+                "validate / test)."
+            )
+        return trainer_checkpoint.save(self, self._context, path, bool(weights_only))
 
     # --- building and running a RunContext ------------------------------------------------------
     def _run(
@@ -427,13 +449,27 @@ class Trainer:
             finally:
                 context.state.stage = None
 
+    def _load_weights(self, module: TrainModule, ckpt_path: Any) -> None:
+        """Load the weights of ``ckpt_path`` (a path, "last" or "best") into ``module`` for
+        validate / test / predict, checked before anything changes."""
+        path = trainer_checkpoint.resolve(self, ckpt_path)
+        if path is None:
+            return
+        weights = trainer_checkpoint.read_weights_for(module, path)
+        self.accelerator.strategy.load_full_state_dict(module, weights)
+
     def _last_module(self) -> TrainModule | None:
         return self._context.module if self._context is not None else None
 
-    def _fit(self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any) -> None:
+    def _fit(
+        self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any, ckpt_path: Any
+    ) -> None:
         module = context.module
-        # Nothing left of an earlier fit's optimizer in the accelerator (resuming will come
-        # from ckpt_path).
+        # The checkpoint is read and checked before anything changes (after setup, which
+        # tells the checkpoint callback its folder).
+        path = trainer_checkpoint.resolve(self, ckpt_path)
+        checkpoint = trainer_checkpoint.read_for_fit(self, module, path) if path else None
+        # Nothing left of an earlier fit's optimizer in the accelerator.
         self.accelerator.free_memory()
         context.prepare_module(self.compile, ("training_step", "validation_step"))
         context.prepare_optimizers()
@@ -456,10 +492,15 @@ class Trainer:
                 UserWarning,
                 stacklevel=3,
             )
+        if checkpoint is not None:
+            trainer_checkpoint.restore(self, context, checkpoint)
         if module.hparams and self.is_global_zero:
             for logger in self.loggers:
                 logger.log_hyperparams(dict(module.hparams))
-        loops.fit(context)
+        try:
+            loops.fit(context)
+        except loops.Preempted as stop:
+            preemption.save_and_exit(self, context, stop.signal)
 
     def _evaluate(
         self,
@@ -480,6 +521,7 @@ class Trainer:
         dataloaders = eval_loaders(entry, stage, module, dataloaders)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
         loaders, lengths = prepare_eval_loaders(self.accelerator, dataloaders, limit, stage)
+        self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[dict[str, float]]:
             if stage == "validation":

@@ -1,0 +1,217 @@
+"""Writing and reading a checkpoint directory.
+
+A checkpoint is a directory holding ``model.safetensors`` (the full weights, readable with
+plain safetensors), ``state.pt`` (everything else, read with ``weights_only=True``) and
+``meta.json`` (what a person or a script needs without loading anything). It is written as a
+temporary sibling (``.tmp-<name>-<pid>``), every file and the directory fsynced, then renamed
+into place: a crash at any moment leaves either the complete checkpoint or none under its
+name. Leftovers of an interrupted save start with ``.tmp-``; ``remove_leftovers`` deletes them
+and nothing ever loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ember.checkpoint.plain import check_plain
+from ember.errors import CheckpointError
+from ember.serialization import save_safetensors
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+FILES = (MODEL_FILE, STATE_FILE, META_FILE)
+TEMPORARY_PREFIX = ".tmp-"
+#: Test-only: when set, a save stops after writing the weights (the middle of a save), creates
+#: ``<value>`` and waits there, so a test can kill the process at a known moment.
+PAUSE_VARIABLE = "EMBER_TEST_PAUSE_IN_SAVE"
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint directory as read: ``weights`` (None when not loaded), ``state``
+    (``state.pt``) and ``meta`` (``meta.json``)."""
+
+    path: Path
+    weights: dict[str, Tensor] | None
+    state: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def write_checkpoint(
+    path: str | os.PathLike[str],
+    weights: dict[str, Tensor],
+    state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically; return its path.
+
+    ``state`` is checked first (``CheckpointError`` naming the offending key, before anything
+    is written). An existing ``path`` is replaced: the new directory is complete before the
+    old one is moved away.
+    """
+    check_plain(state, "state")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{TEMPORARY_PREFIX}{path.name}-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        save_safetensors(weights, temporary / MODEL_FILE, atomic=False)
+        _pause_if_asked()
+        torch.save(state, temporary / STATE_FILE)
+        (temporary / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        for name in FILES:
+            _fsync_file(temporary / name)
+        _fsync_file(temporary)
+        if path.exists():
+            # Move the old one out of the way under a leftover name, then take its place.
+            old = path.with_name(f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(temporary, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+        _fsync_file(path.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike[str], *, weights: bool = True) -> Checkpoint:
+    """Read and check a checkpoint directory: ``CheckpointError`` naming the path and the
+    problem when it is missing, incomplete, truncated or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"No checkpoint at {str(path)!r}: the path does not exist.")
+    if path.name.startswith(TEMPORARY_PREFIX):
+        raise CheckpointError(
+            f"{str(path)!r} is the leftover of an interrupted save (its name starts with "
+            f"{TEMPORARY_PREFIX!r}); it is never loaded. Use a complete checkpoint beside it."
+        )
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{str(path)!r} is a file, not an ember checkpoint: a checkpoint is a directory "
+            f"holding {', '.join(FILES)}."
+        )
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} is not a complete ember checkpoint: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (a checkpoint holds "
+            f"{', '.join(FILES)})."
+        )
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{str(path / META_FILE)!r} is corrupt: {error}") from error
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{str(path / STATE_FILE)!r} is truncated or corrupt, or holds objects a "
+            f"weights_only load refuses: {type(error).__name__}: {str(error)[:300]}"
+        ) from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path / STATE_FILE)!r} does not hold a dict of state.")
+    loaded = read_weights(path) if weights else None
+    return Checkpoint(path, loaded, state, meta if isinstance(meta, dict) else {})
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """``model.safetensors`` of the checkpoint at ``path`` (checked)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path / MODEL_FILE))
+    except Exception as error:
+        raise CheckpointError(
+            f"{str(path / MODEL_FILE)!r} is truncated or corrupt: {type(error).__name__}: "
+            f"{str(error)[:300]}"
+        ) from error
+
+
+def check_keys(path: Path, expected: list[str], found: list[str], what: str) -> None:
+    """``CheckpointError`` listing missing and unexpected keys when ``found`` differs from
+    ``expected`` (the weights of a different module)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} does not fit {what}: missing keys {_few(missing)}, "
+            f"unexpected keys {_few(unexpected)}. Was it written for another model?"
+        )
+
+
+def _few(keys: list[str]) -> str:
+    shown = keys[:8]
+    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+    return f"{shown}{more}"
+
+
+def complete_checkpoints(folder: str | os.PathLike[str], prefix: str = "") -> list[Path]:
+    """The complete checkpoint directories in ``folder`` whose names start with ``prefix``
+    (never a ``.tmp-`` leftover), oldest step first (``meta.json``'s step, then name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.startswith(TEMPORARY_PREFIX) or not entry.name.startswith(prefix):
+            continue
+        if entry.is_dir() and all((entry / name).is_file() for name in FILES):
+            found.append((_step_of(entry), entry.name, entry))
+    return [entry for _, _, entry in sorted(found)]
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(json.loads((path / META_FILE).read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return -1
+
+
+def remove_leftovers(folder: str | os.PathLike[str]) -> None:
+    """Delete the ``.tmp-`` leftovers of interrupted saves in ``folder`` (not this process's
+    save in progress: each save's temporary name carries its process id)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.name.startswith(TEMPORARY_PREFIX) and not entry.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
+                missing_ok=True
+            )
+
+
+def _fsync_file(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _pause_if_asked() -> None:
+    marker = os.environ.get(PAUSE_VARIABLE)
+    if not marker:
+        return
+    Path(marker).write_text(str(os.getpid()))
+    while True:  # the test kills this process here
+        time.sleep(0.05)

@@ -1,0 +1,348 @@
+"""The Trainer's checkpoints: what one holds, finding one, and putting it back.
+
+``save`` gathers everything an exact continuation needs (weights, optimizers, schedulers,
+grad scaler, loop progress, the training loader's position and the random state its epoch
+began from, every process's RNG states, the gradient of an open accumulation window, callback
+states, partially reduced epoch metrics, hparams, logger runs) and writes it with
+``ember.checkpoint.files`` (atomic, ``weights_only``). ``read_for_fit`` reads and checks a
+checkpoint before anything is changed; ``restore`` puts it back into a prepared run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ember.accelerator import distributed
+from ember.checkpoint.files import (
+    Checkpoint,
+    check_keys,
+    complete_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from ember.checkpoint.plain import plain_hparams
+from ember.checkpoint.rng import capture_rng
+from ember.errors import CheckpointError, MisconfigurationError
+
+if TYPE_CHECKING:
+    from ember.module import TrainModule
+    from ember.trainer.context import RunContext
+    from ember.trainer.trainer import Trainer
+
+#: The layout of ``state.pt``; a checkpoint of another format is refused with a clear error.
+FORMAT = 1
+#: Keys of ``state.pt`` that ``restore`` reads; ``on_save_checkpoint`` may add others.
+LAST_PREFIX = "last"
+
+
+# --- writing -------------------------------------------------------------------------------------
+def save(
+    trainer: Trainer, context: RunContext, path: str | os.PathLike[str], weights_only: bool
+) -> Path:
+    """Write the run's checkpoint to ``path`` (every process calls this; global rank zero
+    writes). Returns the path."""
+    import ember
+
+    accelerator = context.accelerator
+    state = context.state
+    model = context.model
+    strategy = accelerator.strategy
+    mid_window = state.accumulation_position != 0
+    if mid_window and strategy.distributed_type.value == "FSDP":
+        raise CheckpointError(
+            f"Cannot write {str(path)!r} in the middle of an accumulation window under FSDP "
+            f"(batch {state.batch_idx} of epoch {state.epoch}, {state.accumulation_position} "
+            "batches into the window): save at a step boundary (ModelCheckpoint does)."
+        )
+    # A grad-scaler update still pending from the last step is applied now (it would be at
+    # the next backward): the saved scale is the one the next step uses.
+    accelerator.end_iteration()
+    weights = strategy.full_state_dict(model)  # a collective under FSDP
+    optimizers = [
+        strategy.full_optimizer_state_dict(model, optimizer) for optimizer in context.optimizers
+    ]
+    # What differs between processes: every rank's RNG states, loader position, and the
+    # gradient of an open window (kept local under DDP until the window's last batch).
+    own: dict[str, Any] = {
+        "rng": capture_rng(),
+        "loader": context.train_loader.state_dict() if context.train_loader is not None else None,
+        "grads": _local_gradients(context.module) if mid_window and not weights_only else None,
+        "metrics": context.train_metrics.state_dict(),
+    }
+    ranks = distributed.all_gather_object(own) if accelerator.num_processes > 1 else [own]
+    checkpoint: dict[str, Any] = {
+        "format": FORMAT,
+        "weights_only": weights_only,
+        "hparams": plain_hparams(context.module.hparams),
+        "loop": {**state.state_dict(), "epoch_finished": context.epoch_finished},
+        "world_size": accelerator.num_processes,
+    }
+    if not weights_only:
+        checkpoint.update(
+            optimizers=optimizers,
+            optimizer_format=_optimizer_format(strategy),
+            schedulers=[
+                config.scheduler.scheduler.state_dict() for config in context.scheduler_configs
+            ],
+            scaler=accelerator.precision.state_dict(),
+            ranks=ranks,
+            callbacks={
+                callback.state_key: callback.state_dict()
+                for callback in trainer.callbacks
+                if callback.state_dict()
+            },
+            window={
+                "losses": [(index, float(loss.detach())) for index, loss in context.window_losses],
+                "items": _plain_items(accelerator.gradient_state.item_total),
+            },
+            loggers=[
+                {"class": type(logger).__name__, "state": _logger_state(logger)}
+                for logger in context.loggers
+            ]
+            if context.is_global_zero
+            else [],
+        )
+    context.fire("on_save_checkpoint", checkpoint)
+    meta = {
+        "ember_version": ember.__version__,
+        "epoch": state.epoch,
+        "step": state.global_step,
+        "batch_idx": state.batch_idx,
+        "world_size": accelerator.num_processes,
+        "weights_only": weights_only,
+        "metrics": dict(context.train_metrics.latest()),
+        "time": time.time(),
+    }
+    error: str | None = None
+    path = Path(path)
+    if context.is_global_zero:
+        try:
+            write_checkpoint(path, weights, checkpoint, meta)
+        except CheckpointError as failure:
+            error = str(failure)
+    if accelerator.num_processes > 1:  # every process learns whether it was written
+        error = distributed.broadcast_object(error, src=0)
+    if error is not None:
+        raise CheckpointError(error)
+    return path
+
+
+def _logger_state(logger: Any) -> dict[str, Any]:
+    checkpoint_state = getattr(logger, "checkpoint_state", None)
+    return checkpoint_state() if checkpoint_state is not None else {}
+
+
+def _local_gradients(module: TrainModule) -> dict[str, Tensor]:
+    return {
+        name: parameter.grad.detach().cpu().clone()
+        for name, parameter in module.named_parameters()
+        if parameter.grad is not None
+    }
+
+
+def _plain_items(items: Any) -> Any:
+    if isinstance(items, Tensor):
+        return items.detach().cpu()
+    return items
+
+
+def _optimizer_format(strategy: Any) -> str:
+    # FSDP's full optimizer state is keyed by parameter names, the others' by position.
+    return "names" if strategy.distributed_type.value == "FSDP" else "ids"
+
+
+# --- finding -------------------------------------------------------------------------------------
+def resolve(trainer: Trainer, ckpt_path: Any) -> Path | None:
+    """The checkpoint ``fit`` / ``validate`` / ... should load: a path, ``"last"`` (the
+    complete ``last-*`` checkpoint with the highest step; None with a warning when there is
+    none yet) or ``"best"`` (the checkpoint callback's best)."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        folder = _checkpoint_folder(trainer)
+        found = complete_checkpoints(folder, LAST_PREFIX) if folder is not None else []
+        if not found:
+            where = f"in {str(folder)!r}" if folder is not None else "(checkpointing is off)"
+            warnings.warn(
+                f"ckpt_path='last': there is no complete 'last' checkpoint {where} yet; "
+                "training starts from scratch.",
+                UserWarning,
+                stacklevel=4,
+            )
+            return None
+        return found[-1]
+    if ckpt_path == "best":
+        callback = trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "") if callback is not None else ""
+        if not best:
+            raise MisconfigurationError(
+                "ckpt_path='best': no best checkpoint is known (the checkpoint callback has "
+                "not saved one with a `monitor` yet). Pass a path or ckpt_path='last'."
+            )
+        return Path(best)
+    if isinstance(ckpt_path, (str, os.PathLike)):
+        return Path(ckpt_path)
+    raise MisconfigurationError(
+        f"`ckpt_path={ckpt_path!r}` is not supported: pass a checkpoint directory, 'last' or "
+        "'best' (or None)."
+    )
+
+
+def _checkpoint_folder(trainer: Trainer) -> Path | None:
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    folder = getattr(callback, "dirpath", None)
+    return Path(folder) if folder is not None else None
+
+
+# --- reading -------------------------------------------------------------------------------------
+def read_weights_for(module: TrainModule, path: Path) -> dict[str, Tensor]:
+    """The weights of the checkpoint at ``path``, checked against ``module``'s keys."""
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.weights is not None
+    check_keys(path, list(module.state_dict()), list(checkpoint.weights), type(module).__name__)
+    return checkpoint.weights
+
+
+def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoint:
+    """Read the checkpoint at ``path`` and check that fit can continue from it, before any
+    state is changed."""
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.weights is not None
+    state = checkpoint.state
+    if state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} has state format {state.get('format')!r}; this ember reads "
+            f"format {FORMAT}."
+        )
+    if state.get("weights_only"):
+        raise CheckpointError(
+            f"{str(path)!r} was saved with save_weights_only=True: it holds no optimizer or "
+            "loop state to continue fit from. Load its weights with "
+            f"{type(module).__name__}.load_from_checkpoint(path) or validate/test(ckpt_path=...)."
+        )
+    check_keys(path, list(module.state_dict()), list(checkpoint.weights), type(module).__name__)
+    world = trainer.world_size
+    saved_world = int(state.get("world_size", 1))
+    if state["loop"].get("accumulation_position", 0) and saved_world != world:
+        raise CheckpointError(
+            f"{str(path)!r} was written in the middle of an accumulation window by "
+            f"{saved_world} processes; its gradient can only continue on {saved_world} "
+            f"processes, not {world}. Resume from a checkpoint taken at a step boundary."
+        )
+    loop = state["loop"]
+    if loop.get("batch_idx", 0) and not loop.get("epoch_finished") and saved_world != world:
+        raise CheckpointError(
+            f"{str(path)!r} was written mid-epoch by {saved_world} processes; resuming it "
+            f"mid-epoch on {world} is not supported yet. Resume on {saved_world} processes, "
+            "or from a checkpoint written at an epoch's end."
+        )
+    return checkpoint
+
+
+def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> None:
+    """Put ``checkpoint`` back into the prepared run ``context`` (after ``read_for_fit``)."""
+    state = checkpoint.state
+    path = checkpoint.path
+    accelerator = context.accelerator
+    strategy = accelerator.strategy
+    optimizers = state["optimizers"]
+    schedulers = state["schedulers"]
+    if len(optimizers) != len(context.optimizers) or len(schedulers) != len(
+        context.scheduler_configs
+    ):
+        raise CheckpointError(
+            f"{str(path)!r} holds {len(optimizers)} optimizer(s) and {len(schedulers)} "
+            f"scheduler(s); configure_optimizers returned {len(context.optimizers)} and "
+            f"{len(context.scheduler_configs)}."
+        )
+    if state.get("optimizer_format") != _optimizer_format(strategy):
+        raise CheckpointError(
+            f"{str(path)!r} was written under a strategy whose optimizer state is keyed by "
+            f"{state.get('optimizer_format')}; this run's strategy ({strategy.distributed_type}) "
+            "needs another layout. Resume under the strategy that wrote it."
+        )
+    for saved, optimizer in zip(optimizers, context.optimizers, strict=True):
+        _check_groups(path, saved, optimizer)
+    assert checkpoint.weights is not None
+    strategy.load_full_state_dict(context.model, checkpoint.weights)
+    for saved, optimizer in zip(optimizers, context.optimizers, strict=True):
+        strategy.load_full_optimizer_state_dict(context.model, optimizer, saved)
+    for saved, config in zip(schedulers, context.scheduler_configs, strict=True):
+        config.scheduler.scheduler.load_state_dict(saved)
+    accelerator.precision.load_state_dict(state["scaler"])
+    loop = dict(state["loop"])
+    epoch_finished = bool(loop.pop("epoch_finished", False))
+    context.state.load_state_dict(loop)
+    for callback in trainer.callbacks:
+        saved = state["callbacks"].get(callback.state_key)
+        if saved is not None:
+            callback.load_state_dict(saved)
+    rank = accelerator.process_index
+    ranks = state["ranks"]
+    own = ranks[rank] if rank < len(ranks) else None
+    same_world = len(ranks) == accelerator.num_processes
+    if own is not None:
+        context.resume_rng = own["rng"]
+    elif trainer.seed is not None:
+        context.resume_seed = trainer.seed + rank
+    loader = context.train_loader
+    if epoch_finished:
+        # Written at an epoch's end (before its epoch schedulers stepped): what is left of
+        # that epoch's bookkeeping runs first, then the next epoch starts.
+        context.pending_epoch_end = True
+    elif loader is not None and context.state.batch_idx > 0:
+        saved_loader = (own or ranks[0])["loader"]
+        if saved_loader is not None and same_world:  # read_for_fit checked the world size
+            loader.load_state_dict(saved_loader, batches=context.state.batch_idx)
+        context.resume_metrics = (own or ranks[0])["metrics"]
+    if own is not None and own.get("grads"):
+        _restore_gradients(context.module, own["grads"], path)
+    window = state.get("window") or {}
+    context.window_losses[:] = [
+        (int(index), torch.tensor(loss)) for index, loss in window.get("losses", [])
+    ]
+    if window.get("items") is not None:
+        items = window["items"]
+        accelerator.gradient_state.item_total = (
+            items.to(accelerator.device) if isinstance(items, Tensor) else items
+        )
+    if context.is_global_zero:
+        saved_loggers = state.get("loggers", [])
+        for index, logger in enumerate(context.loggers):
+            entry = saved_loggers[index] if index < len(saved_loggers) else None
+            saved = entry["state"] if entry and entry.get("class") == type(logger).__name__ else {}
+            continue_run = getattr(logger, "continue_run", None)
+            if continue_run is not None:
+                continue_run(saved, context.state.global_step)
+    context.fire("on_load_checkpoint", state)
+
+
+def _check_groups(path: Path, saved: dict[str, Any], optimizer: Any) -> None:
+    groups = saved.get("param_groups", [])
+    current = optimizer.param_groups
+    sizes = [len(group["params"]) for group in groups]
+    expected = [len(group["params"]) for group in current]
+    if sizes != expected:
+        raise CheckpointError(
+            f"{str(path)!r} holds an optimizer state for parameter groups of sizes {sizes}; "
+            f"{type(optimizer.optimizer).__name__} here has groups of sizes {expected}."
+        )
+
+
+def _restore_gradients(module: TrainModule, grads: dict[str, Tensor], path: Path) -> None:
+    parameters = dict(module.named_parameters())
+    unknown = sorted(set(grads) - set(parameters))
+    if unknown:
+        raise CheckpointError(f"{str(path)!r} holds gradients of unknown parameters {unknown}.")
+    for name, grad in grads.items():
+        parameter = parameters[name]
+        parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype)

@@ -1,0 +1,76 @@
+"""Preemption: SIGTERM or SIGINT during fit saves ``last`` and exits non-zero.
+
+The signal only sets a flag (``RunContext.preempted``); the training loop votes it at the
+next step boundary, so every process stops at the same step without a blocking collective
+per step, saves one ``last`` checkpoint together and leaves. A second signal aborts at once
+(``KeyboardInterrupt``), as Ctrl-C twice does elsewhere. With no checkpoint callback nothing
+is saved. If a peer is already gone the save cannot complete: its temporary directory is never
+renamed, and the newest complete checkpoint stays the one to resume from.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from ember.trainer.context import RunContext
+    from ember.trainer.trainer import Trainer
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def signals_stop(context: RunContext) -> Iterator[None]:
+    """While fit runs, SIGTERM / SIGINT set ``context.preempted`` instead of killing the
+    process (main thread only: Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if context.preempted:  # the second signal: stop now, save nothing
+            raise KeyboardInterrupt
+        context.preempted = signum
+        print(
+            f"ember: got {signal.Signals(signum).name}; stopping at the next step boundary "
+            "(send it again to stop at once).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous: dict[signal.Signals, Any] = {}
+    for signum in SIGNALS:
+        previous[signum] = signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def save_and_exit(trainer: Trainer, context: RunContext, signum: int) -> NoReturn:
+    """Every process agreed to stop for ``signum``: save ``last`` (when a checkpoint callback
+    exists) and raise ``SystemExit`` with a message that says how to resume."""
+    state = context.state
+    name = signal.Signals(signum).name
+    callback = trainer.checkpoint_callback
+    save_last = getattr(callback, "save_last_checkpoint", None)
+    where = f"global step {state.global_step} (epoch {state.epoch}, batch {state.batch_idx})"
+    if save_last is None:
+        message = (
+            f"ember: stopped by {name} at {where}. Checkpointing is off, so nothing was "
+            "saved; a new fit starts from the beginning."
+        )
+    else:
+        path = save_last(trainer, context.module)
+        message = (
+            f"ember: stopped by {name} at {where}; saved {str(path)!r}. Continue with "
+            "Trainer(...).fit(..., ckpt_path='last')."
+        )
+    raise SystemExit(message)
