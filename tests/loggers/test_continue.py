@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ember.errors import MisconfigurationError
-from ember.loggers import CSVLogger, Logger
+from ember.loggers import CSVLogger, Logger, TensorBoardLogger
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -200,3 +200,93 @@ def test_csv_the_same_logger_drops_its_written_and_buffered_rows_after_the_step(
 def test_csv_a_bad_saved_version_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MisconfigurationError, match="single folder name"):
         CSVLogger(tmp_path).continue_run({"version": "../elsewhere"}, step=1)
+
+
+# TensorBoardLogger
+
+
+def scalar_steps(log_dir: str, tag: str = "loss") -> list[tuple[int, float]]:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def assert_monotonic(steps: list[tuple[int, float]]) -> None:
+    numbers = [step for step, _ in steps]
+    assert numbers == sorted(set(numbers)), f"steps repeat or go back: {numbers}"
+
+
+def test_tensorboard_continues_the_saved_version_and_purges_after_the_step(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("tensorboard")
+    first = TensorBoardLogger(tmp_path)
+    log_steps(first, range(1, 11))
+    state = round_trip(first.checkpoint_state(), tmp_path)
+    first.finalize("failed")
+    assert state == {"version": 0}
+
+    resumed = TensorBoardLogger(tmp_path)
+    resumed.continue_run(state, step=6)
+    log_steps(resumed, range(7, 10), scale=10.0)
+    resumed.finalize("success")
+    assert resumed.log_dir == first.log_dir
+    steps = scalar_steps(resumed.log_dir)
+    assert_monotonic(steps)
+    assert steps == [*[(step, float(step)) for step in range(1, 7)], (7, 70), (8, 80), (9, 90)]
+
+    # Only the first writer after continue_run purges: a later one keeps steps 7..9.
+    resumed.log_metrics({"loss": 100.0}, step=10)
+    resumed.finalize("success")
+    assert scalar_steps(resumed.log_dir)[6:] == [(7, 70), (8, 80), (9, 90), (10, 100)]
+
+
+def test_tensorboard_an_open_writer_is_reopened_with_the_purge(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    logger = TensorBoardLogger(tmp_path)
+    log_steps(logger, range(1, 11))
+    logger.continue_run(logger.checkpoint_state(), step=6)
+    log_steps(logger, range(7, 9), scale=10.0)
+    logger.finalize("success")
+    steps = scalar_steps(logger.log_dir)
+    assert_monotonic(steps)
+    assert steps[5:] == [(6, 6.0), (7, 70), (8, 80)]
+
+
+def test_tensorboard_purges_when_the_file_counter_gains_a_digit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files of one second and process are named ...9 then ...10, which sorts backwards."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.summary.writer import event_file_writer
+
+    if not hasattr(event_file_writer, "AtomicCounter"):
+        pytest.skip("tensorboard names its event files differently now")
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    first = TensorBoardLogger(tmp_path)
+    log_steps(first, range(1, 11))
+    first.finalize("failed")
+    resumed = TensorBoardLogger(tmp_path)
+    resumed.continue_run({"version": 0}, step=6)
+    log_steps(resumed, range(7, 9), scale=10.0)
+    resumed.finalize("success")
+    steps = scalar_steps(resumed.log_dir)
+    assert_monotonic(steps)
+    assert steps[5:] == [(6, 6.0), (7, 70), (8, 80)]
+
+
+def test_tensorboard_an_explicit_version_wins(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    first = TensorBoardLogger(tmp_path)
+    log_steps(first, range(1, 11))
+    first.finalize("success")
+    other = TensorBoardLogger(tmp_path, version=3)
+    other.continue_run({"version": 0}, step=6)
+    log_steps(other, range(7, 9))
+    other.finalize("success")
+    assert other.log_dir == str(tmp_path / "ember" / "version_3")
+    assert [step for step, _ in scalar_steps(other.log_dir)] == [7, 8]
+    assert len(scalar_steps(first.log_dir)) == 10
