@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ember.errors import MisconfigurationError
-from ember.loggers import CSVLogger, Logger, TensorBoardLogger
+from ember.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -290,3 +290,128 @@ def test_tensorboard_an_explicit_version_wins(tmp_path: Path) -> None:
     assert other.log_dir == str(tmp_path / "ember" / "version_3")
     assert [step for step, _ in scalar_steps(other.log_dir)] == [7, 8]
     assert len(scalar_steps(first.log_dir)) == 10
+
+
+# WandbLogger
+
+
+@pytest.fixture
+def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """W&B kept off the network and inside ``tmp_path``."""
+    pytest.importorskip("wandb")
+    settings = tmp_path / "wandb_settings"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(variable, str(settings))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return tmp_path
+
+
+def test_wandb_an_offline_run_is_resumed_with_steps_after_the_resumed_one(
+    offline_wandb: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_dir = offline_wandb / "runs"
+    first = WandbLogger(project="ember-tests", save_dir=save_dir)
+    assert first.checkpoint_state() == {}, "no run is started just to checkpoint"
+    assert not save_dir.exists()
+    log_steps(first, range(1, 11))
+    run_id = first.version
+    state = round_trip(first.checkpoint_state(), offline_wandb)
+    first.finalize("failed")
+    assert state == {"id": run_id}
+    assert first.checkpoint_state() == state, "the id is kept after the run is finished"
+
+    resumed = WandbLogger(project="ember-tests", save_dir=save_dir)
+    resumed.continue_run(state, step=6)
+    run = resumed.experiment
+    assert run.id == run_id
+    logged: list[int] = []
+    real_log = run.log
+
+    def spy(metrics: dict[str, float], step: int) -> None:
+        logged.append(step)
+        real_log(metrics, step=step)
+
+    monkeypatch.setattr(run, "log", spy)
+    log_steps(resumed, range(5, 10))
+    resumed.finalize("success")
+    assert logged == [7, 8, 9]
+    folders = sorted(path.name for path in (save_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2
+    assert all(run_id in folder for folder in folders)
+
+
+class FakeRun:
+    def __init__(self, run_id: str) -> None:
+        self.id = run_id
+        self.name = ""
+        self.dir = "/somewhere/files"
+        self.logged: list[int] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append(step)
+
+    def finish(self, exit_code: int) -> None:
+        pass
+
+
+@pytest.fixture
+def init_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """``wandb.init`` replaced: each call is recorded and returns a run with the given id."""
+    wandb = pytest.importorskip("wandb")
+    calls: list[dict[str, Any]] = []
+
+    def fake_init(**kwargs: Any) -> FakeRun:
+        calls.append(kwargs)
+        return FakeRun(kwargs.get("id") or "fresh")
+
+    monkeypatch.setattr(wandb, "run", None)
+    monkeypatch.setattr(wandb, "init", fake_init)
+    return calls
+
+
+def init_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    return {key: call[key] for key in ("id", "resume") if key in call}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "state", "expected"),
+    [
+        ({}, {"id": "saved"}, {"id": "saved", "resume": "allow"}),
+        ({"id": None}, {"id": "saved"}, {"id": "saved", "resume": "allow"}),
+        ({"id": "mine"}, {"id": "saved"}, {"id": "mine", "resume": "allow"}),
+        ({"resume": "must"}, {"id": "saved"}, {"id": "saved", "resume": "must"}),
+        ({}, {}, {}),
+    ],
+)
+def test_wandb_init_arguments_of_a_resumed_run(
+    tmp_path: Path,
+    init_calls: list[dict[str, Any]],
+    kwargs: dict[str, Any],
+    state: dict[str, Any],
+    expected: dict[str, Any],
+) -> None:
+    logger = WandbLogger(save_dir=tmp_path, **kwargs)
+    logger.continue_run(state, step=4)
+    log_steps(logger, range(3, 7))
+    assert [init_arguments(call) for call in init_calls] == [expected]
+    assert logger.experiment.logged == [5, 6]
+    assert logger.checkpoint_state() == {"id": expected.get("id", "fresh")}
+    # A later use after finalize resumes the same run again.
+    logger.finalize("success")
+    logger.log_metrics({"loss": 1.0}, step=7)
+    assert init_arguments(init_calls[-1]) == expected
+
+
+def test_wandb_a_run_already_in_use_is_kept_with_a_warning(
+    tmp_path: Path, init_calls: list[dict[str, Any]]
+) -> None:
+    logger = WandbLogger(save_dir=tmp_path)
+    logger.log_metrics({"loss": 1.0}, step=0)
+    with pytest.warns(UserWarning, match="'saved'"):
+        logger.continue_run({"id": "saved"}, step=4)
+    log_steps(logger, range(4, 6))
+    assert logger.version == "fresh"
+    assert logger.experiment.logged == [0, 5]
+    assert len(init_calls) == 1
