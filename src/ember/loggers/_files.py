@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import types
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,25 +51,13 @@ class VersionedFolder:
                 f"`name={name!r}` is a {type(name).__name__}; the experiment name must be a "
                 'str (the folder inside save_dir), e.g. name="ember", or "" for none.'
             )
-        if isinstance(version, bool) or not isinstance(version, int | str | type(None)):
-            raise MisconfigurationError(
-                f"`version={version!r}` is a {type(version).__name__}; accepted: None (the "
-                "next free version_N), an int N (version_N) or a str (the folder name)."
-            )
-        if isinstance(version, int) and version < 0:
-            raise MisconfigurationError(
-                f"`version={version}` is negative; pass an int >= 0, a str, or None for the "
-                "next free version."
-            )
-        if isinstance(version, str) and (version in ("", ".", "..") or "/" in version):
-            raise MisconfigurationError(
-                f"`version={version!r}` is not a single folder name; pass a name without "
-                '"/" such as "baseline", an int, or None for the next free version.'
-            )
+        check_version(version)
         self.root = Path(save_dir) / name
         self.name = name
         self._requested = version
         self._folder: str | None = None
+        # Whether the user chose the version: a chosen one is never replaced by adopt().
+        self.explicit = version is not None
 
     @property
     def version(self) -> int | str:
@@ -90,12 +79,33 @@ class VersionedFolder:
         """``save_dir/name/<version folder>``; it exists once this has been read."""
         return self.root / self.folder
 
+    def adopt(self, version: int | str) -> bool:
+        """Use ``version`` (a saved run's) instead of the next free one; return whether it is.
+
+        Refused (False) when the user gave a version, and when the folder already picked
+        holds something: then this logger has written there, and moving would split what it
+        wrote. A picked folder that is still empty (only ``version`` or ``log_dir`` was
+        read) is removed and replaced.
+        """
+        check_version(version)
+        if self.explicit:
+            return False
+        if self._folder is not None:
+            if self._folder == _folder_name(version):
+                return True
+            claimed = self.root / self._folder
+            if claimed.is_dir():
+                if any(claimed.iterdir()):
+                    return False
+                # Empty, and ours: _claim created it with an atomic mkdir.
+                claimed.rmdir()
+            self._folder = None
+        self._requested = version
+        return True
+
     def _claim(self) -> str:
-        if isinstance(self._requested, str):
-            (self.root / self._requested).mkdir(parents=True, exist_ok=True)
-            return self._requested
-        if isinstance(self._requested, int):
-            folder = f"version_{self._requested}"
+        if self._requested is not None:
+            folder = _folder_name(self._requested)
             (self.root / folder).mkdir(parents=True, exist_ok=True)
             return folder
         self.root.mkdir(parents=True, exist_ok=True)
@@ -109,6 +119,30 @@ class VersionedFolder:
                 number += 1
                 continue
             return folder
+
+
+def check_version(version: Any) -> None:
+    """Raise ``MisconfigurationError`` unless ``version`` is None, an int >= 0 or a folder name."""
+    if isinstance(version, bool) or not isinstance(version, int | str | type(None)):
+        raise MisconfigurationError(
+            f"`version={version!r}` is a {type(version).__name__}; accepted: None (the "
+            "next free version_N), an int N (version_N) or a str (the folder name)."
+        )
+    if isinstance(version, int) and version < 0:
+        raise MisconfigurationError(
+            f"`version={version}` is negative; pass an int >= 0, a str, or None for the "
+            "next free version."
+        )
+    if isinstance(version, str) and (version in ("", ".", "..") or "/" in version):
+        raise MisconfigurationError(
+            f"`version={version!r}` is not a single folder name; pass a name without "
+            '"/" such as "baseline", an int, or None for the next free version.'
+        )
+
+
+def _folder_name(version: int | str) -> str:
+    """The folder of a given version: ``version_N`` for an int, the str itself otherwise."""
+    return f"version_{version}" if isinstance(version, int) else version
 
 
 def next_free_version(root: Path) -> int:
@@ -250,7 +284,7 @@ def require(package: str, extra: str, logger: str) -> None:
 
 
 class FolderLogger(Logger):
-    """A logger writing into ``save_dir/name/version_N``: the three properties it shares."""
+    """A logger writing into ``save_dir/name/version_N``: what it shares, resuming included."""
 
     _folder: VersionedFolder
 
@@ -268,3 +302,28 @@ class FolderLogger(Logger):
     def log_dir(self) -> str:
         """The version folder, ``save_dir/name/version_N``; created on first read."""
         return str(self._folder.path)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``{"version": N}`` (or the str folder name); reading it picks the folder if unpicked.
+
+        Picking it here, rather than leaving it to the first write, is what lets a checkpoint
+        written before the first flush name the folder the run will write to.
+        """
+        return {"version": self._folder.version}
+
+    def _continue_version(self, state: Mapping[str, Any]) -> None:
+        """Adopt the saved version in ``state`` unless the user gave one (see ``adopt``).
+
+        Warns when the logger already wrote to a folder of its own, which it then keeps.
+        """
+        saved = state.get("version")
+        if saved is None or self._folder.explicit or self._folder.adopt(saved):
+            return
+        warnings.warn(
+            f"{type(self).__name__} already wrote to {self._folder.path} before the fit "
+            f"resumed, so it keeps writing there instead of continuing version {saved!r} of "
+            "the checkpoint. Let the Trainer resume before anything is logged, or pass "
+            f"`version={saved!r}` to continue that run.",
+            UserWarning,
+            stacklevel=3,
+        )

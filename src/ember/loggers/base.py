@@ -3,6 +3,10 @@
 The Trainer calls loggers only on the global-zero process, so a logger never checks ranks:
 ``log_hyperparams`` once when fit starts, ``log_metrics`` every ``log_every_n_steps`` steps and
 at each epoch end, ``save`` after each epoch, and ``finalize`` when the run ends.
+
+A logger's run lasts as long as the logger object, and a fit resumed from a checkpoint
+continues it: the checkpoint keeps ``checkpoint_state()``, and ``fit(ckpt_path=...)`` hands it
+back to ``continue_run`` before the resumed fit logs anything.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ class Logger(ABC):
     Implement ``name``, ``version``, ``log_metrics`` and ``log_hyperparams``; override
     ``log_dir`` when the logger writes local files, ``save`` when it buffers, and
     ``finalize`` when it holds something to close (call ``self.save()`` there, or
-    ``super().finalize(status)``).
+    ``super().finalize(status)``). Override ``checkpoint_state`` and ``continue_run`` to
+    continue the same run when a fit resumes from a checkpoint.
     """
 
     @property
@@ -49,3 +54,20 @@ class Logger(ABC):
     def finalize(self, status: str) -> None:
         """The run ended with ``status`` ("success", "failed" or "interrupted")."""
         self.save()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue this run (default: nothing, ``{}``).
+
+        Plain values only (str, int, float, bool, None, and lists or dicts of these): the
+        checkpoint is loaded with ``torch.load(weights_only=True)``.
+        """
+        return {}
+
+    def continue_run(self, state: dict[str, Any], step: int) -> None:  # noqa: B027  (no-op: nothing kept, nothing to do)
+        """Continue the run ``state`` describes: ``fit(ckpt_path=...)`` resumes at ``step``.
+
+        ``state`` is what ``checkpoint_state`` returned when the checkpoint was written (``{}``
+        when the checkpoint had nothing for this logger); ``step`` is the optimizer step the
+        fit resumes at, so what was logged after it is logged again. Called on global rank
+        zero only, before the resumed fit logs anything. Default: nothing.
+        """

@@ -40,6 +40,10 @@ class CSVLogger(FolderLogger):
     ``metrics.csv`` already exists there (an explicit ``version`` reused, e.g. on resume),
     new rows are appended to it.
 
+    A fit resumed from a checkpoint continues the checkpoint's version folder (unless a
+    ``version`` was given) and first drops the rows of steps after the resumed one, which the
+    resumed fit logs again: see ``continue_run``.
+
     Args:
         save_dir: the folder holding all experiments.
         name: the experiment's folder inside ``save_dir`` ("" puts versions in ``save_dir``).
@@ -127,6 +131,33 @@ class CSVLogger(FolderLogger):
         """Write what is still buffered; the ``status`` does not change what is written."""
         self.save()
 
+    def continue_run(self, state: dict[str, Any], step: int) -> None:
+        """Continue the checkpoint's version folder, without the rows of steps after ``step``.
+
+        With ``version=None``, the logger takes the version in ``state`` (see
+        ``checkpoint_state``), unless it already wrote to a folder of its own, which it then
+        keeps (with a warning); a folder only picked, and still empty, is given up. A
+        ``version`` given to the constructor always wins. Then ``metrics.csv`` is rewritten
+        (atomically) without its rows of steps after ``step``, and buffered rows of such steps
+        are dropped, so the steps the resumed fit logs again appear once, in order.
+        """
+        self._continue_version(state)
+        self._rows = [row for row in self._rows if row[STEP_COLUMN] <= step]
+        path = self.metrics_file
+        header = _read_header(path)
+        # The header on disk: None makes the next write read it from the (new) folder.
+        self._columns = None
+        if STEP_COLUMN not in header:
+            return
+        column = header.index(STEP_COLUMN)
+        with open_atomically(path) as file:
+            writer = csv.writer(file)
+            writer.writerow(header)
+            with path.open(encoding="utf-8", newline="") as old_file:
+                reader = csv.reader(old_file)
+                next(reader, None)
+                writer.writerows(row for row in reader if not _is_after(row, column, step))
+
     def _rewrite(self, path: Path, columns: list[str]) -> None:
         """Write ``columns`` as the header, the file's old rows padded, then the buffer."""
         old_width = len(self._columns or [])
@@ -151,6 +182,14 @@ def _read_header(path: Path) -> list[str]:
         return []
     with path.open(encoding="utf-8", newline="") as file:
         return next(csv.reader(file), [])
+
+
+def _is_after(row: list[str], column: int, step: int) -> bool:
+    """Whether ``row``'s step is after ``step``; a row without a readable step is kept."""
+    try:
+        return float(row[column]) > step
+    except (IndexError, ValueError):
+        return False
 
 
 def _as_number(name: str, value: Any) -> float:

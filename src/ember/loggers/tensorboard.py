@@ -7,8 +7,10 @@ the writer is first needed, never when ``ember.loggers`` is imported.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.loggers._files import (
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
 _LOGGER = "TensorBoardLogger"
+# The start of an event file's name, with the second it was opened in.
+_EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
 # The Trainer's run statuses as the HParams plugin's; "interrupted" is neither outcome.
 _SESSION_STATUS = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
 
@@ -44,6 +48,9 @@ class TensorBoardLogger(FolderLogger):
     Creating the logger checks that ``tensorboard`` is installed, without importing it, and
     touches nothing on disk. The version folder is picked and created on first use, like
     ``CSVLogger``'s; the ``SummaryWriter`` is created on the first write or ``experiment`` read.
+    A fit resumed from a checkpoint continues the checkpoint's version folder (unless a
+    ``version`` was given), hiding the events of steps after the resumed one: see
+    ``continue_run``.
 
     Args:
         save_dir: the folder holding all experiments (what ``tensorboard --logdir`` takes).
@@ -67,6 +74,8 @@ class TensorBoardLogger(FolderLogger):
         self._writer: SummaryWriter | None = None
         self._hparams: dict[str, Any] = {}
         self._hparams_in_events = False
+        # Set by continue_run: the next writer opened hides the events from this step on.
+        self._purge_step: int | None = None
 
     @property
     def experiment(self) -> SummaryWriter:
@@ -83,7 +92,10 @@ class TensorBoardLogger(FolderLogger):
                     missing_extra_message("tensorboard", "tensorboard", _LOGGER),
                     name="tensorboard",
                 ) from error
-            self._writer = SummaryWriter(log_dir=self.log_dir)
+            if self._purge_step is not None:
+                _wait_to_sort_after(self._folder.path)
+            self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self._purge_step)
+            self._purge_step = None
         return self._writer
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -122,6 +134,23 @@ class TensorBoardLogger(FolderLogger):
         self._writer.close()
         self._writer = None
 
+    def continue_run(self, state: dict[str, Any], step: int) -> None:
+        """Continue the checkpoint's version folder, hiding its events of steps after ``step``.
+
+        With ``version=None``, the logger takes the version in ``state`` (see
+        ``checkpoint_state``), unless it already wrote to a folder of its own, which it then
+        keeps (with a warning); a folder only picked, and still empty, is given up. A
+        ``version`` given to the constructor always wins. The next ``SummaryWriter`` opened
+        is given ``purge_step=step + 1``: TensorBoard then ignores the folder's earlier events
+        of steps after ``step``, which the resumed fit logs again. A writer already open is
+        closed for that (a later ``experiment`` read opens the new one).
+        """
+        self._continue_version(state)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._purge_step = step + 1
+
     def _write_hparams_summary(self) -> None:
         """Write the HParams tab's summaries once per logger, when there are hparams."""
         if self._hparams_in_events or not self._hparams:
@@ -140,6 +169,24 @@ class TensorBoardLogger(FolderLogger):
     def _file_writer(self) -> Any:
         # torch annotates `file_writer` by its first value, None; the constructor sets it.
         return self.experiment.file_writer
+
+
+def _wait_to_sort_after(folder: Path) -> None:
+    """Sleep, if needed, until an event file opened now sorts after those in ``folder``.
+
+    TensorBoard reads a folder's event files in name order. A name starts with the second
+    the file was opened in, then the host, the process id and a per-process counter that is
+    not zero-padded, so two files of the same second can sort backwards (counter 10 before
+    9). A purge read before the events it should hide hides nothing: when a file of this
+    second is there already, the purging writer waits for the next second (at most 1 s, and
+    only when a writer was opened in this folder within the same second, as in tests).
+    """
+    now = time.time()
+    seconds = (
+        int(match.group(1)) for path in folder.iterdir() if (match := _EVENT_FILE.match(path.name))
+    )
+    if int(now) in seconds:
+        time.sleep(int(now) + 1 - now)
 
 
 def _session_end_summary(status: str) -> Any:

@@ -7,6 +7,7 @@ started, when the logger is first used, never when ``ember.loggers`` is imported
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ class WandbLogger(Logger):
     use (a log call, or reading ``experiment``, ``name``, ``version`` or ``log_dir``) imports
     wandb and calls ``wandb.init``; when a run is already active (you called ``wandb.init``
     yourself), that run is used instead of starting another.
+
+    A fit resumed from a checkpoint continues the checkpoint's run (unless an ``id`` was
+    given) and logs only the steps after the resumed one: see ``continue_run``.
 
     Args:
         project: the W&B project; None lets wandb choose (``WANDB_PROJECT`` or its default).
@@ -55,6 +59,11 @@ class WandbLogger(Logger):
         self._offline = offline
         self._init_kwargs = init_kwargs
         self._run: Any = None
+        # The id of the last run this logger used; it stays known after finalize().
+        self._run_id: str | None = None
+        # Set by continue_run: the run to resume, and the last step it keeps.
+        self._resume_id: str | None = None
+        self._resumed_step: int | None = None
 
     @property
     def experiment(self) -> Any:
@@ -77,8 +86,9 @@ class WandbLogger(Logger):
                     dir=str(self._save_dir),
                     # None leaves the choice to wandb, which honours WANDB_MODE.
                     mode="offline" if self._offline else None,
-                    **self._init_kwargs,
+                    **self._init_arguments(),
                 )
+            self._run_id = str(self._run.id)
         return self._run
 
     @property
@@ -100,18 +110,61 @@ class WandbLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """``run.log(metrics, step=step)``; calls with the same step land in the same row.
 
-        W&B ignores (with a warning) a step lower than one already logged.
+        W&B ignores (with a warning) a step lower than one already logged. After
+        ``continue_run(state, s)``, steps up to ``s`` are dropped here: the resumed run
+        already has them.
         """
+        if self._resumed_step is not None and step <= self._resumed_step:
+            return
         self.experiment.log(dict(metrics), step=step)
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         """Add ``params`` (sanitized like ``hparams.yaml``) to the run's config."""
         self.experiment.config.update(sanitize(params), allow_val_change=True)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """``{"id": run id}`` once a run was used; ``{}`` before (no run is started for it)."""
+        return {} if self._run_id is None else {"id": self._run_id}
+
+    def continue_run(self, state: dict[str, Any], step: int) -> None:
+        """Resume the checkpoint's run, and log only the steps after ``step`` from now on.
+
+        Without an ``id`` among the ``wandb.init`` arguments, the run to start is the one
+        whose id ``state`` holds (see ``checkpoint_state``); an ``id`` given to the
+        constructor always wins. Either way the run is started with ``resume="allow"``
+        (unless you passed ``resume``). A run already started is kept: this logger's (with a
+        warning when its id is not the checkpoint's), or yours from ``wandb.init``. Offline,
+        wandb writes a new ``offline-run-*`` folder with the same id, which ``wandb sync``
+        uploads into that run.
+        """
+        saved = state.get("id")
+        self._resumed_step = step
+        if saved is None or self._init_kwargs.get("id") is not None:
+            return
+        self._resume_id = str(saved)
+        if self._run is not None and str(self._run.id) != self._resume_id:
+            warnings.warn(
+                f"WandbLogger already uses the run {self._run.id!r}, so the resumed fit logs "
+                f"there instead of continuing the checkpoint's run {saved!r}. Let the Trainer "
+                f"resume before the run starts, or pass `id={saved!r}` to continue that run.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _init_arguments(self) -> dict[str, Any]:
+        """The extra ``wandb.init`` arguments: the user's, plus the run to resume if any."""
+        arguments = dict(self._init_kwargs)
+        if self._resume_id is not None:
+            arguments["id"] = self._resume_id
+        if self._resumed_step is not None and arguments.get("id") is not None:
+            arguments.setdefault("resume", "allow")
+        return arguments
+
     def finalize(self, status: str) -> None:
         """Finish the run: exit code 0 for "success", 1 otherwise (shown as failed).
 
-        Does nothing when no run was started; a later use starts a new run.
+        Does nothing when no run was started; a later use starts a new run (after
+        ``continue_run``, resumes the checkpoint's run again).
         """
         if self._run is not None:
             self._run.finish(exit_code=0 if status == "success" else 1)
