@@ -103,7 +103,7 @@ def save(
                 "items": _plain_items(accelerator.gradient_state.item_total),
             },
             loggers=[
-                {"class": type(logger).__name__, "state": _logger_state(logger)}
+                {"class": type(logger).__name__, "state": logger.checkpoint_state()}
                 for logger in context.loggers
             ]
             if context.is_global_zero
@@ -132,11 +132,6 @@ def save(
     if error is not None:
         raise CheckpointError(error)
     return path
-
-
-def _logger_state(logger: Any) -> dict[str, Any]:
-    checkpoint_state = getattr(logger, "checkpoint_state", None)
-    return checkpoint_state() if checkpoint_state is not None else {}
 
 
 def _local_gradients(module: TrainModule) -> dict[str, Tensor]:
@@ -320,9 +315,7 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         for index, logger in enumerate(context.loggers):
             entry = saved_loggers[index] if index < len(saved_loggers) else None
             saved = entry["state"] if entry and entry.get("class") == type(logger).__name__ else {}
-            continue_run = getattr(logger, "continue_run", None)
-            if continue_run is not None:
-                continue_run(saved, context.state.global_step)
+            logger.continue_run(saved, context.state.global_step)
     context.fire("on_load_checkpoint", state)
 
 
