@@ -71,7 +71,7 @@ def save(
     # What differs between processes: every rank's RNG states, loader position, and the
     # gradient of an open window (kept local under DDP until the window's last batch).
     own: dict[str, Any] = {
-        "rng": capture_rng(),
+        "rng": context.training_rng if context.training_rng is not None else capture_rng(),
         "loader": context.train_loader.state_dict() if context.train_loader is not None else None,
         "grads": _local_gradients(context.module) if mid_window and not weights_only else None,
         "metrics": context.train_metrics.state_dict(),

@@ -169,6 +169,7 @@ class RunContext:
         "stop_vote",
         "train_loader",
         "train_metrics",
+        "training_rng",
         "val_loaders",
         "window_losses",
     )
@@ -201,6 +202,9 @@ class RunContext:
         self.resume_seed: int | None = None
         self.resume_metrics: dict[str, Any] | None = None
         self.pending_epoch_end = False
+        #: While an evaluation runs inside fit: the training's RNG states, which it restores
+        #: after itself (and which a checkpoint written meanwhile records).
+        self.training_rng: dict[str, Any] | None = None
         #: How the processes agree on ``should_stop`` (at once with one process).
         self.stop_vote = accelerator.agreement()
         self.num_val_batches: list[int | None] = []

@@ -95,7 +95,8 @@ class _Series:
         if len(self.values) <= 1:
             return
         total_weight = sum(self.weights)
-        value = self._reduce_local()
+        # A Python float: kept in float64 (a tensor would be cast to float32 with the others).
+        value = float(self._reduce_local())
         self.values = [value]
         self.weights = [total_weight]
 
@@ -428,7 +429,7 @@ class MetricStore:
                 saved["dataloader_idx"],
                 in_batch=saved["in_batch"],
             )
-            item.values = [torch.tensor(value, dtype=torch.float64) for value in saved["values"]]
+            item.values = [float(value) for value in saved["values"]]
             item.weights = [float(weight) for weight in saved["weights"]]
             self.series[saved["key"]] = item
 

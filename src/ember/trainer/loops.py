@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -75,7 +76,10 @@ def _continue_from_checkpoint(context: RunContext) -> None:
     context.resume_rng = context.resume_seed = None
     if context.pending_epoch_end:
         context.pending_epoch_end = False
-        _finish_epoch(context)
+        with warnings.catch_warnings():
+            # The schedulers step before this process's optimizers have: no reason to warn.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            _finish_epoch(context)
 
 
 def _vote(context: RunContext) -> int:
@@ -384,6 +388,7 @@ def evaluate(
     # moving a validation leaves training bit-identical, and a checkpoint written at a
     # step resumes exactly whether or not a validation followed it.
     random_state = capture_rng()
+    context.training_rng = random_state  # what a checkpoint written meanwhile records
     module.eval()
     try:
         context.fire(f"on_{stage}_start")
@@ -420,6 +425,7 @@ def evaluate(
         context.fire(f"on_{stage}_end")
     finally:
         context.active_metrics = previous_metrics
+        context.training_rng = None
         restore_rng(random_state)
         if was_training:
             module.train()

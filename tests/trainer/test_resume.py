@@ -1,0 +1,369 @@
+"""Exact resume: a fit interrupted at any step and continued from its checkpoint ends with the
+same weights, bit for bit, as the fit that was never interrupted (one process, fp32, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import ember
+from ember import Callback, CheckpointError, Trainer, TrainModule
+from tests.helpers import MemoryLogger, TinyModule, bare_trainer_kwargs, loader
+
+
+class DropoutNet(TrainModule):
+    """Dropout, Adam and a per-step scheduler: every random and stateful part of a run."""
+
+    def __init__(self, hidden: int = 16, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(4, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, 1)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = ((self.net(x) - y) ** 2).mean()
+        self.log("train_loss", loss, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", ((self.net(x) - y) ** 2).mean())
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.9)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def shuffled(samples: int = 70, batch_size: int = 7) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 4, generator=generator)
+    y = torch.randn(samples, 1, generator=generator)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
+
+
+class Crash(Callback):
+    """Writes a checkpoint after training batch number ``at`` (counted over the run), then
+    fails like a crashed process."""
+
+    def __init__(self, at: int, path: Path, event: str = "on_train_batch_end") -> None:
+        self.at = at
+        self.path = path
+        self.event = event
+
+    def _maybe(self, trainer: Trainer) -> None:
+        if trainer.state.total_batch_idx == self.at and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+            raise RuntimeError("crash")
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if self.event == "on_train_batch_end":
+            self._maybe(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.event == "on_train_epoch_end":
+            self._maybe(trainer)
+
+    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.event == "on_validation_end":
+            self._maybe(trainer)
+
+
+def _weights(module: nn.Module) -> dict[str, Tensor]:
+    return {name: value.clone() for name, value in module.state_dict().items()}
+
+
+def _interrupted_and_resumed(
+    tmp_path: Path, at: int, event: str = "on_train_batch_end", **kwargs: Any
+) -> tuple[dict[str, Tensor], dict[str, Tensor], Trainer]:
+    """(weights of the uninterrupted fit, weights of the resumed fit, the resumed trainer)."""
+    options = {**bare_trainer_kwargs(), "max_epochs": 3, **kwargs}
+    val = kwargs.pop("val", None)
+    options.pop("val", None)
+    ember.seed_everything(0)
+    whole = DropoutNet()
+    Trainer(**options).fit(whole, shuffled(), val)
+    ember.seed_everything(0)
+    crashed = DropoutNet()
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError, match="crash"):
+        Trainer(callbacks=[Crash(at, path, event)], **options).fit(crashed, shuffled(), val)
+    ember.seed_everything(1234)  # a new process: other seeds, other initial weights
+    resumed = DropoutNet()
+    trainer = Trainer(**options)
+    trainer.fit(resumed, shuffled(), val, ckpt_path=path)
+    return _weights(whole), _weights(resumed), trainer
+
+
+def _assert_equal(expected: dict[str, Tensor], actual: dict[str, Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "at"),
+    [
+        (1, 4),  # mid-epoch
+        (1, 10),  # the last batch of the first epoch
+        (3, 13),  # a window boundary mid-epoch
+        (3, 14),  # mid-window: the open window's gradient is in the checkpoint
+        (4, 19),  # mid-window, the short last window of an epoch ahead
+    ],
+)
+def test_resume_is_bit_exact(tmp_path: Path, accumulate: int, at: int) -> None:
+    whole, resumed, trainer = _interrupted_and_resumed(
+        tmp_path, at, accumulate_grad_batches=accumulate
+    )
+    _assert_equal(whole, resumed)
+    assert trainer.current_epoch == 3
+
+
+def test_resume_from_a_checkpoint_written_at_an_epoch_end(tmp_path: Path) -> None:
+    # Written by on_train_epoch_end: the epoch's schedulers have not stepped yet; the
+    # resumed fit finishes that bookkeeping and starts the next epoch.
+    class EpochScheduled(DropoutNet):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+            return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+
+    options = {**bare_trainer_kwargs(), "max_epochs": 3}
+    ember.seed_everything(0)
+    whole = EpochScheduled()
+    Trainer(**options).fit(whole, shuffled())
+    ember.seed_everything(0)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):
+        Trainer(callbacks=[Crash(10, path, "on_train_epoch_end")], **options).fit(
+            EpochScheduled(), shuffled()
+        )
+    assert json.loads((path / "meta.json").read_text())["epoch"] == 0
+    ember.seed_everything(5)
+    resumed = EpochScheduled()
+    trainer = Trainer(**options)
+    trainer.fit(resumed, shuffled(), ckpt_path=path)
+    _assert_equal(_weights(whole), _weights(resumed))
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [1e-2 * 0.5**3]
+
+
+def test_resume_with_validation_mid_epoch_and_a_checkpoint_after_it(tmp_path: Path) -> None:
+    val = DataLoader(
+        TensorDataset(torch.randn(12, 4), torch.randn(12, 1)), batch_size=4, shuffle=True
+    )
+    whole, resumed, _ = _interrupted_and_resumed(
+        tmp_path, 15, "on_validation_end", val=val, val_check_interval=5
+    )
+    _assert_equal(whole, resumed)
+
+
+def test_resume_under_fp16_keeps_the_grad_scaler(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="16-mixed"):  # emulated fp16 on this CPU
+        whole, resumed, trainer = _interrupted_and_resumed(
+            tmp_path, 14, precision="16-mixed", accumulate_grad_batches=3
+        )
+    _assert_equal(whole, resumed)
+
+
+def test_resume_with_limit_train_batches(tmp_path: Path) -> None:
+    whole, resumed, _ = _interrupted_and_resumed(tmp_path, 5, limit_train_batches=6)
+    _assert_equal(whole, resumed)
+
+
+def test_validation_does_not_move_the_training_random_streams() -> None:
+    val = DataLoader(
+        TensorDataset(torch.randn(12, 4), torch.randn(12, 1)), batch_size=4, shuffle=True
+    )
+    options = {**bare_trainer_kwargs(), "max_epochs": 2}
+    ember.seed_everything(0)
+    without = DropoutNet()
+    Trainer(**options).fit(without, shuffled())
+    ember.seed_everything(0)
+    with_validation = DropoutNet()
+    Trainer(val_check_interval=3, **options).fit(with_validation, shuffled(), val)
+    _assert_equal(_weights(without), _weights(with_validation))
+
+
+def test_epoch_metrics_and_progress_continue(tmp_path: Path) -> None:
+    options = {**bare_trainer_kwargs(), "max_epochs": 1}
+    options.pop("logger")
+    ember.seed_everything(0)
+    whole = Trainer(**options, logger=MemoryLogger())
+    whole.fit(DropoutNet(), shuffled())
+    ember.seed_everything(0)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):
+        Trainer(callbacks=[Crash(4, path)], logger=False, **options).fit(DropoutNet(), shuffled())
+    resumed = Trainer(**options, logger=MemoryLogger())
+    resumed.fit(DropoutNet(), shuffled(), ckpt_path=path)
+    # The epoch mean covers the batches before and after the interruption.
+    expected = whole.callback_metrics["train_loss_epoch"]
+    assert resumed.callback_metrics["train_loss_epoch"] == pytest.approx(expected, rel=1e-12)
+    assert resumed.global_step == whole.global_step == 10
+
+
+def test_the_checkpoint_layout(tmp_path: Path) -> None:
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=3)
+    module = DropoutNet(hidden=8)
+    trainer.fit(module, shuffled())
+    path = trainer.save_checkpoint(tmp_path / "checkpoint")
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    _assert_equal(_weights(module), weights)
+    state = torch.load(path / "state.pt", weights_only=True)
+    assert state["hparams"] == {"hidden": 8, "lr": 1e-2}
+    assert state["loop"]["global_step"] == 3
+    assert "stage" not in state["loop"]  # transient flags are not saved
+    assert len(state["ranks"]) == 1 and set(state["ranks"][0]["rng"]) >= {"python", "torch"}
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["ember_version"] == ember.__version__
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_module_argument_is_left_out_of_hparams_with_a_warning(tmp_path: Path) -> None:
+    class WithModule(TinyModule):
+        def __init__(self, head: nn.Module, features: int = 4) -> None:
+            super().__init__(features)
+            self.save_hyperparameters()
+            self.head = head
+
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=1)
+    trainer.fit(WithModule(nn.Linear(1, 1)), loader(16))
+    with pytest.warns(UserWarning, match="hparams\\['head'\\] is an nn.Module"):
+        path = trainer.save_checkpoint(tmp_path / "checkpoint")
+    assert torch.load(path / "state.pt", weights_only=True)["hparams"] == {"features": 4}
+
+
+def test_a_state_that_cannot_be_saved_fails_before_anything_is_written(tmp_path: Path) -> None:
+    class Holding(Callback):
+        def state_dict(self) -> dict[str, Any]:
+            return {"fn": lambda: 1}
+
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=1, callbacks=[Holding()])
+    trainer.fit(TinyModule(), loader(16))
+    with pytest.raises(
+        CheckpointError, match=r"state\['callbacks'\]\[.*Holding'\]\['fn'\] is a function"
+    ):
+        trainer.save_checkpoint(tmp_path / "checkpoint")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it(tmp_path: Path) -> None:
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=1)
+    trainer.fit(TinyModule(), loader(16))
+    path = trainer.save_checkpoint(tmp_path / "checkpoint")
+    trainer.fit(TinyModule(), loader(16))
+    trainer.save_checkpoint(path)
+    assert json.loads((path / "meta.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+# --- bad checkpoints: CheckpointError naming the path and the problem, nothing changed --------
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=2)
+    trainer.fit(TinyModule(), loader(16))
+    return trainer.save_checkpoint(tmp_path / "good")
+
+
+class Untouched(TinyModule):
+    calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        Untouched.calls += 1
+        return super().training_step(batch, batch_idx)
+
+
+def _damage(path: Path, how: str) -> Path:
+    if how == "missing state":
+        (path / "state.pt").unlink()
+    elif how == "truncated weights":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "corrupt state":
+        (path / "state.pt").write_bytes(b"not a torch file")
+    elif how == "a file":
+        path = path / "meta.json"
+    elif how == "nowhere":
+        path = path.parent / "nothing-here"
+    elif how == "leftover":
+        leftover = path.parent / ".tmp-last-step=2-999"
+        path.rename(leftover)
+        path = leftover
+    return path
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing state", "state.pt is missing"),
+        ("truncated weights", "model.safetensors' is truncated or corrupt"),
+        ("corrupt state", "state.pt' is truncated or corrupt"),
+        ("a file", "is a file, not an ember checkpoint"),
+        ("nowhere", "does not exist"),
+        ("leftover", "leftover of an interrupted save"),
+    ],
+)
+def test_a_bad_checkpoint_is_refused_before_anything_changes(
+    saved: Path, how: str, message: str
+) -> None:
+    path = _damage(saved, how)
+    module = Untouched()
+    before = _weights(module)
+    Untouched.calls = 0
+    with pytest.raises(CheckpointError, match=message) as error:
+        Trainer(**bare_trainer_kwargs(), max_epochs=1).fit(module, loader(16), ckpt_path=path)
+    assert str(path) in str(error.value)
+    assert Untouched.calls == 0
+    _assert_equal(before, _weights(module))
+
+
+def test_a_checkpoint_of_another_module_lists_the_keys(saved: Path) -> None:
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \['net.0.bias'.*unexpected keys \['net.bias'"
+    ):
+        Trainer(**bare_trainer_kwargs(), max_epochs=1).fit(
+            TinyModule(hidden=3), loader(16), ckpt_path=saved
+        )
+
+
+def test_a_weights_only_checkpoint_cannot_continue_fit(tmp_path: Path) -> None:
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=2)
+    trainer.fit(TinyModule(), loader(16))
+    path = trainer.save_checkpoint(tmp_path / "weights", weights_only=True)
+    assert "optimizers" not in torch.load(path / "state.pt", weights_only=True)
+    with pytest.raises(CheckpointError, match="save_weights_only=True"):
+        Trainer(**bare_trainer_kwargs(), max_steps=4).fit(TinyModule(), loader(16), ckpt_path=path)
+
+
+def test_validate_and_test_load_the_weights(saved: Path) -> None:
+    from safetensors.torch import load_file
+
+    expected = load_file(str(saved / "model.safetensors"))
+    module = TinyModule(lr=0.5)
+    assert not torch.equal(module.net.weight, expected["net.weight"])
+    trainer = Trainer(**bare_trainer_kwargs())
+    trainer.validate(module, loader(16), ckpt_path=saved)
+    assert torch.equal(module.net.weight, expected["net.weight"])
+    other = TinyModule(hidden=3)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        trainer.test(other, loader(16), ckpt_path=saved)
+
+
+def test_last_without_a_checkpoint_starts_fresh_with_a_warning() -> None:
+    trainer = Trainer(**bare_trainer_kwargs(), max_steps=2)
+    with pytest.warns(UserWarning, match="no complete 'last' checkpoint"):
+        trainer.fit(TinyModule(), loader(16), ckpt_path="last")
+    assert trainer.global_step == 2
