@@ -169,7 +169,7 @@ def test_resume_with_validation_mid_epoch_and_a_checkpoint_after_it(tmp_path: Pa
 
 def test_resume_under_fp16_keeps_the_grad_scaler(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="16-mixed"):  # emulated fp16 on this CPU
-        whole, resumed, trainer = _interrupted_and_resumed(
+        whole, resumed, _ = _interrupted_and_resumed(
             tmp_path, 14, precision="16-mixed", accumulate_grad_batches=3
         )
     _assert_equal(whole, resumed)
