@@ -28,6 +28,7 @@ from ember.accelerator.streams import StreamSharding
 from ember.accelerator.transfer import DataLoaderConfiguration as DataLoaderConfiguration
 from ember.accelerator.transfer import batch_transfer as batch_transfer
 from ember.accelerator.transfer import move_to_device as move_to_device
+from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
     from ember.accelerator.optim import _LoaderFrame
@@ -45,12 +46,25 @@ class _EpochCounter:
         pass_rng: the random state the pass began from (``capture_pass_rng``): replaying it
             draws the same order and worker seeds.
         frame: the pass's frame (how many batches it yielded); None before any pass.
-        pass_skip: batches the pass left out at its start (a resumed pass).
+        pass_skip: batches the pass left out at its start, by index (a resumed pass).
+        pass_start: the global position of the epoch's order the pass began at (a pass
+            resumed on another number of processes; ``IndexSharding.position_unit``).
+        pass_offset: batches counted as done before the pass's first batch (``pass_skip``
+            and the rounds ``pass_start`` stands for): the batch index of its first batch.
         replay: set by ``load_state_dict``: the next pass replays that epoch from its saved
-            random state and leaves out the batches already consumed.
+            random state and leaves out what was already consumed.
     """
 
-    __slots__ = ("frame", "pass_epoch", "pass_rng", "pass_skip", "replay", "value")
+    __slots__ = (
+        "frame",
+        "pass_epoch",
+        "pass_offset",
+        "pass_rng",
+        "pass_skip",
+        "pass_start",
+        "replay",
+        "value",
+    )
 
     def __init__(self, value: int = 0) -> None:
         self.value = value
@@ -58,6 +72,8 @@ class _EpochCounter:
         self.pass_rng: dict[str, Any] | None = None
         self.frame: _LoaderFrame | None = None
         self.pass_skip = 0
+        self.pass_start = 0
+        self.pass_offset = 0
         self.replay: dict[str, Any] | None = None
 
 
@@ -102,6 +118,7 @@ class PreparedDataLoader:
         self.skip = skip
         self._epochs = epochs if epochs is not None else _EpochCounter()
         self._places: list[BatchPlace] | None = None
+        self._local_plan: IndexSharding | None = None
 
     @property
     def epoch(self) -> int:
@@ -157,26 +174,66 @@ class PreparedDataLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader stands, for a checkpoint: the epoch of the pass in progress,
-        how many batches of it this process consumed, and the random state it began from.
+        how many batches of it this process consumed (``batches``), the random state it
+        began from (``rng``) and, for a map-style loader, the global position in the epoch's
+        order (``position``, in ``unit``: what another number of processes resumes from).
         Between passes: the next epoch and 0 batches."""
         counter = self._epochs
         frame = counter.frame
         if frame is None or frame.ended or counter.pass_epoch < 0:
             return {"epoch": counter.value, "batches": 0, "rng": None}
-        return {
+        state: dict[str, Any] = {
             "epoch": counter.pass_epoch,
-            "batches": counter.pass_skip + frame.yielded,
+            "batches": counter.pass_offset + frame.yielded,
             "rng": counter.pass_rng,
         }
+        plan = self._index_plan()
+        if plan is not None:
+            rounds = counter.pass_skip + frame.yielded
+            state["position"] = plan.position_after(rounds, counter.pass_start)
+            state["unit"] = plan.position_unit
+        return state
 
-    def load_state_dict(self, state: dict[str, Any], batches: int | None = None) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], batches: int | None = None, by_position: bool = False
+    ) -> int:
         """Continue from ``state`` (``state_dict``'s): the next pass replays its epoch in the
-        same order and leaves out the batches consumed (``batches`` overrides that count; 0:
-        replay the whole epoch, for ``skip_first_batches`` to skip)."""
-        skip = int(state["batches"]) if batches is None else batches
+        same order and leaves out what was consumed. ``batches`` overrides the count of
+        batches to leave out (0: replay the whole epoch, for ``skip_first_batches`` to skip).
+        ``by_position``: start at the saved global position instead (``state`` written by
+        another number of processes: every sample of the epoch still comes exactly once).
+
+        Returns the batch index, in this process's batches, at which the replay begins.
+        """
         counter = self._epochs
         counter.value = int(state["epoch"])
-        counter.replay = {"skip": skip, "rng": state.get("rng")}
+        if not by_position:
+            skip = int(state["batches"]) if batches is None else batches
+            counter.replay = {"skip": skip, "start": 0, "rng": state.get("rng")}
+            return skip
+        plan = self._index_plan()
+        if plan is None or "position" not in state or state.get("unit") != plan.position_unit:
+            raise MisconfigurationError(
+                "This loader cannot continue mid-epoch on another number of processes: it "
+                "needs a DataLoader over a map-style dataset with ember's sharding (no "
+                "DistributedSampler of your own), saved the same way."
+            )
+        start = int(state["position"])
+        counter.replay = {"skip": 0, "start": start, "rng": state.get("rng")}
+        return plan.rounds_before(start)
+
+    def _index_plan(self) -> IndexSharding | None:
+        """The index plan of this loader's passes: its sharding, or for a one-process
+        map-style loader a one-process plan (built once); None for streams."""
+        if isinstance(self.sharding, IndexSharding):
+            return self.sharding
+        if self.sharding is not None or not _has_sampler(self.loader):
+            return None
+        if isinstance(self.loader.sampler, DistributedSampler):
+            return None
+        if self._local_plan is None:
+            self._local_plan = IndexSharding(self.loader, _ONE_PROCESS, False, False)
+        return self._local_plan
 
     def skipping(self, num_batches: int) -> PreparedDataLoader:
         """A copy that leaves out ``num_batches`` more batches of every pass and shares this
@@ -230,26 +287,29 @@ class PreparedDataLoader:
         replay, counter.replay = counter.replay, None
         if replay is None:
             counter.pass_rng = capture_pass_rng(self.loader)
-            counter.pass_skip = self.skip
             return self._open_pass(self.skip, self.max_batches, self.sharding)
         # A resumed pass: the saved epoch, drawn from the random state it began from (the
-        # same order, the same worker seeds), without the batches already consumed; then the
+        # same order, the same worker seeds), without what was already consumed; then the
         # random state of now is put back.
         counter.pass_rng = replay["rng"]
         consumed = int(replay["skip"])
+        start = int(replay["start"])
         skip = self.skip + consumed
-        counter.pass_skip = skip
-        limit = None if self.max_batches is None else max(0, self.max_batches - consumed)
         now = capture_pass_rng(self.loader)
         if replay["rng"] is not None:
             restore_pass_rng(self.loader, replay["rng"])
         try:
             sharding = self.sharding
-            if sharding is None and skip and _has_sampler(self.loader):
+            if sharding is None and (skip or start) and _has_sampler(self.loader):
                 # Skip by index, without loading the skipped batches: the pass goes through
                 # a one-process plan of the epoch's order.
-                sharding = IndexSharding(self.loader, _ONE_PROCESS, False, False)
-            return self._open_pass(skip, limit, sharding, eager=True)
+                sharding = self._index_plan()
+            offset = consumed
+            if start:
+                assert isinstance(sharding, IndexSharding)
+                offset += sharding.rounds_before(start)
+            limit = None if self.max_batches is None else max(0, self.max_batches - offset)
+            return self._open_pass(skip, limit, sharding, eager=True, start=start)
         finally:
             if now is not None:
                 restore_pass_rng(self.loader, now)
@@ -260,16 +320,24 @@ class PreparedDataLoader:
         limit: int | None,
         sharding: IndexSharding | StreamSharding | None,
         eager: bool = False,
+        start: int = 0,
     ) -> Iterator[Any]:
-        """Begin a pass that leaves out its first ``skip`` batches and then yields at most
-        ``limit``. ``eager``: draw the order (and skip by reading, where it must) now, not
-        at the first batch."""
+        """Begin a pass that leaves out its first ``skip`` batches (or starts at global
+        position ``start``) and then yields at most ``limit``. ``eager``: draw the order
+        (and skip by reading, where it must) now, not at the first batch."""
         self._begin_pass()
         state = self.gradient_state if self.gradient_state is not None else _DETACHED
+        counter = self._epochs
+        offset = skip
+        length: int | None
         if sharding is not None:
             # Every rank starts the pass here (rank 0 broadcasts the epoch's order).
-            pairs, length = sharding.open(skip, limit)
-            frame = state.begin_pass(None if length is None else length + skip, source=self)
+            if isinstance(sharding, IndexSharding):
+                pairs, length = sharding.open(skip, limit, start)
+                offset += sharding.rounds_before(start)
+            else:
+                pairs, length = sharding.open(skip, limit)
+            frame = state.begin_pass(None if length is None else length + offset, source=self)
             batches: Iterator[Any] = self._sharded(state, frame, pairs)
         else:
             source: Iterable[Any] = self.loader
@@ -281,14 +349,15 @@ class PreparedDataLoader:
             # The pass is registered now, not at the first batch: an iterator opened before
             # the training loop (a validation iterator kept open) is older than the training
             # pass, so it never takes over the training loop's accumulation windows.
-            frame = state.begin_pass(None if length is None else length + skip, source=self)
+            frame = state.begin_pass(None if length is None else length + offset, source=self)
             if length is not None:
                 batches = self._counted(state, frame, length, source)
             else:
                 batches = self._looking_ahead(state, frame, source, limit)
         # The windows of a resumed pass line up with those of the pass it continues.
-        frame.batches_seen = skip
-        self._epochs.frame = frame
+        frame.batches_seen = offset
+        counter.frame = frame
+        counter.pass_skip, counter.pass_start, counter.pass_offset = skip, start, offset
         # An iterator dropped before its first batch never runs its `finally`: end its pass
         # when it is collected.
         weakref.finalize(batches, state.end_pass, frame)

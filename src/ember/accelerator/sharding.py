@@ -232,6 +232,9 @@ class IndexSharding:
         self._plan: list[PlannedBatch] | None = None
         self._skip = 0
         self._limit: int | None = None
+        #: Where in the epoch's order the current pass starts (a resume on another number
+        #: of processes), in the unit of ``position_unit``.
+        self._start = 0
         self.rank_loader = self._build_rank_loader()
 
     def _build_rank_loader(self) -> DataLoader:
@@ -278,14 +281,49 @@ class IndexSharding:
         return len(self)
 
     # --- one pass ---------------------------------------------------------------------------
-    def open(self, skip: int, limit: int | None) -> tuple[Iterator[tuple[BatchPlace, Any]], int]:
+    # --- the global position (a resume on another number of processes) ---------------------
+    @property
+    def position_unit(self) -> str:
+        """What a global position counts: "batches" of the user's batch sampler, or
+        "samples" of the epoch's order."""
+        return "batches" if self.from_batch_sampler else "samples"
+
+    def position_after(self, rounds: int, start: int = 0) -> int:
+        """The global position (``position_unit``) once every rank has taken ``rounds``
+        batches of a pass that began at position ``start``."""
+        world = self.collectives.world_size
+        if self.from_batch_sampler:
+            per_round = 1 if self.per_rank is not None else world
+            total = len(self.loader.batch_sampler)  # type: ignore[arg-type]
+        else:
+            assert self.per_rank is not None
+            per_round = self.per_rank * world
+            total = len(self.loader.sampler)  # type: ignore[arg-type]
+        return min(start + rounds * per_round, total)
+
+    def rounds_before(self, position: int) -> int:
+        """How many of this world's rounds the first ``position`` units of the order fill
+        (rounded up: the bookkeeping of a pass that starts there)."""
+        world = self.collectives.world_size
+        if self.from_batch_sampler:
+            per_round = 1 if self.per_rank is not None else world
+        else:
+            assert self.per_rank is not None
+            per_round = self.per_rank * world
+        return math.ceil(position / per_round)
+
+    def open(
+        self, skip: int, limit: int | None, start: int = 0
+    ) -> tuple[Iterator[tuple[BatchPlace, Any]], int]:
         """Start a pass: this rank's ``(place, batch)`` pairs and how many there are.
+        ``skip``: leave out this rank's first batches; ``start``: begin at this global
+        position of the order instead (``position_unit``).
 
         Every rank must call it (rank 0 broadcasts the order). The loader's iterator is made
         first: it draws its base seed before the sampler draws its order, as in one process.
         """
         self._plan = None
-        self._skip, self._limit = skip, limit
+        self._skip, self._limit, self._start = skip, limit, start
         batches = iter(self.rank_loader)
         plan = self.current_plan()
         return zip((planned.place for planned in plan), batches, strict=False), len(plan)
@@ -306,11 +344,11 @@ class IndexSharding:
             batches = None
             if rank == 0:
                 batches = [[int(index) for index in batch] for batch in self.loader.batch_sampler]  # type: ignore[union-attr]
-            batches = collectives.broadcast_object(batches)
+            batches = collectives.broadcast_object(batches)[self._start :]
             if self.per_rank is None:
                 return plan_whole(batches, rank, world, self.even)
             return plan_split(batches, rank, world, self.per_rank, self.even)
-        order = self._broadcast_order()
+        order = self._broadcast_order()[self._start :]
         assert self.per_rank is not None
         full_size = self.per_rank * world
         global_batches = [

@@ -235,11 +235,13 @@ def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoin
         )
     loop = state["loop"]
     if loop.get("batch_idx", 0) and not loop.get("epoch_finished") and saved_world != world:
-        raise CheckpointError(
-            f"{str(path)!r} was written mid-epoch by {saved_world} processes; resuming it "
-            f"mid-epoch on {world} is not supported yet. Resume on {saved_world} processes, "
-            "or from a checkpoint written at an epoch's end."
-        )
+        loader = state["ranks"][0].get("loader") or {}
+        if "position" not in loader:
+            raise CheckpointError(
+                f"{str(path)!r} was written mid-epoch by {saved_world} processes from a loader "
+                f"whose global position is unknown (an iterable dataset, or a sampler of your "
+                f"own); it continues mid-epoch on {saved_world} processes only, not {world}."
+            )
     return checkpoint
 
 
@@ -295,10 +297,17 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         # that epoch's bookkeeping runs first, then the next epoch starts.
         context.pending_epoch_end = True
     elif loader is not None and context.state.batch_idx > 0:
-        saved_loader = (own or ranks[0])["loader"]
-        if saved_loader is not None and same_world:  # read_for_fit checked the world size
-            loader.load_state_dict(saved_loader, batches=context.state.batch_idx)
-        context.resume_metrics = (own or ranks[0])["metrics"]
+        if same_world:
+            saved_loader = ranks[rank]["loader"]
+            if saved_loader is not None:
+                loader.load_state_dict(saved_loader, batches=context.state.batch_idx)
+            context.resume_metrics = ranks[rank]["metrics"]
+        else:
+            # Another number of processes: every process starts at the global position
+            # of the epoch that the saved processes had reached together (read_for_fit
+            # checked it is known), so no sample of the epoch comes twice or is missed.
+            context.state.batch_idx = loader.load_state_dict(ranks[0]["loader"], by_position=True)
+            context.resume_metrics = _merged_metrics(ranks, rank)
     if own is not None and own.get("grads"):
         _restore_gradients(context.module, own["grads"], path)
     window = state.get("window") or {}
@@ -317,6 +326,23 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
             saved = entry["state"] if entry and entry.get("class") == type(logger).__name__ else {}
             logger.continue_run(saved, context.state.global_step)
     context.fire("on_load_checkpoint", state)
+
+
+def _merged_metrics(ranks: list[dict[str, Any]], rank: int) -> dict[str, Any]:
+    """The partial epoch values of every saved process, for a run on another number of
+    processes: all of them on rank 0 (weights add up), none on the others; the latest
+    values of saved rank 0 everywhere."""
+    latest = ranks[0]["metrics"]
+    merged: dict[str, Any] = {"latest": latest["latest"], "prog_bar": latest["prog_bar"]}
+    series: dict[str, dict[str, Any]] = {}
+    if rank == 0:
+        for saved in ranks:
+            for item in saved["metrics"]["series"]:
+                into = series.setdefault(item["key"], {**item, "values": [], "weights": []})
+                into["values"] = into["values"] + list(item["values"])
+                into["weights"] = into["weights"] + list(item["weights"])
+    merged["series"] = list(series.values())
+    return merged
 
 
 def _check_groups(path: Path, saved: dict[str, Any], optimizer: Any) -> None:
