@@ -198,9 +198,11 @@ class SingleDeviceStrategy:
         ones it was built over (FSDP's sharded parameters); nothing elsewhere."""
 
     def unwrap_module(self, module: nn.Module) -> nn.Module:
-        """The user's module inside whatever wrapper ``setup_module`` put around it."""
+        """The user's module inside whatever wrapper ``setup_module`` put around it (and the
+        Trainer's ``StepDispatcher``)."""
         compiled = getattr(module, "_orig_mod", None)  # torch.compile's OptimizedModule
-        return compiled if isinstance(compiled, nn.Module) else module
+        module = compiled if isinstance(compiled, nn.Module) else module
+        return module.module if isinstance(module, StepDispatcher) else module
 
     def no_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
         """A context in which backward does not exchange gradients."""
