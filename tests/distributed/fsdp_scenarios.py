@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Accelerator, FSDPStrategy, Trainer, TrainModule
+from ember import Accelerator, Callback, FSDPStrategy, Trainer, TrainModule
 from ember.accelerator import distributed
 
 WORLD = 2
@@ -282,6 +282,55 @@ def run(out: Path) -> dict[str, Any]:
         results["trainer_diff"] = max_diff(
             full, {f"net.{name}": value for name, value in expected.items()}
         )
+
+    # 7. Checkpoints under FSDP: a fit interrupted at a step boundary mid-epoch and resumed
+    # ends with the weights of the fit never interrupted; the checkpoint holds full weights.
+    class Resumable(Module):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    class Crash(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            if trainer.state.total_batch_idx == 12:  # epoch 1, batch 4: a step boundary
+                trainer.save_checkpoint(out / "fsdp_checkpoint")
+                raise RuntimeError("crash")
+
+    options: dict[str, Any] = {
+        "max_epochs": 2,
+        "strategy": "fsdp",
+        "accelerator": "cpu",
+        "accumulate_grad_batches": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+    }
+
+    def shuffled() -> DataLoader:
+        return DataLoader(data(), batch_size=BATCH, shuffle=True)
+
+    torch.manual_seed(0)
+    whole = Resumable()
+    trainer = Trainer(**options)
+    trainer.fit(whole, shuffled())
+    whole_full = trainer.accelerator.get_state_dict(whole)
+    torch.manual_seed(0)
+    try:
+        Trainer(callbacks=[Crash()], **options).fit(Resumable(), shuffled())
+    except RuntimeError:
+        pass
+    torch.manual_seed(100 + rank)
+    resumed = Resumable()
+    trainer = Trainer(**options)
+    trainer.fit(resumed, shuffled(), ckpt_path=out / "fsdp_checkpoint")
+    resumed_full = trainer.accelerator.get_state_dict(resumed)
+    if rank == 0:
+        results["fsdp_resume_equal"] = sorted(whole_full) == sorted(resumed_full) and all(
+            torch.equal(whole_full[name], resumed_full[name]) for name in whole_full
+        )
+        saved = load_file(str(out / "fsdp_checkpoint" / "model.safetensors"))
+        results["fsdp_checkpoint_keys"] = sorted(saved)
+        state = torch.load(out / "fsdp_checkpoint" / "state.pt", weights_only=True)
+        results["fsdp_optimizer_format"] = state["optimizer_format"]
     return results
 
 

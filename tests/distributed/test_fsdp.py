@@ -186,3 +186,11 @@ def test_fsdp_in_one_process_is_one_device() -> None:
     trainer = Trainer(strategy="fsdp", accelerator="cpu", logger=False, enable_progress_bar=False)
     assert isinstance(trainer.accelerator.strategy, FSDPStrategy)
     assert torch.equal(accelerator.get_state_dict(model)["weight"], model.weight)
+
+
+def test_checkpoints_resume_exactly_and_hold_full_weights(results: dict[str, Any]) -> None:
+    from tests.distributed.fsdp_scenarios import fresh
+
+    assert results["fsdp_resume_equal"] is True
+    assert results["fsdp_checkpoint_keys"] == sorted(f"net.{name}" for name in fresh().state_dict())
+    assert results["fsdp_optimizer_format"] == "names"
