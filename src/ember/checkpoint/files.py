@@ -31,9 +31,11 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 FILES = (MODEL_FILE, STATE_FILE, META_FILE)
 TEMPORARY_PREFIX = ".tmp-"
-#: Test-only: when set, a save stops after writing the weights (the middle of a save), creates
-#: ``<value>`` and waits there, so a test can kill the process at a known moment.
+#: Test-only: ``<marker>`` or ``<marker>@N``: the first (or N-th) save of this process stops
+#: after writing the weights (the middle of a save), creates the file ``<marker>`` and waits
+#: there, so a test can kill the process at a known moment.
 PAUSE_VARIABLE = "EMBER_TEST_PAUSE_IN_SAVE"
+_saves_in_this_process = 0
 
 
 @dataclass
@@ -209,8 +211,13 @@ def _fsync_file(path: Path) -> None:
 
 
 def _pause_if_asked() -> None:
-    marker = os.environ.get(PAUSE_VARIABLE)
-    if not marker:
+    global _saves_in_this_process
+    _saves_in_this_process += 1
+    value = os.environ.get(PAUSE_VARIABLE)
+    if not value:
+        return
+    marker, _, count = value.partition("@")
+    if _saves_in_this_process != (int(count) if count else 1):
         return
     Path(marker).write_text(str(os.getpid()))
     while True:  # the test kills this process here
