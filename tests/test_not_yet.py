@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from ember import Accelerator, MisconfigurationError
+from ember import MisconfigurationError
 from tests.helpers import TinyModule
 
 
@@ -14,12 +14,6 @@ from tests.helpers import TinyModule
     ("call", "name"),
     [
         (lambda: TinyModule.load_from_checkpoint("x"), "TrainModule.load_from_checkpoint"),
-        (lambda: Accelerator(cpu=True).save_state("x"), "Accelerator.save_state"),
-        (lambda: Accelerator(cpu=True).load_state("x"), "Accelerator.load_state"),
-        (
-            lambda: Accelerator(cpu=True).register_for_checkpointing(object()),
-            "Accelerator.register_for_checkpointing",
-        ),
     ],
 )
 def test_checkpoint_names_raise_a_clear_error(call: Any, name: str) -> None:
