@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from ember import MisconfigurationError
-from tests.helpers import TinyModule
-
-
-@pytest.mark.parametrize(
-    ("call", "name"),
-    [
-        (lambda: TinyModule.load_from_checkpoint("x"), "TrainModule.load_from_checkpoint"),
-    ],
-)
-def test_checkpoint_names_raise_a_clear_error(call: Any, name: str) -> None:
-    with pytest.raises(MisconfigurationError, match=f"{name} is not available in this version"):
-        call()
 
 
 def test_model_checkpoint_is_importable_and_refuses_clearly() -> None:

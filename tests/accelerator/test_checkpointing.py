@@ -1,4 +1,5 @@
-"""``Accelerator.save_state`` / ``load_state`` / ``register_for_checkpointing`` / ``save``.
+"""``Accelerator.save_state`` / ``load_state`` / ``register_for_checkpointing`` / ``save`` and
+``TrainModule.load_from_checkpoint``.
 
 The promise (SPEC §5): a hand-written loop resumed with ``load_state`` and
 ``skip_first_batches`` at the step ``save_state`` saved, mid-epoch included, ends with the same
@@ -29,6 +30,7 @@ from ember import (
     DataLoaderConfiguration,
     MisconfigurationError,
     Trainer,
+    TrainModule,
 )
 from ember.accelerator import distributed
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
@@ -437,6 +439,79 @@ def test_save_writes_one_file_atomically(tmp_path: Path) -> None:
         accelerator.save({"fn": lambda: 1}, tmp_path / "obj.pt")
     assert torch.equal(torch.load(tmp_path / "obj.pt")["a"], torch.ones(2))  # the old one
     assert sorted(entry.name for entry in tmp_path.iterdir()) == ["obj.pt", "obj.safetensors"]
+
+
+# --- TrainModule.load_from_checkpoint ------------------------------------------------------------
+class Regressor(TinyModule):
+    def __init__(self, features: int = 4, hidden: int = 8, lr: float = 0.1, tag: str = "a") -> None:
+        super().__init__(features, hidden, lr)
+        self.save_hyperparameters()
+
+
+class Other(TrainModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 1)
+
+
+def fitted_checkpoint(tmp_path: Path, weights_only: bool = False) -> tuple[Regressor, Path]:
+    module = Regressor(hidden=6, tag="b")
+    trainer = Trainer(max_epochs=1, **bare_trainer_kwargs())
+    trainer.fit(module, loader(16))
+    return module, trainer.save_checkpoint(tmp_path / "ckpt", weights_only=weights_only)
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_load_from_checkpoint_builds_the_module_from_its_hparams(
+    tmp_path: Path, weights_only: bool
+) -> None:
+    trained, path = fitted_checkpoint(tmp_path, weights_only)
+    loaded = Regressor.load_from_checkpoint(path)
+    assert isinstance(loaded, Regressor)
+    assert dict(loaded.hparams) == {"features": 4, "hidden": 6, "lr": 0.1, "tag": "b"}
+    for name, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.cpu())
+    assert loaded.training  # as Lightning: call .eval() for inference
+
+
+def test_load_from_checkpoint_overrides_win(tmp_path: Path) -> None:
+    _, path = fitted_checkpoint(tmp_path)
+    loaded = Regressor.load_from_checkpoint(path, lr=0.5)
+    assert loaded.hparams.lr == 0.5 and loaded.lr == 0.5 and loaded.hparams.hidden == 6
+    with pytest.raises(MisconfigurationError, match=r"got \['lrr'\], which are not arguments"):
+        Regressor.load_from_checkpoint(path, lrr=0.5)
+    with pytest.raises(
+        CheckpointError, match=r"(?s)does not fit Regressor.*size mismatch for net.0"
+    ):
+        Regressor.load_from_checkpoint(path, hidden=3)  # the same keys, other shapes
+
+
+def test_load_from_checkpoint_of_another_module_lists_the_keys(tmp_path: Path) -> None:
+    _, path = fitted_checkpoint(tmp_path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"does not fit Other: missing keys \['body.bias', 'body.weight'\], unexpected "
+        r"keys \['net.0.bias', 'net.0.weight', 'net.2.bias', 'net.2.weight'\]",
+    ):
+        Other.load_from_checkpoint(path)
+
+
+def test_load_from_checkpoint_needs_the_arguments_hparams_lack(tmp_path: Path) -> None:
+    class Required(TrainModule):
+        def __init__(self, width: int) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, width)
+
+    trainer_module = Required(1)
+    path = tmp_path / "weights"
+    from ember.checkpoint.files import write_checkpoint
+
+    write_checkpoint(path, trainer_module.state_dict(), {"hparams": {}}, {})
+    with pytest.raises(MisconfigurationError, match=r"no value for \['width'\]"):
+        Required.load_from_checkpoint(path)
+    assert isinstance(Required.load_from_checkpoint(path, width=1), Required)
+    with pytest.raises(CheckpointError, match="No checkpoint at"):
+        Required.load_from_checkpoint(tmp_path / "nowhere")
 
 
 # --- two processes -------------------------------------------------------------------------------
