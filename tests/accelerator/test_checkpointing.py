@@ -13,6 +13,7 @@ two-process scenario of ``test_two_processes_resume_exactly``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -517,10 +518,13 @@ def test_load_from_checkpoint_needs_the_arguments_hparams_lack(tmp_path: Path) -
 # --- two processes -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_two_processes_resume_exactly(tmp_path: Path) -> None:
-    from tests.distributed.launching import run_two_processes
+    from tests.distributed.launching import ROOT, run_two_processes
 
     out = tmp_path / "result.json"
-    run_two_processes(Path(__file__), str(tmp_path), str(out))
+    # The processes import the ember this test imported (a relative PYTHONPATH would not
+    # survive the test's change of folder).
+    path = os.pathsep.join([str(ROOT), str(Path(ember.__file__).parents[1])])
+    run_two_processes(Path(__file__), str(tmp_path), str(out), PYTHONPATH=path)
     assert json.loads(out.read_text()) == {"same_weights": True, "ranks_differ": True}
     # Written by two processes: one process refuses it, naming both counts.
     accelerator, _, _ = prepared(tmp_path / "one")
