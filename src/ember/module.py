@@ -9,16 +9,19 @@ Inside those, ``self.log`` records metrics and ``self.trainer`` / ``self.device`
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any
+import os
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from ember.errors import MisconfigurationError, not_available_yet
+from ember.errors import CheckpointError, MisconfigurationError
 from ember.hooks import ModuleHooks
 
 if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
+
+ModuleT = TypeVar("ModuleT", bound="TrainModule")
 
 
 class HyperParameters(dict[str, Any]):
@@ -276,13 +279,37 @@ class TrainModule(nn.Module, ModuleHooks):
         self.hparams.update({key: value for key, value in collected.items() if key not in ignored})
 
     @classmethod
-    def load_from_checkpoint(cls, path: Any, **overrides: Any) -> TrainModule:
-        """Build the module from a checkpoint (arrives with checkpoint support)."""
-        raise not_available_yet(
-            "TrainModule.load_from_checkpoint",
-            "Save weights with `trainer.accelerator.save_model(module, directory)` and load "
-            "them with `module.load_state_dict(safetensors.torch.load_file(path))`.",
-        )
+    def load_from_checkpoint(
+        cls: type[ModuleT], path: str | os.PathLike[str], **overrides: Any
+    ) -> ModuleT:
+        """Build the module from a checkpoint directory and load its weights.
+
+        The module is built with the hparams the checkpoint holds (``save_hyperparameters``)
+        updated by ``overrides``; then ``on_load_checkpoint(state)`` runs and the weights are
+        loaded strictly. As in Lightning, it comes back on the CPU in training mode: call
+        ``.eval()`` before inference.
+
+        Raises:
+            CheckpointError: the checkpoint is missing, truncated or corrupt, or its weights
+                do not fit this module (the missing and unexpected keys are listed).
+            MisconfigurationError: an override is not an argument of ``__init__``, or an
+                argument without a default has no value.
+        """
+        from ember.checkpoint.files import check_keys, read_checkpoint
+
+        checkpoint = read_checkpoint(path)
+        module = cls(**_init_arguments(cls, checkpoint.state.get("hparams") or {}, overrides))
+        module.on_load_checkpoint(checkpoint.state)
+        assert checkpoint.weights is not None
+        expected = list(module.state_dict())
+        check_keys(checkpoint.path, expected, list(checkpoint.weights), cls.__name__)
+        try:
+            module.load_state_dict(checkpoint.weights)
+        except RuntimeError as error:  # the same keys, other shapes
+            raise CheckpointError(
+                f"The checkpoint {str(checkpoint.path)!r} does not fit {cls.__name__}: {error}"
+            ) from error
+        return module
 
     def __deepcopy__(self, memo: dict[int, Any]) -> TrainModule:
         # A copy (an EMA model, say) must not drag the trainer along.
@@ -297,6 +324,42 @@ class TrainModule(nn.Module, ModuleHooks):
             return copy
         finally:
             object.__setattr__(self, "_trainer", trainer)
+
+
+def _init_arguments(
+    cls: type[TrainModule], hparams: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``__init__`` arguments ``load_from_checkpoint`` builds ``cls`` with: the saved
+    hparams that are arguments (all of them when it takes ``**kwargs``), then ``overrides``."""
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]  # not self
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return {**hparams, **overrides}
+    named = {
+        parameter.name: parameter
+        for parameter in parameters
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(overrides) - set(named))
+    if unknown:
+        raise MisconfigurationError(
+            f"load_from_checkpoint got {unknown}, which are not arguments of "
+            f"{cls.__name__}.__init__; its arguments are {sorted(named)}."
+        )
+    arguments = {key: value for key, value in hparams.items() if key in named}
+    arguments.update(overrides)
+    missing = [
+        name
+        for name, parameter in named.items()
+        if parameter.default is parameter.empty and name not in arguments
+    ]
+    if missing:
+        raise MisconfigurationError(
+            f"load_from_checkpoint has no value for {missing}, argument(s) of "
+            f"{cls.__name__}.__init__ that the checkpoint's hparams do not hold: pass them "
+            f"(load_from_checkpoint(path, {missing[0]}=...)), or call "
+            "self.save_hyperparameters() in __init__ so checkpoints record them."
+        )
+    return arguments
 
 
 def _deepcopy(value: Any, memo: dict[int, Any]) -> Any:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ember.accelerator import across_processes, distributed
+from ember.accelerator import across_processes, checkpointing, distributed
 from ember.accelerator.data import (
     PreparedDataLoader,
     is_data_loader,
@@ -59,7 +59,7 @@ from ember.accelerator.strategies import (
     resolve_strategy,
 )
 from ember.accelerator.transfer import DataLoaderConfiguration
-from ember.errors import MisconfigurationError, not_available_yet
+from ember.errors import MisconfigurationError
 
 _NO_CONTEXT = nullcontext()
 
@@ -78,7 +78,7 @@ class Accelerator:
             ``FSDPStrategy``); several processes come from a launcher (``ember launch``,
             ``torchrun``).
         project_dir: the default folder for files the accelerator writes (kept as
-            ``accelerator.project_dir``; ``save_state`` will write there once it exists).
+            ``accelerator.project_dir``; ``save_state()`` writes ``checkpoints/`` there).
         step_scheduler_with_optimizer: prepared schedulers step only when their optimizer did.
     """
 
@@ -128,6 +128,9 @@ class Accelerator:
         self._models: list[nn.Module] = []
         self._optimizers: list[AcceleratedOptimizer] = []
         self._schedulers: list[AcceleratedScheduler] = []
+        self._dataloaders: list[PreparedDataLoader] = []
+        #: What ``register_for_checkpointing`` added to the state ``save_state`` saves.
+        self._custom_objects: list[Any] = []
         #: The one place gradients are unscaled, normalised, clipped and stepped (``step.py``).
         self.optimizer_step = OptimizerStep(
             self.gradient_state, self.precision, self.strategy, self._optimizers
@@ -332,7 +335,7 @@ class Accelerator:
             collectives = ProcessGroupCollectives(
                 self.process_index, self.num_processes, self.device
             )
-        return prepare_loader(
+        prepared = prepare_loader(
             data_loader,
             self.gradient_state,
             self.device if self.device_placement else None,
@@ -342,6 +345,8 @@ class Accelerator:
             collectives=collectives,
             even_batches=even_batches,
         )
+        self._dataloaders.append(prepared)  # save_state records where each one stands
+        return prepared
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         """A loader that starts after the first ``num_batches`` batches (for resuming).
@@ -463,7 +468,7 @@ class Accelerator:
         return across_processes.split_between_processes(self.strategy, inputs)
 
     def free_memory(self, *objects: Any) -> list[None]:
-        """Forget every prepared module, optimizer and scheduler and start a fresh gradient
+        """Forget every prepared module, optimizer, scheduler and loader and start a fresh gradient
         state, so the next ``prepare`` starts clean (the Trainer calls this at each ``fit``).
 
         Returns a ``None`` for each object passed, so ``model, opt = accelerator.free_memory(
@@ -475,6 +480,7 @@ class Accelerator:
         self._models.clear()
         self._optimizers.clear()
         self._schedulers.clear()
+        self._dataloaders.clear()
         self.gradient_state.reset()
         gc.collect()
         if self.device.type == "cuda":
@@ -493,23 +499,35 @@ class Accelerator:
         self.wait_for_everyone()
 
     # --- models and files --------------------------------------------------------------------
-    def save_state(self, output_dir: str | os.PathLike[str] | None = None) -> None:
-        """Save everything needed to resume (arrives with checkpoint support)."""
-        raise not_available_yet(
-            "Accelerator.save_state", "Use save_model(model, directory) to keep the weights."
-        )
+    # (``checkpointing.py`` says what a state directory holds.)
+    def save_state(self, output_dir: str | os.PathLike[str] | None = None) -> Path:
+        """Write everything a loop needs to resume to the directory ``output_dir`` (atomically;
+        call it on every process, at a window boundary): prepared models, optimizers,
+        schedulers and loaders, the grad scaler, every process's RNG states, registered
+        objects. None: ``<project_dir>/checkpoints/checkpoint_<n>``, the next free ``n``.
+        Returns the directory."""
+        return checkpointing.save_state(self, output_dir)
 
-    def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> None:
-        """Restore what ``save_state`` wrote (arrives with checkpoint support)."""
-        raise not_available_yet(
-            "Accelerator.load_state", "Load weights saved by save_model with safetensors."
-        )
+    def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> Path:
+        """Restore what ``save_state`` wrote into the objects prepared and registered in the
+        same order (None: the newest ``checkpoints/checkpoint_<n>``); everything is checked
+        first (``CheckpointError``). Each loader's next pass replays the saved epoch: give
+        ``skip_first_batches(loader, consumed)`` to continue it. Returns the directory."""
+        return checkpointing.load_state(self, input_dir)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
-        """Add objects to what ``save_state`` saves (arrives with checkpoint support)."""
-        raise not_available_yet(
-            "Accelerator.register_for_checkpointing", "It comes together with save_state."
-        )
+        """Add objects with ``state_dict()`` and ``load_state_dict()`` to what ``save_state``
+        saves and ``load_state`` restores (in the order registered)."""
+        checkpointing.check_registrable(objects)
+        self._custom_objects.extend(objects)
+
+    def save(
+        self, obj: Any, path: str | os.PathLike[str], safe_serialization: bool = False
+    ) -> None:
+        """``torch.save(obj, path)`` on the main process, atomically (a temporary file
+        renamed into place); ``safe_serialization``: a dict of tensors as safetensors."""
+        if self.is_main_process:
+            checkpointing.save_object(obj, path, safe_serialization)
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
         """The user's module, without the distributed or compile wrappers."""
