@@ -33,12 +33,17 @@ class Net(TrainModule):
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 2, 0.9)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def loader() -> DataLoader:
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(60, 4, generator=generator), torch.randn(60, 1, generator=generator))
+    data = TensorDataset(
+        torch.randn(60, 4, generator=generator), torch.randn(60, 1, generator=generator)
+    )
     return DataLoader(data, batch_size=6, shuffle=True)
 
 
@@ -66,7 +71,9 @@ def main(root: Path) -> None:
         enable_progress_bar=False,
     )
     trainer.fit(module, loader(), ckpt_path="last")
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(root / "final.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in module.state_dict().items()}, str(root / "final.safetensors")
+    )
 
 
 if __name__ == "__main__":

@@ -131,7 +131,9 @@ def test_a_signal_saves_last_and_exits_then_resume_is_exact(
         )
 
     ember.seed_everything(0)
-    with pytest.raises(SystemExit, match=r"stopped by SIG(TERM|INT) at global step 6 .*last-step=6"):
+    with pytest.raises(
+        SystemExit, match=r"stopped by SIG(TERM|INT) at global step 6 .*last-step=6"
+    ):
         trainer(SendSignal(11, signum)).fit(Net(), loader())  # mid-window: stops after 12
     assert [e.name for e in _checkpoints(tmp_path) if e.name.startswith("last")] == ["last-step=6"]
     meta = json.loads((tmp_path / "checkpoints" / "last-step=6" / "meta.json").read_text())

@@ -506,14 +506,23 @@ class Accelerator:
         schedulers and loaders, the grad scaler, every process's RNG states, registered
         objects. None: ``<project_dir>/checkpoints/checkpoint_<n>``, the next free ``n``.
         Returns the directory."""
-        return checkpointing.save_state(self, output_dir)
+        return checkpointing.save_state(self, self._tracked(), output_dir)
 
     def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> Path:
         """Restore what ``save_state`` wrote into the objects prepared and registered in the
         same order (None: the newest ``checkpoints/checkpoint_<n>``); everything is checked
         first (``CheckpointError``). Each loader's next pass replays the saved epoch: give
         ``skip_first_batches(loader, consumed)`` to continue it. Returns the directory."""
-        return checkpointing.load_state(self, input_dir)
+        return checkpointing.load_state(self, self._tracked(), input_dir)
+
+    def _tracked(self) -> checkpointing.Tracked:
+        return checkpointing.Tracked(
+            self._models,
+            self._optimizers,
+            self._schedulers,
+            self._dataloaders,
+            self._custom_objects,
+        )
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Add objects with ``state_dict()`` and ``load_state_dict()`` to what ``save_state``

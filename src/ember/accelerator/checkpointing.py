@@ -35,6 +35,7 @@ import os
 import re
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ from ember.errors import CheckpointError, MisconfigurationError
 if TYPE_CHECKING:
     from ember.accelerator.accelerator import Accelerator
     from ember.accelerator.data import PreparedDataLoader
+    from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler
 
 #: The layout of ``state.pt`` (see the module docstring).
 FORMAT = 1
@@ -66,8 +68,22 @@ FOLDER = "checkpoints"
 _NUMBERED = re.compile(r"checkpoint_(\d+)")
 
 
+@dataclass(frozen=True)
+class Tracked:
+    """What an ``Accelerator`` prepared and registered, in order: what ``save_state`` saves
+    and ``load_state`` restores (the accelerator hands it down explicitly)."""
+
+    models: list[nn.Module]
+    optimizers: list[AcceleratedOptimizer]
+    schedulers: list[AcceleratedScheduler]
+    dataloaders: list[PreparedDataLoader]
+    objects: list[Any]
+
+
 # --- saving --------------------------------------------------------------------------------------
-def save_state(accelerator: Accelerator, output_dir: str | os.PathLike[str] | None) -> Path:
+def save_state(
+    accelerator: Accelerator, tracked: Tracked, output_dir: str | os.PathLike[str] | None
+) -> Path:
     """Write the state directory (every process calls this; the main process writes)."""
     import ember
 
@@ -82,28 +98,26 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike[str] | No
         )
     path = _output_path(accelerator, output_dir)
     strategy = accelerator.strategy
-    models = accelerator._models
+    models = tracked.models
     # The pending grad-scaler update is applied now (it would be at the next backward): the
     # saved scale is the one the next step uses.
     accelerator.end_iteration()
     weights = [strategy.full_state_dict(model) for model in models]  # collectives under FSDP
     optimizers = [
         strategy.full_optimizer_state_dict(_model_of(models, optimizer), optimizer)
-        for optimizer in accelerator._optimizers
+        for optimizer in tracked.optimizers
     ]
     # What differs between processes: the random states and where each loader stands.
     own = {
         "rng": capture_rng(),
-        "loaders": [_loader_state(loader) for loader in accelerator._dataloaders],
+        "loaders": [loader.state_dict() for loader in tracked.dataloaders],
     }
     world_size = accelerator.num_processes
     ranks = distributed.all_gather_object(own) if world_size > 1 else [own]
     failure: Exception | None = None
     if accelerator.is_main_process:
         try:
-            objects = [
-                _object_state(index, obj) for index, obj in enumerate(accelerator._custom_objects)
-            ]
+            objects = [_object_state(index, obj) for index, obj in enumerate(tracked.objects)]
             state = {
                 "format": FORMAT,
                 "writer": WRITER,
@@ -112,7 +126,7 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike[str] | No
                 "models": weights[1:],
                 "optimizers": optimizers,
                 "schedulers": [
-                    scheduler.scheduler.state_dict() for scheduler in accelerator._schedulers
+                    scheduler.scheduler.state_dict() for scheduler in tracked.schedulers
                 ],
                 "scaler": accelerator.precision.state_dict(),
                 "ranks": ranks,
@@ -181,12 +195,6 @@ def _model_of(models: list[nn.Module], optimizer: Any) -> nn.Module:
     return models[0] if models else nn.Module()
 
 
-def _loader_state(loader: PreparedDataLoader) -> dict[str, Any]:
-    # The sampler seed too: without `data_seed`, use_seedable_sampler drew it at prepare time,
-    # from a generator a resumed process seeds differently.
-    return {**loader.state_dict(), "data_seed": loader.data_seed}
-
-
 def _object_state(index: int, obj: Any) -> Any:
     state = obj.state_dict()
     check_plain(state, f"registered object {index} ({type(obj).__name__}).state_dict()")
@@ -194,31 +202,32 @@ def _object_state(index: int, obj: Any) -> Any:
 
 
 # --- loading -------------------------------------------------------------------------------------
-def load_state(accelerator: Accelerator, input_dir: str | os.PathLike[str] | None) -> Path:
+def load_state(
+    accelerator: Accelerator, tracked: Tracked, input_dir: str | os.PathLike[str] | None
+) -> Path:
     """Read, check, then restore a state directory; return its path."""
     path = Path(input_dir) if input_dir is not None else _newest(accelerator)
     checkpoint = read_checkpoint(path)
-    _check(accelerator, checkpoint)
+    _check(accelerator, tracked, checkpoint)
     state = checkpoint.state
     strategy = accelerator.strategy
-    models = accelerator._models
+    models = tracked.models
     # A scaler update left pending by this process's loop must not land on the loaded scale.
     accelerator.end_iteration()
     for model, weights in zip(models, _saved_weights(checkpoint), strict=True):
         strategy.load_full_state_dict(model, weights)
-    for optimizer, saved in zip(accelerator._optimizers, state["optimizers"], strict=True):
+    for optimizer, saved in zip(tracked.optimizers, state["optimizers"], strict=True):
         strategy.load_full_optimizer_state_dict(_model_of(models, optimizer), optimizer, saved)
-    for scheduler, saved in zip(accelerator._schedulers, state["schedulers"], strict=True):
+    for scheduler, saved in zip(tracked.schedulers, state["schedulers"], strict=True):
         scheduler.scheduler.load_state_dict(saved)
     accelerator.precision.load_state_dict(state["scaler"])
     own = state["ranks"][accelerator.process_index]
-    for loader, saved in zip(accelerator._dataloaders, own["loaders"], strict=True):
+    for loader, saved in zip(tracked.dataloaders, own["loaders"], strict=True):
         saved = dict(saved)
-        loader.data_seed = saved.pop("data_seed", loader.data_seed)
         # The next pass replays the saved epoch whole; skip_first_batches leaves out the
         # batches already consumed (Accelerate's recipe).
         loader.load_state_dict(saved, batches=0)
-    for obj, saved in zip(accelerator._custom_objects, state["objects"], strict=True):
+    for obj, saved in zip(tracked.objects, state["objects"], strict=True):
         obj.load_state_dict(saved)
     restore_rng(own["rng"])  # last: nothing above may draw from the restored generators
     return path
@@ -247,7 +256,7 @@ def _newest(accelerator: Accelerator) -> Path:
     return max(numbered)[1]
 
 
-def _check(accelerator: Accelerator, checkpoint: Checkpoint) -> None:
+def _check(accelerator: Accelerator, tracked: Tracked, checkpoint: Checkpoint) -> None:
     """``CheckpointError`` unless the checkpoint fits this accelerator exactly."""
     path = checkpoint.path
     where = repr(str(path))
@@ -272,11 +281,11 @@ def _check(accelerator: Accelerator, checkpoint: Checkpoint) -> None:
         )
     own = state["ranks"][accelerator.process_index]
     counts = [
-        ("models", state["num_models"], len(accelerator._models), "prepared"),
-        ("optimizers", len(state["optimizers"]), len(accelerator._optimizers), "prepared"),
-        ("schedulers", len(state["schedulers"]), len(accelerator._schedulers), "prepared"),
-        ("data loaders", len(own["loaders"]), len(accelerator._dataloaders), "prepared"),
-        ("objects", len(state["objects"]), len(accelerator._custom_objects), "registered"),
+        ("models", state["num_models"], len(tracked.models), "prepared"),
+        ("optimizers", len(state["optimizers"]), len(tracked.optimizers), "prepared"),
+        ("schedulers", len(state["schedulers"]), len(tracked.schedulers), "prepared"),
+        ("data loaders", len(own["loaders"]), len(tracked.dataloaders), "prepared"),
+        ("objects", len(state["objects"]), len(tracked.objects), "registered"),
     ]
     for what, saved, current, how in counts:
         if saved != current:
@@ -286,12 +295,12 @@ def _check(accelerator: Accelerator, checkpoint: Checkpoint) -> None:
                 "order, as the run that saved it, before load_state."
             )
     for index, (model, weights) in enumerate(
-        zip(accelerator._models, _saved_weights(checkpoint), strict=True)
+        zip(tracked.models, _saved_weights(checkpoint), strict=True)
     ):
         module = accelerator.unwrap_model(model)
         _check_weights(path, module, weights, f"prepared model {index} ({type(module).__name__})")
     for index, (optimizer, saved) in enumerate(
-        zip(accelerator._optimizers, state["optimizers"], strict=True)
+        zip(tracked.optimizers, state["optimizers"], strict=True)
     ):
         sizes = [len(group["params"]) for group in saved.get("param_groups", [])]
         expected = [len(group["params"]) for group in optimizer.param_groups]

@@ -180,12 +180,15 @@ class PreparedDataLoader:
         Between passes: the next epoch and 0 batches."""
         counter = self._epochs
         frame = counter.frame
+        # The seedable sampler's seed too: without `data_seed` it was drawn at prepare time,
+        # from a generator a resumed process seeds differently.
         if frame is None or frame.ended or counter.pass_epoch < 0:
-            return {"epoch": counter.value, "batches": 0, "rng": None}
+            return {"epoch": counter.value, "batches": 0, "rng": None, "data_seed": self.data_seed}
         state: dict[str, Any] = {
             "epoch": counter.pass_epoch,
             "batches": counter.pass_offset + frame.yielded,
             "rng": counter.pass_rng,
+            "data_seed": self.data_seed,
         }
         plan = self._index_plan()
         if plan is not None:
@@ -207,6 +210,8 @@ class PreparedDataLoader:
         """
         counter = self._epochs
         counter.value = int(state["epoch"])
+        if state.get("data_seed") is not None:
+            self.data_seed = int(state["data_seed"])
         if not by_position:
             skip = int(state["batches"]) if batches is None else batches
             counter.replay = {"skip": skip, "start": 0, "rng": state.get("rng")}
@@ -300,8 +305,9 @@ class PreparedDataLoader:
             restore_pass_rng(self.loader, replay["rng"])
         try:
             sharding = self.sharding
-            if sharding is None and (skip or start) and _has_sampler(self.loader):
-                # Skip by index, without loading the skipped batches: the pass goes through
+            if sharding is None and _has_sampler(self.loader):
+                # The order is drawn now, from the saved random state, and the consumed
+                # batches are skipped by index without loading them: the pass goes through
                 # a one-process plan of the epoch's order.
                 sharding = self._index_plan()
             offset = consumed
