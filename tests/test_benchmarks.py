@@ -93,3 +93,27 @@ def test_ddp_benchmark_runs_two_processes_and_writes_json(tmp_path: Path) -> Non
     for name, result in results.items():
         assert result["us_per_step"] > 0, name
         assert len(result["rounds"]) == 1
+
+
+def test_checkpoint_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "checkpoint.py"
+    output = tmp_path / "checkpoint.json"
+    completed = subprocess.run(
+        [sys.executable, str(script), "--quick", "--dir", str(tmp_path / "files"),
+         "--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    document = json.loads(output.read_text())
+    summary = document["summary"]
+    for name, seconds in summary["save_seconds"].items():
+        assert seconds > 0, name
+    assert summary["ember_vs_safetensors"] > 0
+    assert summary["trainer_save_seconds"] > 0 and summary["step_seconds"] > 0
+    assert summary["restore_seconds"] > 0
+    assert set(document["files"]["phases"]) >= {"safetensors write", "fsync files", "total"}
+    assert "blocks the loop for" in completed.stdout
+    assert list((tmp_path / "files").iterdir()) == []  # every file it wrote is gone
