@@ -167,11 +167,6 @@ def test_resuming_without_the_saved_random_states_would_differ(tmp_path: Path, f
     assert not all(torch.equal(v, got["weights"][k]) for k, v in expected["weights"].items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PreparedDataLoader replays a whole epoch (skip 0) lazily: a one-process loader "
-    "draws its order after the current random state is put back (ember.accelerator.data)",
-)
 def test_iterating_the_plain_loader_after_load_state_replays_the_saved_epoch(
     tmp_path: Path,
 ) -> None:

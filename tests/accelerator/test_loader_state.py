@@ -138,6 +138,6 @@ def test_a_plain_list_of_batches_replays_by_reading() -> None:
 
 def test_state_dict_between_passes() -> None:
     prepared = _one_process(DataLoader(TensorDataset(torch.arange(8)), batch_size=4))
-    assert prepared.state_dict() == {"epoch": 0, "batches": 0, "rng": None}
+    assert prepared.state_dict() == {"epoch": 0, "batches": 0, "rng": None, "data_seed": None}
     list(prepared)
-    assert prepared.state_dict() == {"epoch": 1, "batches": 0, "rng": None}
+    assert prepared.state_dict() == {"epoch": 1, "batches": 0, "rng": None, "data_seed": None}
