@@ -25,7 +25,11 @@ def clean_environment(**extra: str) -> dict[str, str]:
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        # Absolute: a relative entry (PYTHONPATH=src) would mean another folder in the child.
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT)]
+            + [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        ),
         **extra,
     }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):

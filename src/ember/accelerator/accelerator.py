@@ -318,7 +318,12 @@ class Accelerator:
         return wrapped
 
     def prepare_data_loader(
-        self, data_loader: Any, max_batches: int | None = None, *, even_batches: bool | None = None
+        self,
+        data_loader: Any,
+        max_batches: int | None = None,
+        *,
+        even_batches: bool | None = None,
+        remember: bool = True,
     ) -> PreparedDataLoader:
         """Wrap ``data_loader`` so batches arrive on the device and epochs are tracked; with
         several processes, shard it (each process gets its share of the global order).
@@ -329,6 +334,8 @@ class Accelerator:
             even_batches: pad the last round so every process gets as many batches (None:
                 the ``DataLoaderConfiguration``'s). The Trainer's evaluation loaders pass
                 False: ranks may run different numbers of batches, none repeated.
+            remember: keep it among what ``save_state`` saves (the Trainer's evaluation
+                loaders, prepared at every ``validate``, pass False).
         """
         collectives = None
         if self.num_processes > 1:
@@ -345,7 +352,8 @@ class Accelerator:
             collectives=collectives,
             even_batches=even_batches,
         )
-        self._dataloaders.append(prepared)  # save_state records where each one stands
+        if remember:
+            self._dataloaders.append(prepared)  # save_state records where each one stands
         return prepared
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:

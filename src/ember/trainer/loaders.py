@@ -139,7 +139,7 @@ def prepare_eval_loaders(
     for loader in loaders:
         if even_batches and accelerator.num_processes > 1:
             warn_if_padding_repeats(accelerator, loader, stage)
-        item = accelerator.prepare_data_loader(loader, even_batches=even_batches)
+        item = accelerator.prepare_data_loader(loader, even_batches=even_batches, remember=False)
         item.max_batches = arguments.apply_limit(
             f"limit_{'val' if stage == 'validation' else stage}_batches",
             limit,
