@@ -112,6 +112,40 @@ def test_fit_event_order() -> None:
     assert events == expected
 
 
+def test_checkpoint_writers_run_last_and_monitors_after_the_module_at_epoch_end() -> None:
+    events: list[str] = []
+
+    def recording(name: str, **flags: bool) -> Callback:
+        def record(self: Any, *args: Any) -> None:
+            events.append(name)
+
+        methods = {event: record for event in ("on_validation_end", "on_train_epoch_end")}
+        return type(name, (Callback,), {**methods, **flags})()
+
+    class Module(TinyModule):
+        def on_validation_end(self) -> None:
+            events.append("module")
+
+        def on_train_epoch_end(self) -> None:
+            events.append("module")
+
+    plain = recording("Plain")
+    plain.monitors = True  # an instance attribute changes nothing: the class decides
+    callbacks = [
+        recording("Writer", writes_checkpoints=True),
+        recording("Monitor", monitors=True),
+        plain,
+    ]
+    kwargs = {**bare_trainer_kwargs(), "enable_checkpointing": True}  # Writer is the one
+    trainer = Trainer(max_epochs=1, callbacks=callbacks, num_sanity_val_steps=0, **kwargs)
+    trainer.fit(Module(), loader(8, batch_size=8), loader(8, batch_size=8))
+    # on_validation_end: the given order, writers last, then the module; on_train_epoch_end:
+    # the other callbacks, the module, then monitors, writers last.
+    at_validation_end = ["Monitor", "Plain", "Writer", "module"]
+    at_train_epoch_end = ["Plain", "module", "Monitor", "Writer"]
+    assert events == at_validation_end + at_train_epoch_end
+
+
 def test_validate_test_predict_event_order() -> None:
     events: list[str] = []
     trainer = Trainer(callbacks=[RecordingCallback(events)], **bare_trainer_kwargs())
