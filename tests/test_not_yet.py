@@ -25,10 +25,3 @@ from tests.helpers import TinyModule
 def test_checkpoint_names_raise_a_clear_error(call: Any, name: str) -> None:
     with pytest.raises(MisconfigurationError, match=f"{name} is not available in this version"):
         call()
-
-
-def test_model_checkpoint_is_importable_and_refuses_clearly() -> None:
-    from ember.callbacks import ModelCheckpoint
-
-    with pytest.raises(MisconfigurationError, match="ModelCheckpoint is not available"):
-        ModelCheckpoint(monitor="val_loss")
