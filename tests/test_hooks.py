@@ -112,6 +112,73 @@ def test_fit_event_order() -> None:
     assert events == expected
 
 
+def test_checkpoint_writers_run_last_and_monitors_after_the_module_at_epoch_end() -> None:
+    events: list[str] = []
+
+    def recording(name: str, **flags: bool) -> Callback:
+        def record(self: Any, *args: Any) -> None:
+            events.append(name)
+
+        methods = {event: record for event in ("on_validation_end", "on_train_epoch_end")}
+        return type(name, (Callback,), {**methods, **flags})()
+
+    class Module(TinyModule):
+        def on_validation_end(self) -> None:
+            events.append("module")
+
+        def on_train_epoch_end(self) -> None:
+            events.append("module")
+
+    plain = recording("Plain")
+    plain.monitors = True  # an instance attribute changes nothing: the class decides
+    callbacks = [
+        recording("Writer", writes_checkpoints=True),
+        recording("Monitor", monitors=True),
+        plain,
+    ]
+    kwargs = {**bare_trainer_kwargs(), "enable_checkpointing": True}  # Writer is the one
+    trainer = Trainer(max_epochs=1, callbacks=callbacks, num_sanity_val_steps=0, **kwargs)
+    trainer.fit(Module(), loader(8, batch_size=8), loader(8, batch_size=8))
+    # on_validation_end: the given order, writers last, then the module; on_train_epoch_end:
+    # the other callbacks, the module, then monitors, writers last.
+    at_validation_end = ["Monitor", "Plain", "Writer", "module"]
+    at_train_epoch_end = ["Plain", "module", "Monitor", "Writer"]
+    assert events == at_validation_end + at_train_epoch_end
+
+
+def test_the_built_in_monitors_and_writers_are_marked() -> None:
+    from ember.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    assert EarlyStopping.monitors and not EarlyStopping.writes_checkpoints
+    assert ModelCheckpoint.monitors and ModelCheckpoint.writes_checkpoints
+    assert not LearningRateMonitor.monitors and not BaseCallback.writes_checkpoints
+
+
+def test_a_checkpoint_holds_the_other_callbacks_state_of_its_step(tmp_path: Path) -> None:
+    from ember.callbacks import EarlyStopping, ModelCheckpoint
+    from ember.checkpoint.files import read_checkpoint
+
+    class Worsening(TinyModule):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", torch.tensor(float(self.current_epoch)))
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1)
+    stopping = EarlyStopping("val_loss", patience=10)
+    trainer = Trainer(
+        max_epochs=3,
+        callbacks=[checkpoint, stopping],  # given first, still runs after EarlyStopping
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(Worsening(), loader(8, batch_size=8), loader(8, batch_size=8))
+    waits = [
+        read_checkpoint(path, weights=False).state["callbacks"][stopping.state_key]["wait_count"]
+        for path in checkpoint.best_k_models
+    ]
+    assert waits == [0, 1, 2]
+
+
 def test_validate_test_predict_event_order() -> None:
     events: list[str] = []
     trainer = Trainer(callbacks=[RecordingCallback(events)], **bare_trainer_kwargs())

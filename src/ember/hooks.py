@@ -2,7 +2,11 @@
 
 The loop fires events by name. For each event it first calls the method of every callback
 (in the order they were given, with ``trainer, module`` in front of the arguments), then the
-module's method of the same name. ``docs/hooks.md`` lists the full order; in pseudocode::
+module's method of the same name. Two exceptions, as in Lightning: callbacks that write
+checkpoints (``writes_checkpoints``, e.g. ModelCheckpoint) run after all other callbacks, so a
+checkpoint holds their state of this step; and at ``on_train_epoch_end`` the monitoring
+callbacks (``monitors``: EarlyStopping, ModelCheckpoint) run after the module's hook, so they
+see what it logs there. ``docs/hooks.md`` lists the full order; in pseudocode::
 
     setup("fit"); configure_optimizers()
     on_fit_start
@@ -21,7 +25,7 @@ module's method of the same name. ``docs/hooks.md`` lists the full order; in pse
                 step-interval schedulers
             on_train_batch_end(outputs, batch, batch_idx)
             if validation is due: on_validation_start ... on_validation_end
-        on_train_epoch_end
+        on_train_epoch_end        # other callbacks, the module, then monitoring callbacks
         epoch-interval schedulers
     on_train_end
     on_fit_end
@@ -39,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -95,6 +99,13 @@ class Callback:
     the batch or the loss. What it returns from ``state_dict`` is saved in checkpoints under
     ``state_key`` and handed back to ``load_state_dict`` on resume.
     """
+
+    #: Judges metrics: at ``on_train_epoch_end`` it runs after the module's hook (which may
+    #: log what it judges), as EarlyStopping and ModelCheckpoint do.
+    monitors: ClassVar[bool] = False
+    #: Writes checkpoints: at every event it runs after all other callbacks, so a checkpoint
+    #: it writes holds their state of this step.
+    writes_checkpoints: ClassVar[bool] = False
 
     @property
     def state_key(self) -> str:
@@ -394,17 +405,36 @@ def collect_hooks(
 ) -> dict[str, tuple[Callable[..., Any], ...]]:
     """For each event, the overridden methods to call: callbacks first, then the module.
 
-    Methods left at their no-op default are not called at all, so an unused event costs
-    one empty loop.
+    The callbacks keep the order they were given, except that checkpoint writers come after
+    all the others; at ``on_train_epoch_end`` the monitoring callbacks (and writers) come
+    after the module. Methods left at their no-op default are not called at all, so an unused
+    event costs one empty loop.
     """
+    # A stable sort: writers move to the end, every other order is kept.
+    ordered = sorted(callbacks, key=lambda callback: _flag(callback, "writes_checkpoints"))
     hooks: dict[str, tuple[Callable[..., Any], ...]] = {}
     for event in EVENTS:
-        found: list[Callable[..., Any]] = [
-            partial(getattr(callback, event), trainer, module)
-            for callback in callbacks
-            if getattr(type(callback), event) is not getattr(Callback, event)
-        ]
+        late = event in _MONITORS_AFTER_MODULE
+        before: list[Callable[..., Any]] = []
+        after: list[Callable[..., Any]] = []
+        for callback in ordered:
+            if getattr(type(callback), event) is getattr(Callback, event):
+                continue
+            monitoring = _flag(callback, "monitors") or _flag(callback, "writes_checkpoints")
+            (after if late and monitoring else before).append(
+                partial(getattr(callback, event), trainer, module)
+            )
         if getattr(type(module), event, None) is not getattr(ModuleHooks, event):
-            found.append(getattr(module, event))
-        hooks[event] = tuple(found)
+            before.append(getattr(module, event))
+        hooks[event] = (*before, *after)
     return hooks
+
+
+#: Events at which monitoring callbacks run after the module's hook (Lightning's order: the
+#: module may log there what they judge).
+_MONITORS_AFTER_MODULE = frozenset({"on_train_epoch_end"})
+
+
+def _flag(callback: Callback, name: str) -> bool:
+    # Read from the class: an instance attribute of the same name must not change the order.
+    return bool(getattr(type(callback), name, False))

@@ -49,6 +49,8 @@ class EarlyStopping(Callback):
         reason: why it stopped, in words (None until it stops).
     """
 
+    monitors = True
+
     def __init__(
         self,
         monitor: str,

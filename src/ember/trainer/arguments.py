@@ -280,7 +280,12 @@ def resolve_strategy_and_device(
     return resolved
 
 
-def resolve_callbacks(callbacks: Any, enable_progress_bar: bool) -> list[Callback]:
+def resolve_callbacks(
+    callbacks: Any, enable_progress_bar: bool, enable_checkpointing: bool = True
+) -> list[Callback]:
+    """The Trainer's callbacks: those given, plus a ``ProgressBar`` (``enable_progress_bar``)
+    and a ``ModelCheckpoint(save_last=True)`` (``enable_checkpointing``) unless one is given."""
+    from ember.callbacks.checkpoint import ModelCheckpoint
     from ember.callbacks.progress import ProgressBar
 
     if callbacks is None:
@@ -305,6 +310,15 @@ def resolve_callbacks(callbacks: Any, enable_progress_bar: bool) -> list[Callbac
         )
     if enable_progress_bar and not has_bar:
         callbacks.append(ProgressBar())
+    # Any callback that writes checkpoints (ModelCheckpoint, or one of the user's) counts.
+    writers = [type(cb).__name__ for cb in callbacks if type(cb).writes_checkpoints]
+    if writers and not enable_checkpointing:
+        raise MisconfigurationError(
+            f"`enable_checkpointing=False` but `callbacks` holds {', '.join(writers)}, which "
+            "writes checkpoints; remove one of the two."
+        )
+    if enable_checkpointing and not writers:
+        callbacks.append(ModelCheckpoint(save_last=True))
     return callbacks
 
 

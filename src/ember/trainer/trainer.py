@@ -67,7 +67,8 @@ class Trainer:
         log_every_n_steps: send step metrics to the loggers every n optimizer steps.
         callbacks: a ``Callback`` or a list of them.
         logger: True (TensorBoard when installed, else CSV), False, a ``Logger`` or a list.
-        enable_checkpointing: save checkpoints with ``ModelCheckpoint`` (not available yet).
+        enable_checkpointing: add ``ModelCheckpoint(save_last=True)`` unless ``callbacks``
+            holds one (False: save no checkpoints; passing one too is an error).
         enable_progress_bar: add a ``ProgressBar`` unless one is given.
         default_root_dir: where logs and checkpoints go (default: the working directory).
         seed: call ``seed_everything(seed)`` now.
@@ -171,7 +172,9 @@ class Trainer:
             ),
             project_dir=self.default_root_dir,
         )
-        self.callbacks = arguments.resolve_callbacks(callbacks, enable_progress_bar)
+        self.callbacks = arguments.resolve_callbacks(
+            callbacks, enable_progress_bar, self.enable_checkpointing
+        )
         self.loggers = arguments.resolve_loggers(logger, self.default_root_dir)
 
         #: The current or last run; None before the first fit / validate / test / predict.
