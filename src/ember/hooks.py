@@ -426,8 +426,18 @@ def collect_hooks(
             )
         if getattr(type(module), event, None) is not getattr(ModuleHooks, event):
             before.append(getattr(module, event))
-        hooks[event] = (*before, *after)
+        if late:
+            # Fired apart, so the loop can reduce what the module logged there first.
+            hooks[event], hooks[monitors_of(event)] = tuple(before), tuple(after)
+        else:
+            hooks[event] = (*before, *after)
     return hooks
+
+
+def monitors_of(event: str) -> str:
+    """The key, in ``collect_hooks``' result, of the monitoring callbacks of ``event`` that
+    run after the module's hook (``on_train_epoch_end``)."""
+    return f"{event}:monitors"
 
 
 #: Events at which monitoring callbacks run after the module's hook (Lightning's order: the

@@ -184,12 +184,6 @@ def test_a_nan_score_is_never_the_best(tmp_path: Path) -> None:
     assert callback.best_model_path.endswith("epoch=0-step=8")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="what on_train_epoch_end hooks log is reduced into callback_metrics only after "
-    "the whole event (loops.train_epoch), so monitors running after the module's hook do not "
-    "see it yet; the fix is in loops.py",
-)
 def test_it_judges_what_the_module_logs_in_on_train_epoch_end(tmp_path: Path) -> None:
     # Without validation it saves at on_train_epoch_end, after the module's hook.
     callback = ModelCheckpoint(dirpath=tmp_path, monitor="train_score")
@@ -453,15 +447,7 @@ def test_a_resume_into_another_folder_keeps_only_best_model_path(tmp_path: Path)
     "validate",
     [
         False,  # saved at on_train_epoch_end
-        pytest.param(
-            True,  # saved at on_validation_end
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a checkpoint written during evaluation captures the RNG state the "
-                "validation loaders moved, not training's (loops.evaluate restores training's "
-                "only after on_validation_end); the fix is in loops.py / trainer/checkpoint.py",
-            ),
-        ),
+        True,  # saved at on_validation_end
     ],
 )
 def test_its_checkpoints_resume_exactly(tmp_path: Path, validate: bool) -> None:

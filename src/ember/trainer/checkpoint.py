@@ -59,7 +59,8 @@ def save(
         raise CheckpointError(
             f"Cannot write {str(path)!r} in the middle of an accumulation window under FSDP "
             f"(batch {state.batch_idx} of epoch {state.epoch}, {state.accumulation_position} "
-            "batches into the window): save at a step boundary (ModelCheckpoint does)."
+            "batches into the window): save at a step boundary (with validation mid-epoch, a "
+            "val_check_interval that is a multiple of accumulate_grad_batches)."
         )
     # A grad-scaler update still pending from the last step is applied now (it would be at
     # the next backward): the saved scale is the one the next step uses.
@@ -195,7 +196,8 @@ def _checkpoint_folder(trainer: Trainer) -> Path | None:
     if callback is None:
         return None
     folder = getattr(callback, "dirpath", None)
-    return Path(folder) if folder is not None else None
+    # Before the callback's setup (validate / test before any fit): its default folder.
+    return Path(folder) if folder is not None else Path(trainer.default_root_dir) / "checkpoints"
 
 
 # --- reading -------------------------------------------------------------------------------------

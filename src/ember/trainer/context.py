@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ember.accelerator import distributed
 from ember.errors import MisconfigurationError
-from ember.hooks import EVENTS
+from ember.hooks import EVENTS, monitors_of
 from ember.module import overrides
 from ember.trainer.arguments import check_choice, check_clip_value
 from ember.trainer.epoch_sync import EpochSync
@@ -191,6 +191,7 @@ class RunContext:
         self.loggers = loggers
         self.is_global_zero = accelerator.is_main_process
         self.hooks: Hooks = {event: () for event in EVENTS}
+        self.hooks[monitors_of("on_train_epoch_end")] = ()
         self.steps = StepFunctions.of(module, False)
         self.train_loader: PreparedDataLoader | None = None
         self.val_loaders: list[PreparedDataLoader] = []

@@ -25,6 +25,7 @@ from ember.accelerator.data import assemble_in_order
 from ember.accelerator.nested import apply_to_tensors
 from ember.checkpoint.rng import capture_rng, restore_rng
 from ember.errors import MisconfigurationError
+from ember.hooks import monitors_of
 from ember.seed import seed_everything
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class Preempted(BaseException):
         super().__init__(signal)
         self.signal = signal
 
+
+_EPOCH_END_MONITORS = monitors_of("on_train_epoch_end")
 
 #: The stop vote: 0 go on, 1 stop (should_stop), 2 preempted (save last and exit).
 _STOP, _PREEMPT = 1, 2
@@ -220,9 +223,16 @@ def train_epoch(context: RunContext) -> None:
     context.epoch_finished = finished
     try:
         context.fire("on_train_epoch_end")
+        # What the module and the other callbacks logged there is reduced before the
+        # monitoring callbacks (EarlyStopping, ModelCheckpoint) judge it.
+        _, more_for_loggers = metrics.reduce_epoch(context.epoch_sync)
+        monitors = hooks[_EPOCH_END_MONITORS]
+        for hook in monitors:
+            hook()
+        if monitors:
+            more_for_loggers.update(metrics.reduce_epoch(context.epoch_sync)[1])
     finally:
         context.epoch_finished = False
-    _, more_for_loggers = metrics.reduce_epoch(context.epoch_sync)
     context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
     metrics.close()
     if finished:
