@@ -173,8 +173,8 @@ class PreparedDataLoader:
         self.epoch = epoch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where this loader stands, for a checkpoint: the epoch of the pass in progress,
-        how many batches of it this process consumed (``batches``), the random state it
+        """Where this loader stands, for a checkpoint: the epoch of the pass in progress (or
+        abandoned before its end), how many batches of it this process consumed (``batches``), the random state it
         began from (``rng``) and, for a map-style loader, the global position in the epoch's
         order (``position``, in ``unit``: what another number of processes resumes from).
         Between passes: the next epoch and 0 batches."""
@@ -182,7 +182,9 @@ class PreparedDataLoader:
         frame = counter.frame
         # The seedable sampler's seed too: without `data_seed` it was drawn at prepare time,
         # from a generator a resumed process seeds differently.
-        if frame is None or frame.ended or counter.pass_epoch < 0:
+        # A pass that ran to its end: the next one is the next epoch. One abandoned on the
+        # way (a stop, an exception) is still the pass in progress: it continues there.
+        if frame is None or counter.pass_epoch < 0 or (frame.ended and frame.end_of_dataloader):
             return {"epoch": counter.value, "batches": 0, "rng": None, "data_seed": self.data_seed}
         state: dict[str, Any] = {
             "epoch": counter.pass_epoch,

@@ -115,10 +115,32 @@ def init_process_group(device: torch.device, timeout: timedelta) -> None:
         backend=backend,
         timeout=timeout,
         device_id=device if device.type == "cuda" else None,
+        **_attempt_store(timeout),
     )
     # Leave the group at exit: a gloo group still open then can abort the interpreter
     # ("terminate called without an active exception") and turn exit code 0 into 134.
     atexit.register(_leave_at_exit)
+
+
+def _attempt_store(timeout: timedelta) -> dict[str, Any]:
+    """Under torchrun's elastic agent, the store of this attempt: the agent's store, whose
+    keys outlive a restart, under a prefix of its own. Without it, a restarted process can
+    read a peer's address of the failed attempt and fail ("Connection refused") or hang
+    (reproduced with gloo on 127.0.0.1). Empty elsewhere: the default ``env://``."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = torch_distributed.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size(),
+        is_master=False,
+        timeout=timeout,
+    )
+    return {
+        "store": torch_distributed.PrefixStore(f"/ember/attempt_{restart_count()}", store),
+        "rank": global_rank(),
+        "world_size": world_size(),
+    }
 
 
 def _leave_at_exit() -> None:
