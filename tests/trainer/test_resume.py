@@ -369,3 +369,77 @@ def test_last_without_a_checkpoint_starts_fresh_with_a_warning() -> None:
     with pytest.warns(UserWarning, match="no complete 'last' checkpoint"):
         trainer.fit(TinyModule(), loader(16), ckpt_path="last")
     assert trainer.global_step == 2
+
+
+def test_a_fit_stopped_by_max_steps_mid_epoch_continues_at_the_next_batch(tmp_path: Path) -> None:
+    # SPEC: a stop mid-epoch runs the epoch-end bookkeeping, but the saved progress keeps the
+    # batch position; a checkpoint written then resumes that epoch at the next batch.
+    options = {**bare_trainer_kwargs(), "accumulate_grad_batches": 2}
+    ember.seed_everything(0)
+    whole = DropoutNet()
+    Trainer(max_steps=12, **options).fit(whole, shuffled())
+    ember.seed_everything(0)
+    first = Trainer(max_steps=7, **options)  # epoch 1, batch 4 (5 steps per epoch)
+    first.fit(DropoutNet(), shuffled())
+    assert (first.current_epoch, first.state.batch_idx) == (1, 4)
+    path = first.save_checkpoint(tmp_path / "stopped")
+    ember.seed_everything(3)
+    resumed = DropoutNet()
+    Trainer(max_steps=12, **options).fit(resumed, shuffled(), ckpt_path=path)
+    _assert_equal(_weights(whole), _weights(resumed))
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path: Path) -> None:
+    from ember.callbacks import EarlyStopping
+
+    class Worsening(TinyModule):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("score", float(self.current_epoch))  # gets worse every epoch
+
+    def trainer(epochs: int, stopping: EarlyStopping) -> Trainer:
+        return Trainer(
+            **bare_trainer_kwargs(), max_epochs=epochs, callbacks=[stopping], num_sanity_val_steps=0
+        )
+
+    first_stopping = EarlyStopping("score", patience=3)
+    first = trainer(2, first_stopping)
+    first.fit(Worsening(), loader(16), loader(8))
+    path = first.save_checkpoint(tmp_path / "checkpoint")
+    assert first_stopping.wait_count == 1
+    stopping = EarlyStopping("score", patience=3)
+    resumed = trainer(10, stopping)
+    resumed.fit(Worsening(), loader(16), loader(8), ckpt_path=path)
+    # Patience 3 counted from the best (epoch 0) across the resume: stops after epoch 3.
+    assert stopping.stopped_epoch == 3 and resumed.current_epoch == 4
+
+
+def test_an_exception_calls_on_exception_and_leaves_earlier_checkpoints(tmp_path: Path) -> None:
+    from ember.callbacks import ModelCheckpoint
+
+    seen: list[BaseException] = []
+
+    class Failing(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.current_epoch == 2:
+                raise ValueError("boom")
+            return super().training_step(batch, batch_idx)
+
+        def on_exception(self, exception: BaseException) -> None:
+            seen.append(exception)
+
+    checkpoint = ModelCheckpoint(save_last=True)
+    trainer = Trainer(
+        max_epochs=5,
+        callbacks=[checkpoint],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+    )
+    with pytest.raises(ValueError, match="boom"):
+        trainer.fit(Failing(), loader(16))
+    assert [type(error) for error in seen] == [ValueError]
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=4", "last-step=4"]
+    resumed = Trainer(**bare_trainer_kwargs(), max_epochs=2)
+    resumed.fit(TinyModule(), loader(16), ckpt_path=folder / "last-step=4")
+    assert resumed.global_step == 4  # nothing left to train: the checkpoint is complete
