@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,12 @@ from pathlib import Path
 from string import Formatter
 from typing import TYPE_CHECKING, Any
 
-from ember.checkpoint.files import TEMPORARY_PREFIX, complete_checkpoints, remove_leftovers
+from ember.checkpoint.files import (
+    complete_checkpoints,
+    delete_checkpoint,
+    link_checkpoint,
+    remove_leftovers,
+)
 from ember.errors import MisconfigurationError
 from ember.hooks import Callback
 from ember.trainer.checkpoint import LAST_PREFIX
@@ -393,7 +397,7 @@ class ModelCheckpoint(Callback):
             raise
         if trainer.is_global_zero:  # only now that the new ones are in place
             for path in plan.remove:
-                _delete(Path(path))
+                delete_checkpoint(Path(path))
             if plan.last_path is not None:
                 self._remove_other_lasts(Path(plan.last_path))
 
@@ -423,7 +427,7 @@ class ModelCheckpoint(Callback):
         if newest is not None and newest.step == step and (weights_only or not newest.weights_only):
             # The same step's checkpoint exists: link its files instead of writing again.
             if newest.path != str(path) and trainer.is_global_zero:
-                _link_checkpoint(Path(newest.path), path)
+                link_checkpoint(Path(newest.path), path)
         else:
             trainer.save_checkpoint(path, weights_only=weights_only)
         self._newest = _Written(step, str(path), weights_only)
@@ -432,7 +436,7 @@ class ModelCheckpoint(Callback):
         folder = self._folder()
         for entry in folder.iterdir() if folder.is_dir() else ():
             if _LAST_NAME.match(entry.name) and entry.name != keep.name:
-                _delete(entry)
+                delete_checkpoint(entry)
 
     def _folder(self) -> Path:
         assert self.dirpath is not None, "setup sets dirpath"
@@ -491,57 +495,3 @@ def _check_template(filename: Any) -> None:
         raise MisconfigurationError(
             f"`ModelCheckpoint(filename={filename!r})` is not supported: {problem}."
         )
-
-
-def _delete(path: Path) -> None:
-    """Remove a checkpoint directory: first renamed to a leftover name (one atomic step, so a
-    crash never leaves half a checkpoint under a real name), then deleted."""
-    if not path.exists():
-        return
-    doomed = path.with_name(f"{TEMPORARY_PREFIX}removed-{path.name}-{os.getpid()}")
-    try:
-        os.replace(path, doomed)
-    except OSError:
-        doomed = path
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _link_checkpoint(source: Path, target: Path) -> None:
-    """Make ``target`` a complete checkpoint with the files of ``source``: hard links in a
-    temporary sibling (copies where links fail: another file system, no link support), then
-    one rename, as ``write_checkpoint`` does."""
-    temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}-{os.getpid()}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    try:
-        for entry in sorted(source.iterdir()):
-            try:
-                os.link(entry, temporary / entry.name)
-            except OSError:
-                shutil.copy2(entry, temporary / entry.name)
-        _fsync(temporary)
-        if target.exists():
-            old = target.with_name(f"{TEMPORARY_PREFIX}old-{target.name}-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(temporary, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
-        _fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some systems
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -84,19 +84,58 @@ def write_checkpoint(
         for name in (STATE_FILE, META_FILE):
             _fsync_file(temporary / name)
         _fsync_file(temporary)
-        if path.exists():
-            # Move the old one out of the way under a leftover name, then take its place.
-            old = path.with_name(f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(temporary, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
-        _fsync_file(path.parent)
+        _move_into_place(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return path
+
+
+def _move_into_place(temporary: Path, path: Path) -> None:
+    """Rename the complete directory ``temporary`` to ``path``. An existing ``path`` is
+    moved away under a leftover name first and deleted after."""
+    if path.exists():
+        old = path.with_name(f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(temporary, path)
+    _fsync_file(path.parent)
+
+
+def link_checkpoint(source: Path, target: Path) -> None:
+    """Make ``target`` a complete checkpoint with the files of ``source`` without writing
+    them again: hard links in a temporary sibling (copies where links fail: another file
+    system, no link support), then one rename, as ``write_checkpoint`` does."""
+    temporary = target.with_name(f"{TEMPORARY_PREFIX}{target.name}-{os.getpid()}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir(parents=True)
+    try:
+        for entry in sorted(source.iterdir()):
+            try:
+                os.link(entry, temporary / entry.name)
+            except OSError:
+                shutil.copy2(entry, temporary / entry.name)
+        _fsync_file(temporary)
+        _move_into_place(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Remove a checkpoint directory: first renamed to a leftover name (one atomic step, so a
+    crash never leaves half a checkpoint under a real name), then deleted."""
+    if not path.exists():
+        return
+    doomed = path.with_name(f"{TEMPORARY_PREFIX}removed-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, weights: bool = True) -> Checkpoint:
