@@ -23,6 +23,14 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from ember.accelerator.nested import infer_batch_size as infer_batch_size
 from ember.accelerator.nested import slice_tensors
 from ember.accelerator.optim import GradientState
+from ember.accelerator.passes import (
+    ONE_PROCESS,
+    PassState,
+    SkipLoader,
+    capture_pass_rng,
+    has_sampler,
+    restore_pass_rng,
+)
 from ember.accelerator.sharding import BatchPlace, Collectives, IndexSharding
 from ember.accelerator.streams import StreamSharding
 from ember.accelerator.transfer import DataLoaderConfiguration as DataLoaderConfiguration
@@ -33,48 +41,6 @@ from ember.errors import MisconfigurationError
 if TYPE_CHECKING:
     from ember.accelerator.optim import _LoaderFrame
     from ember.accelerator.precision import Precision
-
-
-class _EpochCounter:
-    """The epoch of a loader's next pass and where the current pass stands, shared by the
-    loader and its skipping copies (so a resumed epoch keeps its shuffling order, and the
-    pass after it is the next epoch).
-
-    Attributes:
-        value: the epoch of the next pass.
-        pass_epoch: the epoch of the pass in progress (or last begun); -1 before any.
-        pass_rng: the random state the pass began from (``capture_pass_rng``): replaying it
-            draws the same order and worker seeds.
-        frame: the pass's frame (how many batches it yielded); None before any pass.
-        pass_skip: batches the pass left out at its start, by index (a resumed pass).
-        pass_start: the global position of the epoch's order the pass began at (a pass
-            resumed on another number of processes; ``IndexSharding.position_unit``).
-        pass_offset: batches counted as done before the pass's first batch (``pass_skip``
-            and the rounds ``pass_start`` stands for): the batch index of its first batch.
-        replay: set by ``load_state_dict``: the next pass replays that epoch from its saved
-            random state and leaves out what was already consumed.
-    """
-
-    __slots__ = (
-        "frame",
-        "pass_epoch",
-        "pass_offset",
-        "pass_rng",
-        "pass_skip",
-        "pass_start",
-        "replay",
-        "value",
-    )
-
-    def __init__(self, value: int = 0) -> None:
-        self.value = value
-        self.pass_epoch = -1
-        self.pass_rng: dict[str, Any] | None = None
-        self.frame: _LoaderFrame | None = None
-        self.pass_skip = 0
-        self.pass_start = 0
-        self.pass_offset = 0
-        self.replay: dict[str, Any] | None = None
 
 
 class PreparedDataLoader:
@@ -105,7 +71,7 @@ class PreparedDataLoader:
         data_seed: int | None = None,
         sharding: IndexSharding | StreamSharding | None = None,
         skip: int = 0,
-        epochs: _EpochCounter | None = None,
+        epochs: PassState | None = None,
     ) -> None:
         self.loader = loader
         self.gradient_state = gradient_state
@@ -116,7 +82,7 @@ class PreparedDataLoader:
         self.data_seed = data_seed
         self.sharding = sharding
         self.skip = skip
-        self._epochs = epochs if epochs is not None else _EpochCounter()
+        self._epochs = epochs if epochs is not None else PassState()
         self._places: list[BatchPlace] | None = None
         self._local_plan: IndexSharding | None = None
 
@@ -234,12 +200,12 @@ class PreparedDataLoader:
         map-style loader a one-process plan (built once); None for streams."""
         if isinstance(self.sharding, IndexSharding):
             return self.sharding
-        if self.sharding is not None or not _has_sampler(self.loader):
+        if self.sharding is not None or not has_sampler(self.loader):
             return None
         if isinstance(self.loader.sampler, DistributedSampler):
             return None
         if self._local_plan is None:
-            self._local_plan = IndexSharding(self.loader, _ONE_PROCESS, False, False)
+            self._local_plan = IndexSharding(self.loader, ONE_PROCESS, False, False)
         return self._local_plan
 
     def skipping(self, num_batches: int) -> PreparedDataLoader:
@@ -307,7 +273,7 @@ class PreparedDataLoader:
             restore_pass_rng(self.loader, replay["rng"])
         try:
             sharding = self.sharding
-            if sharding is None and _has_sampler(self.loader):
+            if sharding is None and has_sampler(self.loader):
                 # The order is drawn now, from the saved random state, and the consumed
                 # batches are skipped by index without loading them: the pass goes through
                 # a one-process plan of the epoch's order.
@@ -350,9 +316,9 @@ class PreparedDataLoader:
         else:
             source: Iterable[Any] = self.loader
             if skip:
-                source = _SkipLoader(self.loader, skip)
+                source = SkipLoader(self.loader, skip)
                 if eager:
-                    source = _SkipLoader.started(self.loader, skip)
+                    source = SkipLoader.started(self.loader, skip)
             length = self._pass_length(skip, limit)
             # The pass is registered now, not at the first batch: an iterator opened before
             # the training loop (a validation iterator kept open) is older than the training
@@ -561,88 +527,7 @@ def skip_first_batches(loader: Any, num_batches: int) -> Any:
     """
     if isinstance(loader, PreparedDataLoader):
         return loader.skipping(num_batches)
-    return _SkipLoader(loader, num_batches)
-
-
-class _SkipLoader:
-    def __init__(self, loader: Any, num_batches: int) -> None:
-        self.loader = loader
-        self.num_batches = num_batches
-        self._started: Iterator[Any] | None = None
-
-    @classmethod
-    def started(cls, loader: Any, num_batches: int) -> _SkipLoader:
-        """One whose first pass already read and dropped its first ``num_batches`` (now)."""
-        skipper = cls(loader, num_batches)
-        skipper._started = iter(skipper)
-        return skipper
-
-    def __len__(self) -> int:
-        return max(0, len(self.loader) - self.num_batches)
-
-    def __iter__(self) -> Iterator[Any]:
-        if self._started is not None:
-            iterator, self._started = self._started, None
-            return iterator
-        iterator = iter(self.loader)
-        for _ in range(self.num_batches):
-            try:
-                next(iterator)
-            except StopIteration:
-                return iter(())
-        return iterator
-
-
-def _has_sampler(loader: Any) -> bool:
-    """A ``DataLoader`` over a map-style dataset: its order comes from a sampler."""
-    return isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
-
-
-class _OneProcess:
-    """The collectives of a one-process plan (``IndexSharding`` of one rank)."""
-
-    rank = 0
-    world_size = 1
-
-    def broadcast_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor
-
-    def broadcast_object(self, obj: Any) -> Any:
-        return obj
-
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.unsqueeze(0)
-
-
-_ONE_PROCESS = _OneProcess()
-
-
-def capture_pass_rng(loader: Any) -> dict[str, Any] | None:
-    """The random state a pass of ``loader`` draws its order and worker seeds from: torch's
-    global generator and the loader's and sampler's own generators (None: not a map-style
-    ``DataLoader``, whose order nothing random decides that ember could replay)."""
-    if not _has_sampler(loader):
-        return None
-    sampler_generator = getattr(loader.sampler, "generator", None)
-    return {
-        "torch": torch.get_rng_state(),
-        "loader": loader.generator.get_state() if loader.generator is not None else None,
-        "sampler": (
-            sampler_generator.get_state()
-            if isinstance(sampler_generator, torch.Generator)
-            else None
-        ),
-    }
-
-
-def restore_pass_rng(loader: Any, state: dict[str, Any]) -> None:
-    """Put back what ``capture_pass_rng`` returned."""
-    torch.set_rng_state(state["torch"])
-    if state.get("loader") is not None and loader.generator is not None:
-        loader.generator.set_state(state["loader"])
-    sampler_generator = getattr(loader.sampler, "generator", None)
-    if state.get("sampler") is not None and isinstance(sampler_generator, torch.Generator):
-        sampler_generator.set_state(state["sampler"])
+    return SkipLoader(loader, num_batches)
 
 
 def is_data_loader(obj: Any) -> bool:

@@ -27,6 +27,7 @@ from ember.checkpoint.rng import capture_rng, restore_rng
 from ember.errors import MisconfigurationError
 from ember.hooks import monitors_of
 from ember.seed import seed_everything
+from ember.trainer import preemption
 
 if TYPE_CHECKING:
     from ember.accelerator.data import PreparedDataLoader
@@ -52,20 +53,7 @@ def fit(context: RunContext) -> None:
     context.fire("on_fit_end")
 
 
-class Preempted(BaseException):
-    """Every process agreed to stop at this step boundary because one got SIGTERM / SIGINT
-    (``signal``); the Trainer saves ``last`` and exits. A BaseException, like
-    KeyboardInterrupt: ``except Exception`` in user code must not swallow it."""
-
-    def __init__(self, signal: int) -> None:
-        super().__init__(signal)
-        self.signal = signal
-
-
 _EPOCH_END_MONITORS = monitors_of("on_train_epoch_end")
-
-#: The stop vote: 0 go on, 1 stop (should_stop), 2 preempted (save last and exit).
-_STOP, _PREEMPT = 1, 2
 
 
 def _continue_from_checkpoint(context: RunContext) -> None:
@@ -83,19 +71,6 @@ def _continue_from_checkpoint(context: RunContext) -> None:
             # The schedulers step before this process's optimizers have: no reason to warn.
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             _finish_epoch(context)
-
-
-def _vote(context: RunContext) -> int:
-    return _PREEMPT if context.preempted else int(context.should_stop)
-
-
-def _agreed(context: RunContext, decision: int) -> None:
-    """Act on what the processes agreed: raise ``Preempted`` (every process together), or
-    note a stop."""
-    if decision >= _PREEMPT:
-        raise Preempted(context.preempted or 15)
-    if decision:
-        context.should_stop = True
 
 
 def _finish_epoch(context: RunContext) -> None:
@@ -196,12 +171,12 @@ def train_epoch(context: RunContext) -> None:
         # process stops at the same step: a stop asked on one is agreed on one step later,
         # without a blocking collective per step (one process: at once).
         if state.accumulation_position == 0:
-            agreed = stop_vote.exchange(_PREEMPT if context.preempted else context.should_stop)
+            agreed = stop_vote.exchange(preemption.vote(context))
             if agreed or state.global_step >= max_steps:
-                _agreed(context, agreed)
+                preemption.act_on(context, agreed)
                 finished = batch_idx + 1 == context.num_training_batches
                 break
-    _agreed(context, stop_vote.settle())  # a stop voted at the epoch's last step
+    preemption.act_on(context, stop_vote.settle())  # a stop voted at the epoch's last step
     if state.accumulation_position != 0:
         # The loader ended before the length it announced: close the open window (its
         # gradient is rescaled to the batches it really holds) rather than carry it over.
@@ -274,7 +249,7 @@ def should_stop_now(context: RunContext) -> bool:
 
 def fit_done(context: RunContext) -> bool:
     """Whether fit should not start another epoch (agreed by every process)."""
-    _agreed(context, context.stop_vote.now(_vote(context)))
+    preemption.act_on(context, context.stop_vote.now(preemption.vote(context)))
     if should_stop_now(context):
         return True
     max_epochs = context.settings.max_epochs

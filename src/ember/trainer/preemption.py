@@ -23,6 +23,32 @@ if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: The stop vote: 0 go on, 1 stop (``should_stop``), 2 preempted (save last and exit).
+STOP, PREEMPT = 1, 2
+
+
+class Preempted(BaseException):
+    """Every process agreed to stop at this step boundary because one got SIGTERM / SIGINT
+    (``signal``); the Trainer saves ``last`` and exits. A BaseException, like
+    KeyboardInterrupt: ``except Exception`` in user code must not swallow it."""
+
+    def __init__(self, signal: int) -> None:
+        super().__init__(signal)
+        self.signal = signal
+
+
+def vote(context: RunContext) -> int:
+    """This process's vote at a step boundary."""
+    return PREEMPT if context.preempted else int(context.should_stop)
+
+
+def act_on(context: RunContext, decision: int) -> None:
+    """Act on what the processes agreed: raise ``Preempted`` (every process together), or
+    note a stop."""
+    if decision >= PREEMPT:
+        raise Preempted(context.preempted or signal.SIGTERM)
+    if decision:
+        context.should_stop = True
 
 
 @contextmanager

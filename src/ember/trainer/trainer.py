@@ -502,7 +502,7 @@ class Trainer:
                 logger.log_hyperparams(dict(module.hparams))
         try:
             loops.fit(context)
-        except loops.Preempted as stop:
+        except preemption.Preempted as stop:
             preemption.save_and_exit(self, context, stop.signal)
 
     def _evaluate(
