@@ -443,3 +443,30 @@ def test_an_exception_calls_on_exception_and_leaves_earlier_checkpoints(tmp_path
     resumed = Trainer(**bare_trainer_kwargs(), max_epochs=2)
     resumed.fit(TinyModule(), loader(16), ckpt_path=folder / "last-step=4")
     assert resumed.global_step == 4  # nothing left to train: the checkpoint is complete
+
+
+def test_loggers_continue_the_run_with_monotonic_steps(tmp_path: Path) -> None:
+    import csv
+
+    from ember.loggers import CSVLogger
+
+    options = {
+        "max_epochs": 2,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "log_every_n_steps": 1,
+    }
+    ember.seed_everything(0)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):
+        Trainer(logger=CSVLogger(tmp_path / "logs"), callbacks=[Crash(13, path)], **options).fit(
+            DropoutNet(), shuffled()
+        )
+    # The crashed run logged steps 1..13 (the crash came after batch 13's flush).
+    resumed = Trainer(logger=CSVLogger(tmp_path / "logs"), **options)
+    resumed.fit(DropoutNet(), shuffled(), ckpt_path=path)
+    folders = sorted(p.name for p in (tmp_path / "logs" / "ember").iterdir())
+    assert folders == ["version_0"]  # the same run, not a new version
+    with open(tmp_path / "logs" / "ember" / "version_0" / "metrics.csv") as file:
+        steps = [int(row["step"]) for row in csv.DictReader(file) if row["train_loss_step"]]
+    assert steps == list(range(1, 21))  # each step once, in order

@@ -335,7 +335,11 @@ def _merged_metrics(ranks: list[dict[str, Any]], rank: int) -> dict[str, Any]:
     processes: all of them on rank 0 (weights add up), none on the others; the latest
     values of saved rank 0 everywhere."""
     latest = ranks[0]["metrics"]
-    merged: dict[str, Any] = {"latest": latest["latest"], "prog_bar": latest["prog_bar"]}
+    merged: dict[str, Any] = {
+        "latest": latest["latest"],
+        "prog_bar": latest["prog_bar"],
+        "unflushed": latest.get("unflushed", {}),
+    }
     series: dict[str, dict[str, Any]] = {}
     if rank == 0:
         for saved in ranks:

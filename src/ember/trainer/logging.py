@@ -411,11 +411,19 @@ class MetricStore:
                     "weights": list(item.weights),
                 }
             )
-        return {"latest": dict(self.latest()), "prog_bar": sorted(self._prog_bar), "series": series}
+        return {
+            "latest": dict(self.latest()),
+            "prog_bar": sorted(self._prog_bar),
+            "series": series,
+            # Step values not yet sent to the loggers (the flush follows on_train_batch_end,
+            # where a checkpoint may be written): sent when the run continues.
+            "unflushed": {key: to_float(value) for key, value in self._unflushed.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the epoch ``state_dict`` described (call after ``start``)."""
         self._latest.update(state.get("latest", {}))
+        self._unflushed.update(state.get("unflushed", {}))
         self._prog_bar.update(state.get("prog_bar", []))
         for saved in state.get("series", []):
             item = _Series(
