@@ -470,3 +470,51 @@ def test_loggers_continue_the_run_with_monotonic_steps(tmp_path: Path) -> None:
     with open(tmp_path / "logs" / "ember" / "version_0" / "metrics.csv") as file:
         steps = [int(row["step"]) for row in csv.DictReader(file) if row["train_loss_step"]]
     assert steps == list(range(1, 21))  # each step once, in order
+
+
+class TwoOptimizers(TrainModule):
+    """Manual optimization: two optimizers, their schedulers stepped by the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
+        self.b = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        first, second = self.optimizers()
+        loss = ((self.a(x) - y) ** 2).mean()
+        self.manual_backward(loss)
+        first.step()
+        first.zero_grad()
+        loss = ((self.b(x) + self.a(x).detach() - y) ** 2).mean()
+        self.manual_backward(loss)
+        second.step()
+        second.zero_grad()
+        self.lr_schedulers()[0].step()
+
+    def configure_optimizers(self) -> Any:
+        first = torch.optim.Adam(self.a.parameters(), 1e-2)
+        second = torch.optim.SGD(self.b.parameters(), 0.1, momentum=0.9)
+        schedulers = [
+            torch.optim.lr_scheduler.StepLR(first, 3, 0.5),
+            torch.optim.lr_scheduler.StepLR(second, 3, 0.5),
+        ]
+        return [first, second], schedulers
+
+
+@pytest.mark.parametrize(("accumulate", "at"), [(1, 7), (3, 14)])
+def test_manual_optimization_resumes_exactly(tmp_path: Path, accumulate: int, at: int) -> None:
+    options = {**bare_trainer_kwargs(), "max_epochs": 3, "accumulate_grad_batches": accumulate}
+    ember.seed_everything(0)
+    whole = TwoOptimizers()
+    Trainer(**options).fit(whole, shuffled())
+    ember.seed_everything(0)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):
+        Trainer(callbacks=[Crash(at, path)], **options).fit(TwoOptimizers(), shuffled())
+    ember.seed_everything(5)
+    resumed = TwoOptimizers()
+    Trainer(**options).fit(resumed, shuffled(), ckpt_path=path)
+    _assert_equal(_weights(whole), _weights(resumed))
