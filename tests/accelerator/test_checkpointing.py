@@ -39,6 +39,8 @@ from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 EPOCHS = 3
 SAMPLES = 40  # 10 batches of 4 per epoch (per process: 5 of them with two processes)
 
+NO_GENERATORS = {"loader": None, "sampler": None}
+
 
 class Progress:
     """The loop's own position, registered so that ``save_state`` keeps it."""
@@ -219,7 +221,7 @@ def test_save_state_writes_a_checked_directory(tmp_path: Path) -> None:
     assert state["optimizers"][0]["state"][0]["exp_avg"].shape == (16, 4)
     assert state["schedulers"][0]["last_epoch"] == 10
     assert state["ranks"][0]["loaders"] == [
-        {"epoch": 1, "batches": 0, "rng": None, "data_seed": None}
+        {"epoch": 1, "batches": 0, "rng": None, "data_seed": None, "generators": NO_GENERATORS}
     ]
     assert set(state["ranks"][0]["rng"]) >= {"python", "numpy", "torch"}
     meta = json.loads((path / "meta.json").read_text())

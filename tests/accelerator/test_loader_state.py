@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from ember.accelerator.data import PreparedDataLoader, skip_first_batches
 from tests.accelerator.test_sharding import Recorder, Replayer, flat, indices, prepare
 
+NO_GENERATORS = {"loader": None, "sampler": None}
+
 
 def shuffled(size: int = 40, batch_size: int = 4, **kwargs: Any) -> DataLoader:
     return DataLoader(indices(size), batch_size=batch_size, shuffle=True, **kwargs)
@@ -138,6 +140,18 @@ def test_a_plain_list_of_batches_replays_by_reading() -> None:
 
 def test_state_dict_between_passes() -> None:
     prepared = _one_process(DataLoader(TensorDataset(torch.arange(8)), batch_size=4))
-    assert prepared.state_dict() == {"epoch": 0, "batches": 0, "rng": None, "data_seed": None}
+    assert prepared.state_dict() == {
+        "epoch": 0,
+        "batches": 0,
+        "rng": None,
+        "data_seed": None,
+        "generators": NO_GENERATORS,
+    }
     list(prepared)
-    assert prepared.state_dict() == {"epoch": 1, "batches": 0, "rng": None, "data_seed": None}
+    assert prepared.state_dict() == {
+        "epoch": 1,
+        "batches": 0,
+        "rng": None,
+        "data_seed": None,
+        "generators": NO_GENERATORS,
+    }

@@ -28,8 +28,10 @@ from ember.accelerator.passes import (
     PassState,
     SkipLoader,
     capture_pass_rng,
+    generator_states,
     has_sampler,
     restore_pass_rng,
+    set_generator_states,
 )
 from ember.accelerator.sharding import BatchPlace, Collectives, IndexSharding
 from ember.accelerator.streams import StreamSharding
@@ -145,18 +147,29 @@ class PreparedDataLoader:
         order (``position``, in ``unit``: what another number of processes resumes from).
         Between passes: the next epoch and 0 batches."""
         counter = self._epochs
+        if counter.pending_state is not None:  # restored, and its replay not begun yet
+            return dict(counter.pending_state)
         frame = counter.frame
-        # The seedable sampler's seed too: without `data_seed` it was drawn at prepare time,
-        # from a generator a resumed process seeds differently.
+        # The seedable sampler's seed too (without `data_seed` it was drawn at prepare time,
+        # from a generator a resumed process seeds differently), and the loader's own
+        # generators as they are now (the next epochs draw from them).
+        generators = generator_states(self.loader)
         # A pass that ran to its end: the next one is the next epoch. One abandoned on the
         # way (a stop, an exception) is still the pass in progress: it continues there.
         if frame is None or counter.pass_epoch < 0 or (frame.ended and frame.end_of_dataloader):
-            return {"epoch": counter.value, "batches": 0, "rng": None, "data_seed": self.data_seed}
+            return {
+                "epoch": counter.value,
+                "batches": 0,
+                "rng": None,
+                "data_seed": self.data_seed,
+                "generators": generators,
+            }
         state: dict[str, Any] = {
             "epoch": counter.pass_epoch,
             "batches": counter.pass_offset + frame.yielded,
             "rng": counter.pass_rng,
             "data_seed": self.data_seed,
+            "generators": generators,
         }
         plan = self._index_plan()
         if plan is not None:
@@ -177,22 +190,26 @@ class PreparedDataLoader:
         Returns the batch index, in this process's batches, at which the replay begins.
         """
         counter = self._epochs
-        counter.value = int(state["epoch"])
-        if state.get("data_seed") is not None:
-            self.data_seed = int(state["data_seed"])
-        if not by_position:
-            skip = int(state["batches"]) if batches is None else batches
-            counter.replay = {"skip": skip, "start": 0, "rng": state.get("rng")}
-            return skip
-        plan = self._index_plan()
-        if plan is None or "position" not in state or state.get("unit") != plan.position_unit:
+        plan = self._index_plan() if by_position else None
+        if by_position and (
+            plan is None or "position" not in state or state.get("unit") != plan.position_unit
+        ):
             raise MisconfigurationError(
                 "This loader cannot continue mid-epoch on another number of processes: it "
                 "needs a DataLoader over a map-style dataset with ember's sharding (no "
                 "DistributedSampler of your own), saved the same way."
             )
+        counter.value = int(state["epoch"])
+        counter.pending_state = dict(state)
+        if state.get("data_seed") is not None:
+            self.data_seed = int(state["data_seed"])
+        replay = {"rng": state.get("rng"), "generators": state.get("generators")}
+        if plan is None:
+            skip = int(state["batches"]) if batches is None else batches
+            counter.replay = {**replay, "skip": skip, "start": 0}
+            return skip
         start = int(state["position"])
-        counter.replay = {"skip": 0, "start": start, "rng": state.get("rng")}
+        counter.replay = {**replay, "skip": 0, "start": start}
         return plan.rounds_before(start)
 
     def _index_plan(self) -> IndexSharding | None:
@@ -258,19 +275,24 @@ class PreparedDataLoader:
     def __iter__(self) -> Iterator[Any]:
         counter = self._epochs
         replay, counter.replay = counter.replay, None
-        if replay is None:
+        counter.pending_state = None
+        if replay is not None and replay["rng"] is None and replay["generators"] is not None:
+            # Saved between passes: the next pass draws from the generators as they were.
+            set_generator_states(self.loader, replay["generators"])
+        if replay is None or replay["rng"] is None:
             counter.pass_rng = capture_pass_rng(self.loader)
-            return self._open_pass(self.skip, self.max_batches, self.sharding)
+            if replay is None or not (replay["skip"] or replay["start"]):
+                return self._open_pass(self.skip, self.max_batches, self.sharding)
         # A resumed pass: the saved epoch, drawn from the random state it began from (the
         # same order, the same worker seeds), without what was already consumed; then the
-        # random state of now is put back.
-        counter.pass_rng = replay["rng"]
+        # random state of the checkpoint is put back.
+        now = capture_pass_rng(self.loader)
+        if replay["rng"] is not None:
+            counter.pass_rng = replay["rng"]
+            restore_pass_rng(self.loader, replay["rng"])
         consumed = int(replay["skip"])
         start = int(replay["start"])
         skip = self.skip + consumed
-        now = capture_pass_rng(self.loader)
-        if replay["rng"] is not None:
-            restore_pass_rng(self.loader, replay["rng"])
         try:
             sharding = self.sharding
             if sharding is None and has_sampler(self.loader):
@@ -285,8 +307,11 @@ class PreparedDataLoader:
             limit = None if self.max_batches is None else max(0, self.max_batches - offset)
             return self._open_pass(skip, limit, sharding, eager=True, start=start)
         finally:
-            if now is not None:
-                restore_pass_rng(self.loader, now)
+            if now is not None and replay["rng"] is not None:
+                # Torch's generator goes back to the checkpoint's state. The loader's own
+                # generators stay where drawing the whole order left them: where a pass that
+                # runs to its end leaves them (it exhausts the sampler).
+                torch.set_rng_state(now["torch"])
 
     def _open_pass(
         self,
@@ -312,7 +337,12 @@ class PreparedDataLoader:
             else:
                 pairs, length = sharding.open(skip, limit)
             frame = state.begin_pass(None if length is None else length + offset, source=self)
-            batches: Iterator[Any] = self._sharded(state, frame, pairs)
+            batches: Iterator[Any]
+            if sharding is self.sharding:
+                batches = self._sharded(state, frame, pairs)
+            else:  # a one-process replay: batches read when due, as in the pass it replays
+                assert length is not None
+                batches = self._counted(state, frame, length, (batch for _, batch in pairs))
         else:
             source: Iterable[Any] = self.loader
             if skip:

@@ -38,6 +38,8 @@ class PassState:
             and the rounds ``pass_start`` stands for): the batch index of its first batch.
         replay: set by ``load_state_dict``: the next pass replays that epoch from its saved
             random state and leaves out what was already consumed.
+        pending_state: the state ``load_state_dict`` received, while its replay has not
+            begun (what ``state_dict`` returns then: nothing has moved).
     """
 
     __slots__ = (
@@ -47,6 +49,7 @@ class PassState:
         "pass_rng",
         "pass_skip",
         "pass_start",
+        "pending_state",
         "replay",
         "value",
     )
@@ -60,6 +63,7 @@ class PassState:
         self.pass_start = 0
         self.pass_offset = 0
         self.replay: dict[str, Any] | None = None
+        self.pending_state: dict[str, Any] | None = None
 
 
 class SkipLoader:
@@ -117,13 +121,27 @@ ONE_PROCESS = OneProcess()
 
 def capture_pass_rng(loader: Any) -> dict[str, Any] | None:
     """The random state a pass of ``loader`` draws its order and worker seeds from: torch's
-    global generator and the loader's and sampler's own generators (None: not a map-style
-    ``DataLoader``, whose order nothing random decides that ember could replay)."""
-    if not has_sampler(loader):
+    global generator and the loader's and sampler's own generators (None: not a
+    ``DataLoader``: nothing random that ember could replay decides its batches)."""
+    if not isinstance(loader, DataLoader):
+        return None
+    return {"torch": torch.get_rng_state(), **(generator_states(loader) or {})}
+
+
+def restore_pass_rng(loader: Any, state: dict[str, Any]) -> None:
+    """Put back what ``capture_pass_rng`` returned."""
+    torch.set_rng_state(state["torch"])
+    set_generator_states(loader, state)
+
+
+def generator_states(loader: Any) -> dict[str, Any] | None:
+    """The current states of a ``DataLoader``'s own ``generator`` and of its sampler's
+    (None: not a ``DataLoader``). A checkpoint keeps them: a loader given a generator draws
+    every epoch's order from it, and it must go on where it was."""
+    if not isinstance(loader, DataLoader):
         return None
     sampler_generator = getattr(loader.sampler, "generator", None)
     return {
-        "torch": torch.get_rng_state(),
         "loader": loader.generator.get_state() if loader.generator is not None else None,
         "sampler": (
             sampler_generator.get_state()
@@ -133,11 +151,10 @@ def capture_pass_rng(loader: Any) -> dict[str, Any] | None:
     }
 
 
-def restore_pass_rng(loader: Any, state: dict[str, Any]) -> None:
-    """Put back what ``capture_pass_rng`` returned."""
-    torch.set_rng_state(state["torch"])
-    if state.get("loader") is not None and loader.generator is not None:
-        loader.generator.set_state(state["loader"])
-    sampler_generator = getattr(loader.sampler, "generator", None)
-    if state.get("sampler") is not None and isinstance(sampler_generator, torch.Generator):
-        sampler_generator.set_state(state["sampler"])
+def set_generator_states(loader: Any, states: dict[str, Any]) -> None:
+    """Put back what ``generator_states`` returned (a generator the loader lacks is skipped)."""
+    if states.get("loader") is not None and loader.generator is not None:
+        loader.generator.set_state(states["loader"])
+    sampler_generator = getattr(getattr(loader, "sampler", None), "generator", None)
+    if states.get("sampler") is not None and isinstance(sampler_generator, torch.Generator):
+        sampler_generator.set_state(states["sampler"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -32,6 +33,8 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 FILES = (MODEL_FILE, STATE_FILE, META_FILE)
 TEMPORARY_PREFIX = ".tmp-"
+#: An existing checkpoint moved aside while a new one takes its name (``_move_into_place``).
+_OLD_NAME = re.compile(r"\.tmp-old-(.+)-\d+")
 #: Test-only: ``<marker>`` or ``<marker>@N``: the first (or N-th) save of this process stops
 #: after writing the weights (the middle of a save), creates the file ``<marker>`` and waits
 #: there, so a test can kill the process at a known moment.
@@ -118,6 +121,7 @@ def link_checkpoint(source: Path, target: Path) -> None:
                 os.link(entry, temporary / entry.name)
             except OSError:
                 shutil.copy2(entry, temporary / entry.name)
+                _fsync_file(temporary / entry.name)
         _fsync_file(temporary)
         _move_into_place(temporary, target)
     except BaseException:
@@ -238,6 +242,12 @@ def remove_leftovers(folder: str | os.PathLike[str]) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
+        old = _OLD_NAME.fullmatch(entry.name)
+        if old is not None and not (folder / old.group(1)).exists() and entry.is_dir():
+            # A save that replaced this checkpoint stopped between its two renames: the old
+            # one is the only copy; it goes back under its name.
+            os.replace(entry, folder / old.group(1))
+            continue
         if entry.name.startswith(TEMPORARY_PREFIX) and not entry.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(
                 missing_ok=True

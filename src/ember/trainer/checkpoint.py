@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 #: The layout of ``state.pt``; a checkpoint of another format is refused with a clear error.
 FORMAT = 1
 #: Keys of ``state.pt`` that ``restore`` reads; ``on_save_checkpoint`` may add others.
+_FIT_KEYS = ("loop", "ranks", "optimizers", "schedulers", "scaler", "callbacks")
 LAST_PREFIX = "last"
 
 
@@ -55,7 +56,8 @@ def save(
     model = context.model
     strategy = accelerator.strategy
     mid_window = state.accumulation_position != 0
-    if mid_window and strategy.distributed_type.value == "FSDP":
+    sharded = strategy.distributed_type.value == "FSDP"
+    if mid_window and sharded:
         raise CheckpointError(
             f"Cannot write {str(path)!r} in the middle of an accumulation window under FSDP "
             f"(batch {state.batch_idx} of epoch {state.epoch}, {state.accumulation_position} "
@@ -69,20 +71,34 @@ def save(
     optimizers = [
         strategy.full_optimizer_state_dict(model, optimizer) for optimizer in context.optimizers
     ]
-    # What differs between processes: every rank's RNG states, loader position, and the
-    # gradient of an open window (kept local under DDP until the window's last batch).
+    # What differs between processes: every rank's RNG states, loader position, partial
+    # epoch metrics, and the gradient still on the parameters (an open window's, local under
+    # DDP until its last batch; under manual optimization, one carried between batches),
+    # with the window's losses and item count.
     own: dict[str, Any] = {
         "rng": context.training_rng if context.training_rng is not None else capture_rng(),
         "loader": context.train_loader.state_dict() if context.train_loader is not None else None,
-        "grads": _local_gradients(context.module) if mid_window and not weights_only else None,
-        "metrics": context.train_metrics.state_dict(),
+        "grads": None if weights_only or sharded else _local_gradients(context.module),
+        # Restored but not yet taken up by the loop (a save before the first batch): as is.
+        "metrics": context.resume_metrics
+        if context.resume_metrics is not None
+        else context.train_metrics.state_dict(),
+        "window": {
+            "losses": [(index, float(loss.detach())) for index, loss in context.window_losses],
+            "items": _plain_items(accelerator.gradient_state.item_total),
+        },
     }
     ranks = distributed.all_gather_object(own) if accelerator.num_processes > 1 else [own]
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
         "weights_only": weights_only,
         "hparams": plain_hparams(context.module.hparams),
-        "loop": {**state.state_dict(), "epoch_finished": context.epoch_finished},
+        "loop": {
+            **state.state_dict(),
+            "epoch_finished": context.epoch_finished,
+            # Written by on_train_batch_end: the validation due after that batch is still due.
+            "batch_end": context.in_batch_end,
+        },
         "world_size": accelerator.num_processes,
     }
     if not weights_only:
@@ -98,10 +114,6 @@ def save(
                 callback.state_key: callback.state_dict()
                 for callback in trainer.callbacks
                 if callback.state_dict()
-            },
-            window={
-                "losses": [(index, float(loss.detach())) for index, loss in context.window_losses],
-                "items": _plain_items(accelerator.gradient_state.item_total),
             },
             loggers=[
                 {"class": type(logger).__name__, "state": logger.checkpoint_state()}
@@ -126,12 +138,12 @@ def save(
     if context.is_global_zero:
         try:
             write_checkpoint(path, weights, checkpoint, meta)
-        except CheckpointError as failure:
-            error = str(failure)
+        except Exception as failure:  # a full disk too: no peer may wait for rank 0
+            error = f"{type(failure).__name__}: {failure}"
     if accelerator.num_processes > 1:  # every process learns whether it was written
         error = distributed.broadcast_object(error, src=0)
     if error is not None:
-        raise CheckpointError(error)
+        raise CheckpointError(f"Writing the checkpoint {str(path)!r} failed: {error}")
     return path
 
 
@@ -202,11 +214,27 @@ def _checkpoint_folder(trainer: Trainer) -> Path | None:
 
 # --- reading -------------------------------------------------------------------------------------
 def read_weights_for(module: TrainModule, path: Path) -> dict[str, Tensor]:
-    """The weights of the checkpoint at ``path``, checked against ``module``'s keys."""
+    """The weights of the checkpoint at ``path``, checked against ``module``'s keys and
+    shapes."""
     checkpoint = read_checkpoint(path)
     assert checkpoint.weights is not None
-    check_keys(path, list(module.state_dict()), list(checkpoint.weights), type(module).__name__)
+    _check_weights(path, module, checkpoint.weights)
     return checkpoint.weights
+
+
+def _check_weights(path: Path, module: TrainModule, weights: dict[str, Tensor]) -> None:
+    expected = module.state_dict()
+    check_keys(path, list(expected), list(weights), type(module).__name__)
+    wrong = [
+        f"{name}: {tuple(weights[name].shape)} here {tuple(value.shape)}"
+        for name, value in expected.items()
+        if tuple(weights[name].shape) != tuple(value.shape)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} does not fit {type(module).__name__}: weights of "
+            f"other shapes ({'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''})."
+        )
 
 
 def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoint:
@@ -215,6 +243,11 @@ def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoin
     checkpoint = read_checkpoint(path)
     assert checkpoint.weights is not None
     state = checkpoint.state
+    if state.get("writer") is not None:
+        raise CheckpointError(
+            f"{str(path)!r} was written by {state['writer']}, not by a Trainer: load it with "
+            "Accelerator.load_state, or its weights with validate/test(ckpt_path=...)."
+        )
     if state.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(path)!r} has state format {state.get('format')!r}; this ember reads "
@@ -226,7 +259,20 @@ def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoin
             "loop state to continue fit from. Load its weights with "
             f"{type(module).__name__}.load_from_checkpoint(path) or validate/test(ckpt_path=...)."
         )
-    check_keys(path, list(module.state_dict()), list(checkpoint.weights), type(module).__name__)
+    missing = [key for key in _FIT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{str(path)!r} is not a complete Trainer checkpoint: state.pt lacks {missing}."
+        )
+    _check_weights(path, module, checkpoint.weights)
+    parameters = {name for name, _ in module.named_parameters()}
+    for saved in state["ranks"]:
+        unknown = sorted(set(saved.get("grads") or {}) - parameters)
+        if unknown:
+            raise CheckpointError(
+                f"{str(path)!r} holds gradients of parameters {type(module).__name__} does not "
+                f"have: {unknown[:8]}."
+            )
     world = trainer.world_size
     saved_world = int(state.get("world_size", 1))
     if state["loop"].get("accumulation_position", 0) and saved_world != world:
@@ -238,7 +284,7 @@ def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoin
     loop = state["loop"]
     if loop.get("batch_idx", 0) and not loop.get("epoch_finished") and saved_world != world:
         loader = state["ranks"][0].get("loader") or {}
-        if "position" not in loader:
+        if "position" not in loader or loader.get("unit") is None:
             raise CheckpointError(
                 f"{str(path)!r} was written mid-epoch by {saved_world} processes from a loader "
                 f"whose global position is unknown (an iterable dataset, or a sampler of your "
@@ -293,12 +339,21 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         context.resume_rng = own["rng"]
     elif trainer.seed is not None:
         context.resume_seed = trainer.seed + rank
+    # The latest values (callback_metrics) of the saving process: what an epoch-interval
+    # ReduceLROnPlateau or a monitor reads before anything is logged again.
+    context.train_metrics.load_state_dict({"latest": (own or ranks[0])["metrics"]["latest"]})
+    context.resume_batch_end = bool(loop.get("batch_end", False)) and not epoch_finished
     loader = context.train_loader
     if epoch_finished:
         # Written at an epoch's end (before its epoch schedulers stepped): what is left of
         # that epoch's bookkeeping runs first, then the next epoch starts.
         context.pending_epoch_end = True
-    elif loader is not None and context.state.batch_idx > 0:
+    if loader is not None and (epoch_finished or context.state.batch_idx == 0):
+        # Between passes: the next epoch draws from the loader's own generators as saved.
+        saved_loader = ranks[rank if same_world else 0]["loader"]
+        if saved_loader is not None:
+            loader.load_state_dict(saved_loader, batches=0)
+    elif loader is not None:
         if same_world:
             saved_loader = ranks[rank]["loader"]
             if saved_loader is not None:
@@ -311,8 +366,10 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
             context.state.batch_idx = loader.load_state_dict(ranks[0]["loader"], by_position=True)
             context.resume_metrics = _merged_metrics(ranks, rank)
     if own is not None and own.get("grads"):
-        _restore_gradients(context.module, own["grads"], path)
-    window = state.get("window") or {}
+        _restore_gradients(context.module, own["grads"])
+    # The open window's losses and item count, per process (a process restored from
+    # another count starts with none: read_for_fit refused a window open there).
+    window = (own or {}).get("window") or {}
     context.window_losses[:] = [
         (int(index), torch.tensor(loss)) for index, loss in window.get("losses", [])
     ]
@@ -363,11 +420,8 @@ def _check_groups(path: Path, saved: dict[str, Any], optimizer: Any) -> None:
         )
 
 
-def _restore_gradients(module: TrainModule, grads: dict[str, Tensor], path: Path) -> None:
-    parameters = dict(module.named_parameters())
-    unknown = sorted(set(grads) - set(parameters))
-    if unknown:
-        raise CheckpointError(f"{str(path)!r} holds gradients of unknown parameters {unknown}.")
+def _restore_gradients(module: TrainModule, grads: dict[str, Tensor]) -> None:
+    parameters = dict(module.named_parameters())  # read_for_fit checked the names
     for name, grad in grads.items():
         parameter = parameters[name]
         parameter.grad = grad.to(device=parameter.device, dtype=parameter.dtype)

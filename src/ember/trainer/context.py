@@ -147,6 +147,7 @@ class RunContext:
         "eval_metrics",
         "handles",
         "hooks",
+        "in_batch_end",
         "is_global_zero",
         "last_eval_metrics",
         "logged_metrics",
@@ -158,6 +159,7 @@ class RunContext:
         "optimizers",
         "pending_epoch_end",
         "preempted",
+        "resume_batch_end",
         "resume_metrics",
         "resume_rng",
         "resume_seed",
@@ -203,6 +205,10 @@ class RunContext:
         self.resume_seed: int | None = None
         self.resume_metrics: dict[str, Any] | None = None
         self.pending_epoch_end = False
+        #: True while on_train_batch_end fires: a checkpoint written then leaves the
+        #: validation due after that batch to the resumed run (``resume_batch_end``).
+        self.in_batch_end = False
+        self.resume_batch_end = False
         #: While an evaluation runs inside fit: the training's RNG states, which it restores
         #: after itself (and which a checkpoint written meanwhile records).
         self.training_rng: dict[str, Any] | None = None

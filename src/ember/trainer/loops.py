@@ -128,6 +128,10 @@ def train_epoch(context: RunContext) -> None:
     # A resumed epoch starts at the batch after the last one the checkpoint had processed.
     start = state.batch_idx
     batch_idx = start - 1
+    if context.resume_batch_end:  # written by on_train_batch_end: the rest of that batch
+        context.resume_batch_end = False
+        if validates and validation_due(context, batch_idx):
+            evaluate(context, "validation", context.val_loaders)
     for batch_idx, batch in enumerate(loader, start):
         # state.batch_idx already equals batch_idx: it counts the batches processed so far.
         metrics.batch = batch
@@ -162,8 +166,10 @@ def train_epoch(context: RunContext) -> None:
             state.accumulation_position += 1
         state.batch_idx = batch_idx + 1
         state.total_batch_idx += 1
+        context.in_batch_end = True
         for hook in batch_end:
             hook(outputs, batch, batch_idx)
+        context.in_batch_end = False
         # After on_train_batch_end, so what it logs goes out with the step it measured.
         if state.global_step % log_every == 0 and state.global_step != flushed_at:
             flushed_at = state.global_step

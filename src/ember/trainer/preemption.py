@@ -78,6 +78,11 @@ def signals_stop(context: RunContext) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if context.preempted:  # it came after the last step boundary: fit had finished
+        raise SystemExit(
+            f"ember: got {signal.Signals(context.preempted).name} after training's last step; "
+            "fit had finished (its checkpoints are complete), nothing more was saved."
+        )
 
 
 def save_and_exit(trainer: Trainer, context: RunContext, signum: int) -> NoReturn:
@@ -95,6 +100,9 @@ def save_and_exit(trainer: Trainer, context: RunContext, signum: int) -> NoRetur
         )
     else:
         path = save_last(trainer, context.module)
+        # Every process leaves together, after rank 0 finished writing: a launcher that
+        # ends the group when one process exits must not stop rank 0 mid-save.
+        trainer.accelerator.wait_for_everyone()
         message = (
             f"ember: stopped by {name} at {where}; saved {str(path)!r}. Continue with "
             "Trainer(...).fit(..., ckpt_path='last')."

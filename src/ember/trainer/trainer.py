@@ -452,10 +452,18 @@ class Trainer:
             finally:
                 context.state.stage = None
 
+    def _resolve_checkpoint(self, ckpt_path: Any) -> Path | None:
+        """``ckpt_path`` as a path (rank 0's answer for "last" / "best", so every process
+        loads the same checkpoint even when their folders differ)."""
+        path = trainer_checkpoint.resolve(self, ckpt_path)
+        if self.world_size > 1 and ckpt_path is not None:
+            path = self.accelerator.broadcast(path)
+        return path
+
     def _load_weights(self, module: TrainModule, ckpt_path: Any) -> None:
         """Load the weights of ``ckpt_path`` (a path, "last" or "best") into ``module`` for
         validate / test / predict, checked before anything changes."""
-        path = trainer_checkpoint.resolve(self, ckpt_path)
+        path = self._resolve_checkpoint(ckpt_path)
         if path is None:
             return
         weights = trainer_checkpoint.read_weights_for(module, path)
@@ -470,7 +478,7 @@ class Trainer:
         module = context.module
         # The checkpoint is read and checked before anything changes (after setup, which
         # tells the checkpoint callback its folder).
-        path = trainer_checkpoint.resolve(self, ckpt_path)
+        path = self._resolve_checkpoint(ckpt_path)
         checkpoint = trainer_checkpoint.read_for_fit(self, module, path) if path else None
         # Nothing left of an earlier fit's optimizer in the accelerator.
         self.accelerator.free_memory()
