@@ -96,8 +96,9 @@ def save(
         "loop": {
             **state.state_dict(),
             "epoch_finished": context.epoch_finished,
-            # Written by on_train_batch_end: the validation due after that batch is still due.
-            "batch_end": context.in_batch_end,
+            # Written by on_train_batch_end or before a validation's values were ready: the
+            # validation due after that batch still runs in the resumed fit.
+            "batch_end": context.in_batch_end or context.validation_incomplete,
         },
         "world_size": accelerator.num_processes,
     }
@@ -341,7 +342,7 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         context.resume_seed = trainer.seed + rank
     # The latest values (callback_metrics) of the saving process: what an epoch-interval
     # ReduceLROnPlateau or a monitor reads before anything is logged again.
-    context.train_metrics.load_state_dict({"latest": (own or ranks[0])["metrics"]["latest"]})
+    context.resume_latest = (own or ranks[0])["metrics"]["latest"]
     context.resume_batch_end = bool(loop.get("batch_end", False)) and not epoch_finished
     loader = context.train_loader
     if epoch_finished:

@@ -160,6 +160,7 @@ class RunContext:
         "pending_epoch_end",
         "preempted",
         "resume_batch_end",
+        "resume_latest",
         "resume_metrics",
         "resume_rng",
         "resume_seed",
@@ -173,6 +174,7 @@ class RunContext:
         "train_metrics",
         "training_rng",
         "val_loaders",
+        "validation_incomplete",
         "window_losses",
     )
 
@@ -209,6 +211,12 @@ class RunContext:
         #: validation due after that batch to the resumed run (``resume_batch_end``).
         self.in_batch_end = False
         self.resume_batch_end = False
+        #: True while a validation inside fit has not produced its values yet: a checkpoint
+        #: written then leaves that validation to the resumed run too.
+        self.validation_incomplete = False
+        #: The checkpoint's latest values, put back after the sanity check (which forgets
+        #: what it logged, names the checkpoint may share).
+        self.resume_latest: dict[str, float] | None = None
         #: While an evaluation runs inside fit: the training's RNG states, which it restores
         #: after itself (and which a checkpoint written meanwhile records).
         self.training_rng: dict[str, Any] | None = None

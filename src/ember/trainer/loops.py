@@ -60,6 +60,9 @@ def _continue_from_checkpoint(context: RunContext) -> None:
     """Put back what a checkpoint left for the loop: the RNG states of the moment it was
     written (after the sanity check, which must not move them), and the rest of an epoch's
     bookkeeping when it was written at that epoch's end."""
+    if context.resume_latest is not None:
+        context.train_metrics.load_state_dict({"latest": context.resume_latest})
+        context.resume_latest = None
     if context.resume_rng is not None:
         restore_rng(context.resume_rng)
     elif context.resume_seed is not None:  # resumed on more processes than wrote it
@@ -383,6 +386,7 @@ def evaluate(
     # step resumes exactly whether or not a validation followed it.
     random_state = capture_rng()
     context.training_rng = random_state  # what a checkpoint written meanwhile records
+    context.validation_incomplete = stage == "validation" and not sanity
     module.eval()
     try:
         context.fire(f"on_{stage}_start")
@@ -406,6 +410,7 @@ def evaluate(
         metrics.dataloader_idx = None
         metrics.batch = None  # what the epoch-end hooks log is not from a batch
         values, for_loggers = metrics.reduce_epoch(context.epoch_sync)
+        context.validation_incomplete = False  # its values are in callback_metrics now
         context.fire(f"on_{stage}_epoch_end")
         more_values, more_for_loggers = metrics.reduce_epoch(context.epoch_sync)
         values.update(more_values)
@@ -420,6 +425,7 @@ def evaluate(
     finally:
         context.active_metrics = previous_metrics
         context.training_rng = None
+        context.validation_incomplete = False
         restore_rng(random_state)
         if was_training:
             module.train()
