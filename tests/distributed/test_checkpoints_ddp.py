@@ -51,6 +51,7 @@ def _epoch_one(seen: list[Any]) -> list[int]:
 def test_resume_on_two_processes_is_bit_exact(launched: Any) -> None:
     _, results, _ = launched
     assert results["exact"] == {"equal": True, "global_step": 6, "epoch": 2}
+    assert results["exact_items"] == {"equal": True, "global_step": 6, "epoch": 2}
 
 
 def test_two_processes_resumed_on_one(launched: Any, uninterrupted: list[torch.Tensor]) -> None:

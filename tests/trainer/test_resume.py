@@ -80,6 +80,10 @@ class Crash(Callback):
         if self.event == "on_validation_end":
             self._maybe(trainer)
 
+    def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.event == "on_validation_start":
+            self._maybe(trainer)
+
 
 def _weights(module: nn.Module) -> dict[str, Tensor]:
     return {name: value.clone() for name, value in module.state_dict().items()}
@@ -518,3 +522,189 @@ def test_manual_optimization_resumes_exactly(tmp_path: Path, accumulate: int, at
     resumed = TwoOptimizers()
     Trainer(**options).fit(resumed, shuffled(), ckpt_path=path)
     _assert_equal(_weights(whole), _weights(resumed))
+
+
+# --- regressions found in review --------------------------------------------------------------
+def _resumed_equals_whole(
+    tmp_path: Path,
+    make_module: Any,
+    make_loader: Any,
+    at: int,
+    event: str = "on_train_batch_end",
+    val: Any = None,
+    **options: Any,
+) -> None:
+    options = {**bare_trainer_kwargs(), **options}
+    ember.seed_everything(0)
+    whole = make_module()
+    Trainer(**options).fit(whole, make_loader(), val() if val else None)
+    ember.seed_everything(0)
+    path = tmp_path / f"checkpoint-{at}-{event}"
+    with pytest.raises(RuntimeError):
+        Trainer(callbacks=[Crash(at, path, event)], **options).fit(
+            make_module(), make_loader(), val() if val else None
+        )
+    ember.seed_everything(77)
+    resumed = make_module()
+    Trainer(**options).fit(resumed, make_loader(), val() if val else None, ckpt_path=path)
+    _assert_equal(_weights(whole), _weights(resumed))
+
+
+@pytest.mark.parametrize(("at", "event"), [(3, "on_train_batch_end"), (9, "on_train_epoch_end")])
+def test_a_loader_with_its_own_generator_resumes_exactly(
+    tmp_path: Path, at: int, event: str
+) -> None:
+    def make_loader() -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        data = TensorDataset(
+            torch.randn(70, 4, generator=generator), torch.randn(70, 1, generator=generator)
+        )
+        return DataLoader(
+            data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)
+        )
+
+    _resumed_equals_whole(tmp_path, DropoutNet, make_loader, at, event, max_epochs=3)
+
+
+class ManualAccumulation(DropoutNet):
+    """Lightning's manual accumulation recipe: a gradient carried over two batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        self.manual_backward(super().training_step(batch, batch_idx) / 2)
+        if batch_idx % 2 == 1:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("at", [3, 14])
+def test_manual_optimization_keeps_a_gradient_carried_between_batches(
+    tmp_path: Path, at: int
+) -> None:
+    _resumed_equals_whole(tmp_path, ManualAccumulation, shuffled, at, max_epochs=2)
+
+
+class Plateau(DropoutNet):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss"},
+        }
+
+
+def _val() -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(
+        torch.randn(12, 4, generator=generator), torch.randn(12, 1, generator=generator)
+    )
+    return DataLoader(data, batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("at", "event"),
+    [(10, "on_train_epoch_end"), (20, "on_validation_start"), (5, "on_train_batch_end")],
+)
+def test_a_plateau_scheduler_on_a_validation_metric_resumes_exactly(
+    tmp_path: Path, at: int, event: str
+) -> None:
+    _resumed_equals_whole(
+        tmp_path,
+        Plateau,
+        shuffled,
+        at,
+        event,
+        val=_val,
+        max_epochs=3,
+        val_check_interval=5,
+        num_sanity_val_steps=0,
+    )
+
+
+def test_a_resume_preempted_before_its_first_batch_keeps_the_checkpoint_exact(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+
+    from ember.callbacks import ModelCheckpoint
+
+    class TermAtTrainStart(Callback):
+        def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def trainer(*callbacks: Callback) -> Trainer:
+        return Trainer(
+            max_epochs=2,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[ModelCheckpoint(every_n_train_steps=4, save_last=True), *callbacks],
+        )
+
+    ember.seed_everything(0)
+    whole = DropoutNet()
+    Trainer(**bare_trainer_kwargs(), max_epochs=2).fit(whole, shuffled())
+    ember.seed_everything(0)
+    with pytest.raises(SystemExit):  # interrupted at step 4 (epoch 0, batch 4)
+        trainer(SendSignalAt(4)).fit(DropoutNet(), shuffled())
+    ember.seed_everything(1)
+    with pytest.raises(SystemExit, match="at global step 4"):  # resumed, then preempted at once
+        trainer(TermAtTrainStart()).fit(DropoutNet(), shuffled(), ckpt_path="last")
+    ember.seed_everything(2)
+    resumed = DropoutNet()
+    trainer().fit(resumed, shuffled(), ckpt_path="last")
+    _assert_equal(_weights(whole), _weights(resumed))
+
+
+class SendSignalAt(Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        import os
+        import signal
+
+        if trainer.state.total_batch_idx == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_weights_of_other_shapes_are_refused_before_anything_changes(saved: Path) -> None:
+    class Wider(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 2)
+
+    module = Wider()
+    before = _weights(module)
+    with pytest.raises(CheckpointError, match=r"other shapes \(net.weight: \(1, 4\) here \(2, 4\)"):
+        Trainer(**bare_trainer_kwargs(), max_epochs=1).fit(module, loader(16), ckpt_path=saved)
+    with pytest.raises(CheckpointError, match="other shapes"):
+        Trainer(**bare_trainer_kwargs()).validate(module, loader(16), ckpt_path=saved)
+    _assert_equal(before, _weights(module))
+
+
+def test_an_accelerator_state_directory_is_not_a_trainer_checkpoint(tmp_path: Path) -> None:
+    from ember import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    module = TinyModule()
+    optimizer = module.configure_optimizers()
+    accelerator.prepare(module, optimizer)
+    path = accelerator.save_state(tmp_path / "state")
+    with pytest.raises(CheckpointError, match="written by Accelerator.save_state"):
+        Trainer(**bare_trainer_kwargs(), max_epochs=1).fit(TinyModule(), loader(16), ckpt_path=path)
+
+
+def test_an_interrupted_overwrite_gives_the_old_checkpoint_back(saved: Path) -> None:
+    from ember.checkpoint.files import complete_checkpoints, remove_leftovers
+
+    aside = saved.with_name(f".tmp-old-{saved.name}-12345")
+    saved.rename(aside)  # a crash between the two renames of an overwrite
+    remove_leftovers(saved.parent)
+    assert complete_checkpoints(saved.parent) == [saved]
