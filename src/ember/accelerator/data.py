@@ -320,12 +320,16 @@ class PreparedDataLoader:
                 if eager:
                     source = SkipLoader.started(self.loader, skip)
             length = self._pass_length(skip, limit)
+            # A pass that reaches the loader's end finishes its iterator, as a plain loop
+            # does: a RandomSampler draws once more after its last index, and the next
+            # epoch's order depends on that draw.
+            finish = length is not None and length == self._pass_length(skip, None)
             # The pass is registered now, not at the first batch: an iterator opened before
             # the training loop (a validation iterator kept open) is older than the training
             # pass, so it never takes over the training loop's accumulation windows.
             frame = state.begin_pass(None if length is None else length + offset, source=self)
             if length is not None:
-                batches = self._counted(state, frame, length, source)
+                batches = self._counted(state, frame, length, source, finish)
             else:
                 batches = self._looking_ahead(state, frame, source, limit)
         # The windows of a resumed pass line up with those of the pass it continues.
@@ -338,14 +342,21 @@ class PreparedDataLoader:
         return batches
 
     def _counted(
-        self, state: GradientState, frame: _LoaderFrame, length: int, source: Iterable[Any]
+        self,
+        state: GradientState,
+        frame: _LoaderFrame,
+        length: int,
+        source: Iterable[Any],
+        finish: bool = False,
     ) -> Iterator[Any]:
-        """Batches of a loader whose length is exact: the last one is known by its index."""
+        """Batches of a loader whose length is exact: the last one is known by its index.
+        ``finish``: after the last batch, run the loader's iterator to its end."""
         transfer = self.transfer
         try:
             if length == 0:
                 return
-            for index, batch in enumerate(source, start=1):
+            iterator = iter(source)
+            for index, batch in enumerate(iterator, start=1):
                 last = index >= length
                 frame.end_of_dataloader = last
                 frame.yielded += 1
@@ -354,6 +365,8 @@ class PreparedDataLoader:
                 state.signal_pending = True  # a new loop iteration begins
                 yield batch if transfer is None else transfer(batch)
                 if last:
+                    if finish:
+                        next(iterator, None)
                     return
         finally:
             state.end_pass(frame)
