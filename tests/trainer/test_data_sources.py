@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer
-from tests.helpers import TinyModule, bare_trainer_kwargs
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
 
 def _shuffling(samples: int = 16, seed: int = 1) -> DataLoader:
@@ -40,3 +41,16 @@ def test_trainer_draws_the_plain_loaders_shuffled_order_every_epoch() -> None:
     module = Recording()
     Trainer(max_epochs=3, **bare_trainer_kwargs()).fit(module, _shuffling(), _shuffling(8, 2))
     assert module.seen == expected
+
+
+@pytest.mark.parametrize(
+    ("val_loader", "kwargs"),
+    [(None, {}), (loader(8), {"limit_val_batches": 0})],
+    ids=["no validation loader", "limit_val_batches=0"],
+)
+def test_val_check_interval_longer_than_the_epoch_without_validation(
+    val_loader: Any, kwargs: dict[str, Any]
+) -> None:
+    trainer = Trainer(max_epochs=2, val_check_interval=100, **kwargs, **bare_trainer_kwargs())
+    trainer.fit(TinyModule(), loader(16), val_loader)  # validation is off: nothing to check
+    assert trainer.global_step == 4

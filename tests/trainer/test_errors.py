@@ -267,8 +267,9 @@ def test_ckpt_path_of_the_wrong_type() -> None:
 
 
 def test_val_check_interval_longer_than_the_epoch() -> None:
+    trainer = Trainer(max_epochs=1, val_check_interval=100, **bare_trainer_kwargs())
     with pytest.raises(MisconfigurationError, match="val_check_interval=100.*2 training batches"):
-        _fit(TinyModule(), loader(16), val_check_interval=100)
+        trainer.fit(TinyModule(), loader(16), loader(8))
 
 
 @pytest.mark.parametrize(

@@ -50,10 +50,11 @@ def prepare_train_loader(
     limit_train_batches: int | float | None,
     val_check_interval: int | float,
     check_val_every_n_epoch: int | None,
+    validates: bool = True,
 ) -> tuple[PreparedDataLoader, int | None]:
     """The prepared training loader and its exact number of batches per epoch (None when it
-    is not certain), after checking that it trains on something and fits the validation
-    interval."""
+    is not certain), after checking that it trains on something and, when fit ``validates``,
+    fits the validation interval."""
     arguments.check_loader("fit()", loader)
     if isinstance(loader, (list, tuple)) and any(
         isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
@@ -92,6 +93,8 @@ def prepare_train_loader(
     # __len__ is an estimate).
     num_batches = prepared.exact_length()
     interval = val_check_interval
+    if not validates:
+        return prepared, num_batches  # the interval is never used
     if isinstance(interval, int) and num_batches is not None:
         if interval > num_batches and check_val_every_n_epoch is not None:
             raise MisconfigurationError(

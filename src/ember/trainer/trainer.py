@@ -482,6 +482,9 @@ class Trainer:
             self.limit_train_batches,
             self.val_check_interval,
             self.check_val_every_n_epoch,
+            validates=val_dataloaders is not None
+            and overrides(module, "validation_step")
+            and self.limit_val_batches != 0,
         )
         if val_dataloaders is not None:
             context.val_loaders, context.num_val_batches = prepare_eval_loaders(
