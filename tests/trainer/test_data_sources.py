@@ -3,14 +3,15 @@ loop's, samplers' epochs, limits, steps without ``batch_idx`` and the ``DataModu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Sampler, TensorDataset
 
 from ember import Trainer
-from tests.helpers import TinyModule, bare_trainer_kwargs, loader
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader, regression_data
 
 
 def _shuffling(samples: int = 16, seed: int = 1) -> DataLoader:
@@ -54,3 +55,38 @@ def test_val_check_interval_longer_than_the_epoch_without_validation(
     trainer = Trainer(max_epochs=2, val_check_interval=100, **kwargs, **bare_trainer_kwargs())
     trainer.fit(TinyModule(), loader(16), val_loader)  # validation is off: nothing to check
     assert trainer.global_step == 4
+
+
+class EpochSampler(Sampler[int]):
+    """A sequential sampler that records the epochs it is told."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@pytest.mark.parametrize("inside_batch_sampler", [False, True])
+def test_evaluation_samplers_get_the_trainers_epoch(inside_batch_sampler: bool) -> None:
+    def val_loader(sampler: EpochSampler) -> DataLoader:
+        if inside_batch_sampler:
+            batches = BatchSampler(sampler, batch_size=4, drop_last=False)
+            return DataLoader(regression_data(8), batch_sampler=batches)
+        return DataLoader(regression_data(8), sampler=sampler, batch_size=4)
+
+    train_sampler, val_sampler, test_sampler = EpochSampler(16), EpochSampler(8), EpochSampler(8)
+    trainer = Trainer(max_epochs=3, val_check_interval=0.5, **bare_trainer_kwargs())
+    train = DataLoader(regression_data(16), sampler=train_sampler, batch_size=4)
+    trainer.fit(TinyModule(), train, val_loader(val_sampler))
+    assert train_sampler.epochs == [0, 1, 2]
+    assert val_sampler.epochs == [0, 0, 0, 1, 1, 2, 2]  # the sanity check, then two per epoch
+    trainer.test(dataloaders=val_loader(test_sampler))
+    assert test_sampler.epochs == [3]

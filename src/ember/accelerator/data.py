@@ -230,7 +230,13 @@ class PreparedDataLoader:
         sampler = self.sampler
         if self.data_seed is not None and isinstance(sampler, RandomSampler):
             sampler.generator = torch.Generator().manual_seed(self.data_seed + epoch)
-        for holder in (sampler, getattr(self.loader, "batch_sampler", None)):
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        # The sampler inside a batch sampler too (each object told once).
+        holders = {id(item): item for item in (sampler, batch_sampler) if item is not None}
+        inner = getattr(batch_sampler, "sampler", None)
+        if inner is not None:
+            holders.setdefault(id(inner), inner)
+        for holder in holders.values():
             set_epoch = getattr(holder, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)

@@ -387,6 +387,7 @@ def evaluate(
                 metrics.dataloader_idx = dataloader_idx if several else None
                 extra = (dataloader_idx,) if several else ()
                 step_extra = extra if pass_index else ()
+                loader.set_epoch(context.state.epoch)  # the trainer's epoch, as in training
                 for batch_idx, batch in enumerate(loader):
                     if limit is not None and batch_idx >= limit:
                         break
@@ -481,6 +482,7 @@ def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]
             extra = (dataloader_idx,) if several else ()
             step_extra = extra if pass_index else ()
             outputs_of_loader: list[Any] = []
+            loader.set_epoch(context.state.epoch)
             for batch_idx, batch in enumerate(loader):
                 for hook in hooks["on_predict_batch_start"]:
                     hook(batch, batch_idx, *extra)
