@@ -3,6 +3,7 @@ loop's, samplers' epochs, limits, steps without ``batch_idx`` and the ``DataModu
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any
 
@@ -90,3 +91,46 @@ def test_evaluation_samplers_get_the_trainers_epoch(inside_batch_sampler: bool) 
     assert val_sampler.epochs == [0, 0, 0, 1, 1, 2, 2]  # the sanity check, then two per epoch
     trainer.test(dataloaders=val_loader(test_sampler))
     assert test_sampler.epochs == [3]
+
+
+class Counting(TinyModule):
+    """Counts its steps and the events of fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.calls["training_step"] += 1
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.calls["validation_step"] += 1
+        super().validation_step(batch, batch_idx)
+
+    def on_fit_start(self) -> None:
+        self.calls["on_fit_start"] += 1
+
+    def on_fit_end(self) -> None:
+        self.calls["on_fit_end"] += 1
+
+    def on_train_start(self) -> None:
+        self.calls["on_train_start"] += 1
+
+    def on_train_epoch_start(self) -> None:
+        self.calls["on_train_epoch_start"] += 1
+
+
+@pytest.mark.parametrize("limit", [0, 0.0])
+def test_limit_train_batches_zero_runs_only_the_sanity_check(limit: int | float) -> None:
+    module = Counting()
+    before = [parameter.detach().clone() for parameter in module.parameters()]
+    trainer = Trainer(max_epochs=3, limit_train_batches=limit, **bare_trainer_kwargs())
+    trainer.fit(module, loader(16), loader(16))
+    assert module.calls == {"on_fit_start": 1, "validation_step": 2, "on_fit_end": 1}
+    assert trainer.current_epoch == 0 and trainer.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+    # Without validation there is nothing to run, and nothing to complain about.
+    Trainer(max_epochs=3, limit_train_batches=limit, **bare_trainer_kwargs()).fit(
+        Counting(), loader(16)
+    )

@@ -78,6 +78,10 @@ def prepare_train_loader(
             "loop, and evaluation loaders are never padded)."
         )
     prepared = accelerator.prepare_data_loader(loader)
+    if limit_train_batches == 0:
+        # As in Lightning 2.6: fit runs only the sanity check (``loops.fit``).
+        prepared.max_batches = 0
+        return prepared, 0
     # The limit counts this process's batches (as in Lightning): a fraction of its share,
     # so N processes with batch B stop where one process with batch N x B does.
     limit = arguments.apply_limit(

@@ -43,6 +43,9 @@ def fit(context: RunContext) -> None:
             evaluate(context, "validation", context.val_loaders, sanity=True)
         finally:
             context.state.sanity_checking = False
+    if context.train_loader is not None and context.train_loader.max_batches == 0:
+        context.fire("on_fit_end")  # limit_train_batches=0: the sanity check only (Lightning)
+        return
     context.fire("on_train_start")
     _continue_from_checkpoint(context)
     while not fit_done(context):
