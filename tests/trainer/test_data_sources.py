@@ -134,3 +134,31 @@ def test_limit_train_batches_zero_runs_only_the_sanity_check(limit: int | float)
     Trainer(max_epochs=3, limit_train_batches=limit, **bare_trainer_kwargs()).fit(
         Counting(), loader(16)
     )
+
+
+class WithoutBatchIdx(TinyModule):
+    """Every step takes the batch alone."""
+
+    def training_step(self, batch: Any) -> Any:  # type: ignore[override]
+        return super().training_step(batch, 0)
+
+    def validation_step(self, batch: Any) -> None:  # type: ignore[override]
+        super().validation_step(batch, 0)
+
+    def test_step(self, batch: Any) -> None:  # type: ignore[override]
+        super().test_step(batch, 0)
+
+    def predict_step(self, batch: Any) -> Any:  # type: ignore[override]
+        return super().predict_step(batch, 0)
+
+
+def test_steps_without_batch_idx() -> None:
+    module = WithoutBatchIdx()
+    trainer = Trainer(max_epochs=2, **bare_trainer_kwargs())
+    trainer.fit(module, loader(16), [loader(8), loader(8, seed=1)])  # several: no index either
+    assert trainer.global_step == 4
+    assert set(trainer.callback_metrics) >= {"val_loss/dataloader_idx_0", "train_loss"}
+    assert set(trainer.validate(module, loader(8))[0]) == {"val_loss"}
+    assert set(trainer.test(module, loader(8))[0]) == {"test_loss"}
+    predictions = trainer.predict(module, loader(8, batch_size=4))
+    assert [tuple(p.shape) for p in predictions] == [(4, 1), (4, 1)]
