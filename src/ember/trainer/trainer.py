@@ -408,7 +408,9 @@ class Trainer:
         datamodule, (dataloaders,) = datamodule_of("predict", datamodule, dataloaders=dataloaders)
 
         def prepare() -> list[PreparedDataLoader]:
-            source = eval_loaders("predict", "predict", datamodule or module, dataloaders)
+            source = eval_loaders(
+                "predict", "predict", datamodule if datamodule is not None else module, dataloaders
+            )
             return prepare_eval_loaders(self.accelerator, source, None, "predict")[0]
 
         # Given loaders are checked before the run; a DataModule's come after its setup.
@@ -576,7 +578,9 @@ class Trainer:
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
 
         def prepare() -> tuple[list[PreparedDataLoader], list[int | None]]:
-            source = eval_loaders(entry, stage, datamodule or module, dataloaders)
+            source = eval_loaders(
+                entry, stage, datamodule if datamodule is not None else module, dataloaders
+            )
             return prepare_eval_loaders(self.accelerator, source, limit, stage)
 
         # Given loaders are checked before the run; a DataModule's come after its setup.
