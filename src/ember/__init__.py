@@ -7,6 +7,7 @@ your own loop and use the ``Accelerator`` underneath.
 from ember.accelerator import Accelerator, DataLoaderConfiguration
 from ember.accelerator.fsdp import FSDPStrategy
 from ember.accelerator.strategies import DDPStrategy, DistributedType
+from ember.datamodule import DataModule
 from ember.errors import CheckpointError, MisconfigurationError
 from ember.hooks import Callback
 from ember.module import TrainModule
@@ -22,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "DDPStrategy",
     "DataLoaderConfiguration",
+    "DataModule",
     "DistributedType",
     "FSDPStrategy",
     "MisconfigurationError",

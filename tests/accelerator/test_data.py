@@ -322,3 +322,19 @@ def test_bad_dataloader_configuration(kwargs: dict[str, Any], fragment: str) -> 
     with pytest.raises(MisconfigurationError) as error:
         DataLoaderConfiguration(**kwargs)
     assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize("samples", [16, 18])  # batches that divide the dataset, and not
+def test_prepared_shuffling_loader_draws_the_plain_loaders_order_every_epoch(
+    samples: int,
+) -> None:
+    def shuffling() -> DataLoader:
+        data = TensorDataset(torch.arange(samples))
+        return DataLoader(
+            data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)
+        )
+
+    plain = shuffling()
+    expected = [[batch[0].tolist() for batch in plain] for _ in range(4)]
+    prepared = Accelerator(cpu=True).prepare(shuffling())
+    assert [[batch[0].tolist() for batch in prepared] for _ in range(4)] == expected

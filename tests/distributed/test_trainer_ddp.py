@@ -241,3 +241,10 @@ def test_rank_zero_writes_and_prints_alone(ranks: list[dict[str, Any]]) -> None:
     assert first["logged_val_loss"][-1] == ranks[0]["mid_epoch"]["val_loss"]
     assert first["logged_samples"] == [64.0, 64.0]
     assert all(math.isfinite(value) for value in first["logged_val_loss"])
+
+
+def test_datamodule_prepares_once_per_machine(ranks: list[dict[str, Any]]) -> None:
+    first, second = (rank["datamodule"] for rank in ranks)
+    assert (first["prepared"], second["prepared"]) == (1, 0)  # local rank 0 only
+    assert first["marker_at_setup"] and second["marker_at_setup"]  # the other one waited
+    assert first["global_step"] == second["global_step"] == 4  # 32 samples, 2 x 4 per step

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import torchmetrics
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ember import Trainer, TrainModule
+from ember import DataModule, Trainer, TrainModule
 from ember.accelerator import distributed
 from ember.callbacks import EarlyStopping, ProgressBar
 from ember.errors import MisconfigurationError
@@ -362,12 +365,51 @@ def scenario_stopping_and_rank_zero() -> dict[str, Any]:
     return results
 
 
+class PreparedOnce(DataModule):
+    """``prepare_data`` writes a file slowly; ``setup`` records whether it is there."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+        self.prepared = 0
+        self.marker_at_setup = False
+
+    def prepare_data(self) -> None:
+        self.prepared += 1
+        time.sleep(0.5)  # the other process must wait for it
+        self.marker.write_text("ready")
+
+    def setup(self, stage: str) -> None:
+        self.marker_at_setup = self.marker.exists()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(regression_data(32), batch_size=4)
+
+
+def scenario_datamodule() -> dict[str, Any]:
+    marker = Path(tempfile.gettempdir()) / f"ember-prepared-{os.environ['MASTER_PORT']}"
+    data = PreparedOnce(marker)
+    fit = trainer(max_epochs=1)
+    fit.fit(Signal(), datamodule=data)
+    distributed.barrier()
+    if distributed.global_rank() == 0:
+        marker.unlink()
+    return {
+        "datamodule": {
+            "prepared": data.prepared,
+            "marker_at_setup": data.marker_at_setup,
+            "global_step": fit.global_step,
+        }
+    }
+
+
 SCENARIOS = (
     scenario_validate,
     scenario_errors,
     scenario_predict,
     scenario_equivalence,
     scenario_stopping_and_rank_zero,
+    scenario_datamodule,
 )
 
 

@@ -165,8 +165,8 @@ def test_empty_train_loader() -> None:
     empty = DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, 1)), batch_size=4)
     with pytest.raises(MisconfigurationError, match="training loader is empty"):
         _fit(TinyModule(), empty)
-    with pytest.raises(MisconfigurationError, match="limit_train_batches=0"):
-        _fit(TinyModule(), loader(16), limit_train_batches=0)
+    with pytest.raises(MisconfigurationError, match="limit_train_batches=0.1"):
+        _fit(TinyModule(), loader(16), limit_train_batches=0.1)  # 0.1 of 2 batches is none
 
 
 def test_empty_iterable_train_loader() -> None:
@@ -267,8 +267,9 @@ def test_ckpt_path_of_the_wrong_type() -> None:
 
 
 def test_val_check_interval_longer_than_the_epoch() -> None:
+    trainer = Trainer(max_epochs=1, val_check_interval=100, **bare_trainer_kwargs())
     with pytest.raises(MisconfigurationError, match="val_check_interval=100.*2 training batches"):
-        _fit(TinyModule(), loader(16), val_check_interval=100)
+        trainer.fit(TinyModule(), loader(16), loader(8))
 
 
 @pytest.mark.parametrize(

@@ -247,7 +247,13 @@ class PreparedDataLoader:
         sampler = self.sampler
         if self.data_seed is not None and isinstance(sampler, RandomSampler):
             sampler.generator = torch.Generator().manual_seed(self.data_seed + epoch)
-        for holder in (sampler, getattr(self.loader, "batch_sampler", None)):
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        # The sampler inside a batch sampler too (each object told once).
+        holders = {id(item): item for item in (sampler, batch_sampler) if item is not None}
+        inner = getattr(batch_sampler, "sampler", None)
+        if inner is not None:
+            holders.setdefault(id(inner), inner)
+        for holder in holders.values():
             set_epoch = getattr(holder, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
@@ -350,12 +356,16 @@ class PreparedDataLoader:
                 if eager:
                     source = SkipLoader.started(self.loader, skip)
             length = self._pass_length(skip, limit)
+            # A pass that reaches the loader's end finishes its iterator, as a plain loop
+            # does: a RandomSampler draws once more after its last index, and the next
+            # epoch's order depends on that draw.
+            finish = length is not None and length == self._pass_length(skip, None)
             # The pass is registered now, not at the first batch: an iterator opened before
             # the training loop (a validation iterator kept open) is older than the training
             # pass, so it never takes over the training loop's accumulation windows.
             frame = state.begin_pass(None if length is None else length + offset, source=self)
             if length is not None:
-                batches = self._counted(state, frame, length, source)
+                batches = self._counted(state, frame, length, source, finish)
             else:
                 batches = self._looking_ahead(state, frame, source, limit)
         # The windows of a resumed pass line up with those of the pass it continues.
@@ -368,14 +378,21 @@ class PreparedDataLoader:
         return batches
 
     def _counted(
-        self, state: GradientState, frame: _LoaderFrame, length: int, source: Iterable[Any]
+        self,
+        state: GradientState,
+        frame: _LoaderFrame,
+        length: int,
+        source: Iterable[Any],
+        finish: bool = False,
     ) -> Iterator[Any]:
-        """Batches of a loader whose length is exact: the last one is known by its index."""
+        """Batches of a loader whose length is exact: the last one is known by its index.
+        ``finish``: after the last batch, run the loader's iterator to its end."""
         transfer = self.transfer
         try:
             if length == 0:
                 return
-            for index, batch in enumerate(source, start=1):
+            iterator = iter(source)
+            for index, batch in enumerate(iterator, start=1):
                 last = index >= length
                 frame.end_of_dataloader = last
                 frame.yielded += 1
@@ -384,6 +401,8 @@ class PreparedDataLoader:
                 state.signal_pending = True  # a new loop iteration begins
                 yield batch if transfer is None else transfer(batch)
                 if last:
+                    if finish:
+                        next(iterator, None)
                     return
         finally:
             state.end_pass(frame)

@@ -32,6 +32,7 @@ from ember.checkpoint.rng import capture_rng
 from ember.errors import CheckpointError, MisconfigurationError
 
 if TYPE_CHECKING:
+    from ember.datamodule import DataModule
     from ember.module import TrainModule
     from ember.trainer.context import RunContext
     from ember.trainer.trainer import Trainer
@@ -123,6 +124,10 @@ def save(
             if context.is_global_zero
             else [],
         )
+    datamodule = trainer.datamodule
+    if datamodule is not None:
+        checkpoint["datamodule"] = datamodule.state_dict()
+        checkpoint["datamodule_hparams"] = plain_hparams(datamodule.hparams)
     context.fire("on_save_checkpoint", checkpoint)
     meta = {
         "ember_version": ember.__version__,
@@ -292,6 +297,13 @@ def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoin
                 f"own); it continues mid-epoch on {saved_world} processes only, not {world}."
             )
     return checkpoint
+
+
+def restore_datamodule(datamodule: DataModule, checkpoint: Checkpoint | None) -> None:
+    """Put back the DataModule's state that ``checkpoint`` holds (nothing when it holds
+    none: written without a DataModule)."""
+    if checkpoint is not None and checkpoint.state.get("datamodule") is not None:
+        datamodule.load_state_dict(checkpoint.state["datamodule"])
 
 
 def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> None:

@@ -12,9 +12,11 @@ optimizers (so ``global_step`` and ``callback_metrics`` still describe the fit).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -89,7 +91,7 @@ class StepFunctions:
         steps = {name: getattr(module, name) for name in STEP_NAMES}
         steps.update(callers or {})
         if compile is False:
-            return cls(**steps)
+            return cls(**_batch_idx_dropped(module, steps))
         options = compile if isinstance(compile, dict) else {}
         for name in used:
             # A step left at its default is never called (predict_step's default is self(batch)).
@@ -104,7 +106,36 @@ class StepFunctions:
                     UserWarning,
                     stacklevel=2,
                 )
-        return cls(**steps)
+        return cls(**_batch_idx_dropped(module, steps))
+
+
+def _batch_idx_dropped(
+    module: TrainModule, steps: dict[str, Callable[..., Any]]
+) -> dict[str, Callable[..., Any]]:
+    """``steps``, where the module's method takes the batch alone (``training_step(self,
+    batch)``) called without ``batch_idx``: decided once per run, from the signature, so
+    the loops always pass it and a step that takes it pays nothing."""
+    for name, step in steps.items():
+        if not takes_batch_idx(getattr(module, name)):
+            steps[name] = partial(_batch_only, step)
+    return steps
+
+
+def _batch_only(step: Callable[..., Any], batch: Any, *_indices: Any) -> Any:
+    return step(batch)
+
+
+def takes_batch_idx(step: Any) -> bool:
+    """Whether a ``*_step`` method accepts a second argument, ``batch_idx``."""
+    try:
+        parameters = list(inspect.signature(step).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return (
+        any(parameter.kind is inspect.Parameter.VAR_POSITIONAL for parameter in parameters)
+        or sum(parameter.kind in positional for parameter in parameters) >= 2
+    )
 
 
 class RunContext:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import DataLoader
 
 from ember.accelerator.data import PreparedDataLoader
+from ember.datamodule import DataModule
 from ember.errors import MisconfigurationError
 from ember.trainer import arguments
 
@@ -17,8 +18,45 @@ if TYPE_CHECKING:
     from ember.module import TrainModule
 
 
-def fit_loaders(module: TrainModule, train: Any, val: Any) -> tuple[Any, Any]:
-    """The training and validation loaders of fit: those given, else the module's own."""
+def datamodule_of(
+    entry: str, datamodule: Any, **loaders: Any
+) -> tuple[DataModule | None, tuple[Any, ...]]:
+    """The DataModule of ``Trainer.<entry>()`` and its loader arguments (``loaders``, in
+    order): ``datamodule``, or a DataModule passed as the first loader argument
+    (``fit(module, dm)``, as Lightning allows), which then reads as None. A DataModule and
+    loaders given together are an error: the loaders come one way."""
+    names = list(loaders)
+    if datamodule is None and isinstance(loaders[names[0]], DataModule):
+        datamodule, loaders[names[0]] = loaders[names[0]], None
+    if datamodule is None:
+        return None, tuple(loaders.values())
+    if not isinstance(datamodule, DataModule):
+        raise MisconfigurationError(
+            f"Trainer.{entry}() got datamodule={type(datamodule).__name__}; pass an "
+            "ember.DataModule (an instance of a subclass) or None."
+        )
+    given = [name for name, value in loaders.items() if value is not None]
+    if given:
+        raise MisconfigurationError(
+            f"Trainer.{entry}() got both a DataModule ({type(datamodule).__name__}) and "
+            f"{' and '.join(given)}: pass the loaders one way, either datamodule=... (its "
+            f"*_dataloader() methods give them) or {' / '.join(names)}, not both."
+        )
+    return datamodule, tuple(loaders.values())
+
+
+def start_datamodule(accelerator: Accelerator, datamodule: DataModule, stage: str) -> None:
+    """``prepare_data`` once per machine (local rank 0, the others waiting), then
+    ``setup(stage)`` on every process."""
+    if accelerator.is_local_main_process:
+        datamodule.prepare_data()
+    accelerator.wait_for_everyone()
+    datamodule.setup(stage)
+
+
+def fit_loaders(module: TrainModule | DataModule, train: Any, val: Any) -> tuple[Any, Any]:
+    """The training and validation loaders of fit: those given, else the module's (or the
+    DataModule's) own."""
     train = train if train is not None else module.train_dataloader()
     if train is None:
         raise MisconfigurationError(
@@ -28,9 +66,10 @@ def fit_loaders(module: TrainModule, train: Any, val: Any) -> tuple[Any, Any]:
     return train, val if val is not None else module.val_dataloader()
 
 
-def eval_loaders(entry: str, stage: str, module: TrainModule, dataloaders: Any) -> Any:
+def eval_loaders(entry: str, stage: str, module: TrainModule | DataModule, dataloaders: Any) -> Any:
     """The loaders of ``Trainer.<entry>()`` ("validate", "test", "predict"): those given, else
-    the module's ``val_dataloader()`` / ``test_dataloader()`` / ``predict_dataloader()``."""
+    the ``val_dataloader()`` / ``test_dataloader()`` / ``predict_dataloader()`` of the module
+    (or DataModule)."""
     method = {"validation": "val_dataloader", "test": "test_dataloader"}.get(
         stage, "predict_dataloader"
     )
@@ -50,10 +89,11 @@ def prepare_train_loader(
     limit_train_batches: int | float | None,
     val_check_interval: int | float,
     check_val_every_n_epoch: int | None,
+    validates: bool = True,
 ) -> tuple[PreparedDataLoader, int | None]:
     """The prepared training loader and its exact number of batches per epoch (None when it
-    is not certain), after checking that it trains on something and fits the validation
-    interval."""
+    is not certain), after checking that it trains on something and, when fit ``validates``,
+    fits the validation interval."""
     arguments.check_loader("fit()", loader)
     if isinstance(loader, (list, tuple)) and any(
         isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
@@ -77,6 +117,10 @@ def prepare_train_loader(
             "loop, and evaluation loaders are never padded)."
         )
     prepared = accelerator.prepare_data_loader(loader)
+    if limit_train_batches == 0:
+        # As in Lightning 2.6: fit runs only the sanity check (``loops.fit``).
+        prepared.max_batches = 0
+        return prepared, 0
     # The limit counts this process's batches (as in Lightning): a fraction of its share,
     # so N processes with batch B stop where one process with batch N x B does.
     limit = arguments.apply_limit(
@@ -92,6 +136,8 @@ def prepare_train_loader(
     # __len__ is an estimate).
     num_batches = prepared.exact_length()
     interval = val_check_interval
+    if not validates:
+        return prepared, num_batches  # the interval is never used
     if isinstance(interval, int) and num_batches is not None:
         if interval > num_batches and check_val_every_n_epoch is not None:
             raise MisconfigurationError(

@@ -43,6 +43,9 @@ def fit(context: RunContext) -> None:
             evaluate(context, "validation", context.val_loaders, sanity=True)
         finally:
             context.state.sanity_checking = False
+    if context.train_loader is not None and context.train_loader.max_batches == 0:
+        context.fire("on_fit_end")  # limit_train_batches=0: the sanity check only (Lightning)
+        return
     context.fire("on_train_start")
     _continue_from_checkpoint(context)
     while not fit_done(context):
@@ -397,6 +400,7 @@ def evaluate(
                 metrics.dataloader_idx = dataloader_idx if several else None
                 extra = (dataloader_idx,) if several else ()
                 step_extra = extra if pass_index else ()
+                loader.set_epoch(context.state.epoch)  # the trainer's epoch, as in training
                 for batch_idx, batch in enumerate(loader):
                     if limit is not None and batch_idx >= limit:
                         break
@@ -493,6 +497,7 @@ def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]
             extra = (dataloader_idx,) if several else ()
             step_extra = extra if pass_index else ()
             outputs_of_loader: list[Any] = []
+            loader.set_epoch(context.state.epoch)
             for batch_idx, batch in enumerate(loader):
                 for hook in hooks["on_predict_batch_start"]:
                     hook(batch, batch_idx, *extra)

@@ -15,9 +15,11 @@ from typing import Any
 
 from ember.accelerator import distributed
 from ember.accelerator.accelerator import Accelerator, resolve_mixed_precision
+from ember.accelerator.data import PreparedDataLoader
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
 from ember.accelerator.transfer import DataLoaderConfiguration
+from ember.datamodule import DataModule
 from ember.errors import MisconfigurationError
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
@@ -27,10 +29,12 @@ from ember.trainer import arguments, loops, preemption
 from ember.trainer import checkpoint as trainer_checkpoint
 from ember.trainer.context import LoopSettings, RunContext
 from ember.trainer.loaders import (
+    datamodule_of,
     eval_loaders,
     fit_loaders,
     prepare_eval_loaders,
     prepare_train_loader,
+    start_datamodule,
 )
 from ember.trainer.logging import MetricStore
 from ember.trainer.optimizers import SchedulerConfig
@@ -179,6 +183,7 @@ class Trainer:
 
         #: The current or last run; None before the first fit / validate / test / predict.
         self._context: RunContext | None = None
+        self._datamodule: DataModule | None = None
 
     # --- read-only state (from the current or last run) ---------------------------------------
     @property
@@ -194,6 +199,11 @@ class Trainer:
     def state(self) -> LoopState:
         """Loop progress (``LoopState``): epoch, global step, batch position, stage."""
         return self._context.state if self._context is not None else LoopState()
+
+    @property
+    def datamodule(self) -> DataModule | None:
+        """The ``DataModule`` of the current or last run (None when it had none)."""
+        return self._datamodule
 
     @property
     def global_step(self) -> int:
@@ -330,9 +340,13 @@ class Trainer:
         module: TrainModule,
         train_dataloaders: Any = None,
         val_dataloaders: Any = None,
+        datamodule: DataModule | None = None,
         ckpt_path: str | os.PathLike[str] | None = None,
     ) -> None:
         """Train ``module`` on ``train_dataloaders``, validating on ``val_dataloaders``.
+
+        ``datamodule``: take the loaders from this ``DataModule`` instead (also accepted in
+        place of ``train_dataloaders``); giving loaders too is an error.
 
         ``ckpt_path``: continue from a checkpoint (a path, ``"last"`` or ``"best"``) exactly
         where it was written. A process restarted by torchrun (``TORCHELASTIC_RESTART_COUNT``
@@ -342,52 +356,73 @@ class Trainer:
         arguments.check_ckpt_path(ckpt_path)
         if ckpt_path is None and distributed.restart_count() > 0:
             ckpt_path = "last"  # a restarted group continues from its newest checkpoint
-        train_dataloaders, val_dataloaders = fit_loaders(module, train_dataloaders, val_dataloaders)
+        datamodule, (train_dataloaders, val_dataloaders) = datamodule_of(
+            "fit", datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
+        )
+        if datamodule is None:  # a DataModule's loaders come after its setup, in _fit
+            train_dataloaders, val_dataloaders = fit_loaders(
+                module, train_dataloaders, val_dataloaders
+            )
 
         def run(context: RunContext) -> None:
             with preemption.signals_stop(context):
                 self._fit(context, train_dataloaders, val_dataloaders, ckpt_path)
 
-        self._run("fit", module, run, new_run=True)
+        self._run("fit", module, run, new_run=True, datamodule=datamodule)
 
     def validate(
         self,
         module: TrainModule | None = None,
         dataloaders: Any = None,
         ckpt_path: str | os.PathLike[str] | None = None,
+        datamodule: DataModule | None = None,
     ) -> list[dict[str, float]]:
-        """Run ``validation_step`` over ``dataloaders``; one dict of metrics per loader."""
-        return self._evaluate("validate", "validation", module, dataloaders, ckpt_path)
+        """Run ``validation_step`` over ``dataloaders`` (or those of ``datamodule``); one dict of
+        metrics per loader."""
+        return self._evaluate("validate", "validation", module, dataloaders, ckpt_path, datamodule)
 
     def test(
         self,
         module: TrainModule | None = None,
         dataloaders: Any = None,
         ckpt_path: str | os.PathLike[str] | None = None,
+        datamodule: DataModule | None = None,
     ) -> list[dict[str, float]]:
-        """Run ``test_step`` over ``dataloaders``; one dict of metrics per loader."""
-        return self._evaluate("test", "test", module, dataloaders, ckpt_path)
+        """Run ``test_step`` over ``dataloaders`` (or those of ``datamodule``); one dict of
+        metrics per loader."""
+        return self._evaluate("test", "test", module, dataloaders, ckpt_path, datamodule)
 
     def predict(
         self,
         module: TrainModule | None = None,
         dataloaders: Any = None,
         ckpt_path: str | os.PathLike[str] | None = None,
+        datamodule: DataModule | None = None,
     ) -> list[Any]:
-        """Run ``predict_step`` over ``dataloaders`` and return its outputs in order."""
+        """Run ``predict_step`` over ``dataloaders`` (or those of ``datamodule``) and return
+        its outputs in order."""
         module = module if module is not None else self._last_module()
         arguments.check_module(module)
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
-        dataloaders = eval_loaders("predict", "predict", module, dataloaders)
-        loaders, _ = prepare_eval_loaders(self.accelerator, dataloaders, None, "predict")
+        datamodule, (dataloaders,) = datamodule_of("predict", datamodule, dataloaders=dataloaders)
+
+        def prepare() -> list[PreparedDataLoader]:
+            source = eval_loaders(
+                "predict", "predict", datamodule if datamodule is not None else module, dataloaders
+            )
+            return prepare_eval_loaders(self.accelerator, source, None, "predict")[0]
+
+        # Given loaders are checked before the run; a DataModule's come after its setup.
+        prepared = prepare() if datamodule is None else None
         self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[Any]:
+            loaders = prepared if prepared is not None else prepare()
             context.prepare_module(self.compile, ("predict_step",))
             return loops.predict(context, loaders)
 
-        result: list[Any] = self._run("predict", module, run, new_run=False)
+        result: list[Any] = self._run("predict", module, run, new_run=False, datamodule=datamodule)
         return result
 
     def save_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
@@ -413,9 +448,12 @@ class Trainer:
         module: TrainModule,
         body: Callable[[RunContext], Any],
         new_run: bool,
+        datamodule: DataModule | None = None,
     ) -> Any:
         """Build the run's context, fire setup, run ``body``, and always tear down
-        (on_exception on errors). ``new_run``: fit starts afresh; evaluation continues."""
+        (on_exception on errors). ``new_run``: fit starts afresh; evaluation continues.
+        ``datamodule``: prepared and set up before every other setup hook, torn down before
+        every other teardown hook (Lightning's order)."""
         # Every LoopSettings field is the Trainer attribute of the same name.
         settings = LoopSettings(**{f.name: getattr(self, f.name) for f in fields(LoopSettings)})
         context = RunContext(
@@ -427,10 +465,14 @@ class Trainer:
             previous=None if new_run else self._context,
         )
         self._context = context
+        self._datamodule = datamodule
         object.__setattr__(module, "_trainer", self)
         context.hooks = collect_hooks(self.callbacks, module, self)
         status = "success"
         try:
+            if datamodule is not None:
+                datamodule.trainer = self
+                start_datamodule(self.accelerator, datamodule, stage)
             context.fire("setup", stage)
             return body(context)
         except BaseException as exception:
@@ -448,6 +490,8 @@ class Trainer:
                 for logger in self.loggers:
                     logger.finalize(status)
             try:
+                if datamodule is not None:
+                    datamodule.teardown(stage)
                 context.fire("teardown", stage)
             finally:
                 context.state.stage = None
@@ -480,6 +524,10 @@ class Trainer:
         # tells the checkpoint callback its folder).
         path = self._resolve_checkpoint(ckpt_path)
         checkpoint = trainer_checkpoint.read_for_fit(self, module, path) if path else None
+        datamodule = self._datamodule
+        if datamodule is not None:  # its state first: it may decide the loaders it builds
+            trainer_checkpoint.restore_datamodule(datamodule, checkpoint)
+            train_dataloaders, val_dataloaders = fit_loaders(datamodule, None, None)
         # Nothing left of an earlier fit's optimizer in the accelerator.
         self.accelerator.free_memory()
         context.prepare_module(self.compile, ("training_step", "validation_step"))
@@ -490,6 +538,9 @@ class Trainer:
             self.limit_train_batches,
             self.val_check_interval,
             self.check_val_every_n_epoch,
+            validates=val_dataloaders is not None
+            and overrides(module, "validation_step")
+            and self.limit_val_batches != 0,
         )
         if val_dataloaders is not None:
             context.val_loaders, context.num_val_batches = prepare_eval_loaders(
@@ -505,9 +556,10 @@ class Trainer:
             )
         if checkpoint is not None:
             trainer_checkpoint.restore(self, context, checkpoint)
-        if module.hparams and self.is_global_zero:
+        hparams = {**(datamodule.hparams if datamodule is not None else {}), **module.hparams}
+        if hparams and self.is_global_zero:
             for logger in self.loggers:
-                logger.log_hyperparams(dict(module.hparams))
+                logger.log_hyperparams(hparams)
         try:
             loops.fit(context)
         except preemption.Preempted as stop:
@@ -520,6 +572,7 @@ class Trainer:
         module: TrainModule | None,
         dataloaders: Any,
         ckpt_path: str | os.PathLike[str] | None,
+        datamodule: DataModule | None = None,
     ) -> list[dict[str, float]]:
         module = module if module is not None else self._last_module()
         arguments.check_module(module)
@@ -529,16 +582,27 @@ class Trainer:
             raise MisconfigurationError(
                 f"Trainer.{entry}() needs {type(module).__name__}.{stage}_step(batch, batch_idx)."
             )
-        dataloaders = eval_loaders(entry, stage, module, dataloaders)
+        datamodule, (dataloaders,) = datamodule_of(entry, datamodule, dataloaders=dataloaders)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
-        loaders, lengths = prepare_eval_loaders(self.accelerator, dataloaders, limit, stage)
+
+        def prepare() -> tuple[list[PreparedDataLoader], list[int | None]]:
+            source = eval_loaders(
+                entry, stage, datamodule if datamodule is not None else module, dataloaders
+            )
+            return prepare_eval_loaders(self.accelerator, source, limit, stage)
+
+        # Given loaders are checked before the run; a DataModule's come after its setup.
+        prepared = prepare() if datamodule is None else None
         self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[dict[str, float]]:
+            loaders, lengths = prepared if prepared is not None else prepare()
             if stage == "validation":
                 context.num_val_batches = lengths
             context.prepare_module(self.compile, (f"{stage}_step",))
             return loops.evaluate(context, stage, loaders)
 
-        result: list[dict[str, float]] = self._run(entry, module, run, new_run=False)
+        result: list[dict[str, float]] = self._run(
+            entry, module, run, new_run=False, datamodule=datamodule
+        )
         return result
