@@ -1,0 +1,62 @@
+"""Submodule modes kept, gradients from before fit, configure_optimizers forms, schedulers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ember import Trainer, TrainModule
+from tests.helpers import bare_trainer_kwargs, loader
+
+
+# --- submodules the user put in eval mode stay there ----------------------------------------
+class FrozenBackbone(TrainModule):
+    """A BatchNorm + Dropout backbone the user froze and put in eval mode, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+        self.head = nn.Linear(4, 1)
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.seen: list[tuple[str, bool, bool]] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.seen.append(("train", self.backbone[1].training, self.head.training))
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen.append(("val", self.backbone[1].training, self.head.training))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.seen.append(("predict", self.backbone[1].training, self.head.training))
+        return self(batch[0])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+
+def test_submodules_set_to_eval_stay_in_eval_through_fit_validation_and_predict() -> None:
+    module = FrozenBackbone()
+    running_mean = module.backbone[1].running_mean.clone()
+    trainer = Trainer(max_epochs=2, **bare_trainer_kwargs())
+    trainer.fit(module, loader(32), loader(16))
+    train = [entry for entry in module.seen if entry[0] == "train"]
+    val = [entry for entry in module.seen if entry[0] == "val"]
+    assert train and all(entry[1:] == (False, True) for entry in train)
+    assert val and all(entry[1:] == (False, False) for entry in val)
+    # The BatchNorm in eval mode never updated its statistics.
+    assert torch.equal(module.backbone[1].running_mean, running_mean)
+    assert not module.backbone.training and not module.backbone[1].training
+    assert module.head.training and module.training
+    trainer.validate(module, loader(16))
+    trainer.predict(module, loader(16))
+    assert [entry[1:] for entry in module.seen if entry[0] == "predict"] == [(False, False)] * 2
+    assert not module.backbone[1].training and module.head.training and module.training
