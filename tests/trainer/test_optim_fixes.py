@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from ember import Trainer, TrainModule
-from tests.helpers import bare_trainer_kwargs, loader
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
 
 # --- submodules the user put in eval mode stay there ----------------------------------------
@@ -60,3 +61,33 @@ def test_submodules_set_to_eval_stay_in_eval_through_fit_validation_and_predict(
     trainer.predict(module, loader(16))
     assert [entry[1:] for entry in module.seen if entry[0] == "predict"] == [(False, False)] * 2
     assert not module.backbone[1].training and module.head.training and module.training
+
+
+# --- gradients left on the parameters before fit ---------------------------------------------
+class ManualTiny(TinyModule):
+    """TinyModule stepping its optimizer itself (no zero_grad before the first backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        x, y = batch
+        self.manual_backward(nn.functional.mse_loss(self(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("module_class", [TinyModule, ManualTiny])
+def test_gradients_left_before_fit_do_not_reach_the_first_step(
+    module_class: type[TinyModule],
+) -> None:
+    clean = module_class()
+    Trainer(max_steps=1, **bare_trainer_kwargs()).fit(clean, loader())
+    dirty = module_class()
+    for parameter in dirty.parameters():
+        parameter.grad = torch.full_like(parameter, 100.0)
+    Trainer(max_steps=1, **bare_trainer_kwargs()).fit(dirty, loader())
+    for expected, got in zip(clean.parameters(), dirty.parameters(), strict=True):
+        assert torch.equal(expected, got)

@@ -495,6 +495,11 @@ class Trainer:
                 UserWarning,
                 stacklevel=3,
             )
+        # Gradients left on the parameters before fit would be added into the first step;
+        # a checkpoint written mid-window puts its window's gradient back just below.
+        module.zero_grad(set_to_none=True)
+        for optimizer in context.optimizers:
+            optimizer.optimizer.zero_grad(set_to_none=True)
         if checkpoint is not None:
             trainer_checkpoint.restore(self, context, checkpoint)
         if module.hparams and self.is_global_zero:
