@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from ember import Trainer, TrainModule
+from ember import MisconfigurationError, Trainer, TrainModule
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
 
@@ -91,3 +91,62 @@ def test_gradients_left_before_fit_do_not_reach_the_first_step(
     Trainer(max_steps=1, **bare_trainer_kwargs()).fit(dirty, loader())
     for expected, got in zip(clean.parameters(), dirty.parameters(), strict=True):
         assert torch.equal(expected, got)
+
+
+# --- configure_optimizers: top-level monitor, foreign optimizers, OneCycleLR per epoch -------
+class Plateau(TinyModule):
+    """ReduceLROnPlateau on a metric that never improves, in the form ``form``."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", 1.0)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5)
+        if self.form == "top-level monitor":
+            return {"optimizer": optimizer, "lr_scheduler": plateau, "monitor": "val_loss"}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": plateau},
+            "monitor": "val_loss",
+        }
+
+
+@pytest.mark.parametrize("form", ["top-level monitor", "top-level monitor, scheduler dict"])
+def test_a_top_level_monitor_serves_reduce_lr_on_plateau(form: str) -> None:
+    trainer = Trainer(max_epochs=3, num_sanity_val_steps=0, **bare_trainer_kwargs())
+    trainer.fit(Plateau(form), loader(16), loader(16))
+    assert trainer.lr_scheduler_configs[0].monitor == "val_loss"
+    # Epoch 1 sets the best value; epochs 2 and 3 do not improve: the lr is halved twice.
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_a_scheduler_of_an_optimizer_not_returned_is_refused(form: str) -> None:
+    class Foreign(TinyModule):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            other = torch.optim.SGD(self.parameters(), lr=0.1)
+            scheduler = torch.optim.lr_scheduler.StepLR(other, 1)
+            if form == "tuple":
+                return optimizer, scheduler
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+
+    with pytest.raises(MisconfigurationError, match="StepLR is built on an optimizer") as error:
+        Trainer(max_steps=1, **bare_trainer_kwargs()).fit(Foreign(), loader())
+    assert "configure_optimizers did not return" in str(error.value)
+
+
+def test_one_cycle_lr_stepped_per_epoch_warns() -> None:
+    class OneCyclePerEpoch(TinyModule):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1.0, total_steps=10)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": one_cycle}}
+
+    with pytest.warns(UserWarning, match="OneCycleLR .*interval='epoch'"):
+        Trainer(max_steps=1, **bare_trainer_kwargs()).fit(OneCyclePerEpoch(), loader())
