@@ -28,6 +28,8 @@ class SchedulerConfig:
     interval: str = "epoch"
     frequency: int = 1
     monitor: str | None = None
+    #: The ``"name"`` of the scheduler dict: ``LearningRateMonitor`` logs ``lr-<name>``.
+    name: str | None = None
     #: Whether ``step`` takes the monitored value (``ReduceLROnPlateau``); decided before the
     #: scheduler is wrapped.
     needs_metric: bool = False
@@ -127,6 +129,7 @@ def _scheduler_config(item: Any, monitor: str | None = None) -> SchedulerConfig:
             item.get("interval", "epoch"),
             item.get("frequency", 1),
             item.get("monitor") if item.get("monitor") is not None else monitor,
+            item.get("name"),
         )
     else:
         config = SchedulerConfig(item, monitor=monitor)
@@ -134,6 +137,11 @@ def _scheduler_config(item: Any, monitor: str | None = None) -> SchedulerConfig:
         raise MisconfigurationError(
             f"configure_optimizers returned a scheduler of type "
             f"{type(config.scheduler).__name__}; expected a torch.optim.lr_scheduler scheduler."
+        )
+    if config.name is not None and not isinstance(config.name, str):
+        raise MisconfigurationError(
+            f"lr_scheduler `name={config.name!r}` is not supported: it must be a string "
+            "(LearningRateMonitor logs the rate as 'lr-<name>')."
         )
     if config.interval not in ("step", "epoch"):
         raise MisconfigurationError(
