@@ -150,3 +150,46 @@ def test_one_cycle_lr_stepped_per_epoch_warns() -> None:
 
     with pytest.warns(UserWarning, match="OneCycleLR .*interval='epoch'"):
         Trainer(max_steps=1, **bare_trainer_kwargs()).fit(OneCyclePerEpoch(), loader())
+
+
+# --- the "strict" key of a scheduler dict ---------------------------------------------------
+class PlateauOnMissing(TinyModule):
+    """ReduceLROnPlateau watching a name nobody logs, with ``strict`` as given."""
+
+    def __init__(self, strict: bool | None) -> None:
+        super().__init__()
+        self.strict = strict
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+        scheduler: dict[str, Any] = {"scheduler": plateau, "monitor": "never_logged"}
+        if self.strict is not None:
+            scheduler["strict"] = self.strict
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def test_strict_false_skips_a_plateau_step_whose_metric_is_missing_with_a_warning() -> None:
+    trainer = Trainer(max_epochs=2, **bare_trainer_kwargs())
+    with pytest.warns(RuntimeWarning, match="'never_logged'.*strict=False.*skipped") as record:
+        trainer.fit(PlateauOnMissing(strict=False), loader(16))
+    assert sum("never_logged" in str(item.message) for item in record) == 2  # once per epoch
+    assert trainer.lr_scheduler_configs[0].strict is False
+    assert trainer.current_epoch == 2
+
+
+@pytest.mark.parametrize("strict", [None, True])
+def test_strict_by_default_a_missing_plateau_metric_raises(strict: bool | None) -> None:
+    with pytest.raises(MisconfigurationError, match="'never_logged', which was not logged"):
+        Trainer(max_epochs=1, **bare_trainer_kwargs()).fit(PlateauOnMissing(strict), loader(16))
+
+
+def test_strict_must_be_a_bool() -> None:
+    class BadStrict(TinyModule):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+            step = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "strict": "no"}}
+
+    with pytest.raises(MisconfigurationError, match="`strict='no'` is not supported"):
+        Trainer(max_steps=1, **bare_trainer_kwargs()).fit(BadStrict(), loader(16))

@@ -30,6 +30,9 @@ class SchedulerConfig:
     monitor: str | None = None
     #: The ``"name"`` of the scheduler dict: ``LearningRateMonitor`` logs ``lr-<name>``.
     name: str | None = None
+    #: ``ReduceLROnPlateau`` whose monitored name was not logged: raise (True) or warn and
+    #: skip that step (False).
+    strict: bool = True
     #: Whether ``step`` takes the monitored value (``ReduceLROnPlateau``); decided before the
     #: scheduler is wrapped.
     needs_metric: bool = False
@@ -114,11 +117,11 @@ def _from_dict(returned: Mapping[str, Any]) -> tuple[list[Optimizer], list[Sched
 
 def _scheduler_config(item: Any, monitor: str | None = None) -> SchedulerConfig:
     if isinstance(item, Mapping):
-        unknown = set(item) - {"scheduler", "interval", "frequency", "monitor", "name"}
+        unknown = set(item) - {"scheduler", "interval", "frequency", "monitor", "name", "strict"}
         if unknown:
             raise MisconfigurationError(
                 f"The lr_scheduler dict has unknown keys {sorted(unknown)}; accepted keys: "
-                "'scheduler', 'interval', 'frequency', 'monitor', 'name'."
+                "'scheduler', 'interval', 'frequency', 'monitor', 'name', 'strict'."
             )
         if "scheduler" not in item:
             raise MisconfigurationError(
@@ -130,6 +133,7 @@ def _scheduler_config(item: Any, monitor: str | None = None) -> SchedulerConfig:
             item.get("frequency", 1),
             item.get("monitor") if item.get("monitor") is not None else monitor,
             item.get("name"),
+            item.get("strict", True),
         )
     else:
         config = SchedulerConfig(item, monitor=monitor)
@@ -142,6 +146,11 @@ def _scheduler_config(item: Any, monitor: str | None = None) -> SchedulerConfig:
         raise MisconfigurationError(
             f"lr_scheduler `name={config.name!r}` is not supported: it must be a string "
             "(LearningRateMonitor logs the rate as 'lr-<name>')."
+        )
+    if not isinstance(config.strict, bool):
+        raise MisconfigurationError(
+            f"lr_scheduler `strict={config.strict!r}` is not supported: use True (a missing "
+            "monitored value raises) or False (it warns and skips that step)."
         )
     if config.interval not in ("step", "epoch"):
         raise MisconfigurationError(
