@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from ember.accelerator.data import PreparedDataLoader
 from ember.errors import MisconfigurationError
+from ember.hooks import transfer_hooks
 from ember.trainer import arguments
 
 if TYPE_CHECKING:
@@ -50,10 +51,12 @@ def prepare_train_loader(
     limit_train_batches: int | float | None,
     val_check_interval: int | float,
     check_val_every_n_epoch: int | None,
+    *,
+    module: TrainModule | None = None,
 ) -> tuple[PreparedDataLoader, int | None]:
     """The prepared training loader and its exact number of batches per epoch (None when it
     is not certain), after checking that it trains on something and fits the validation
-    interval."""
+    interval. ``module``: whose batch-transfer hooks run on each batch (dataloader_idx 0)."""
     arguments.check_loader("fit()", loader)
     if isinstance(loader, (list, tuple)) and any(
         isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
@@ -76,7 +79,8 @@ def prepare_train_loader(
             "even_batches=True (it still applies as given to Accelerator.prepare in your own "
             "loop, and evaluation loaders are never padded)."
         )
-    prepared = accelerator.prepare_data_loader(loader)
+    hooks = transfer_hooks(module, 0) if module is not None else None
+    prepared = accelerator.prepare_data_loader(loader, transfer_hooks=hooks)
     # The limit counts this process's batches (as in Lightning): a fraction of its share,
     # so N processes with batch B stop where one process with batch N x B does.
     limit = arguments.apply_limit(
@@ -114,6 +118,7 @@ def prepare_eval_loaders(
     stage: str,
     *,
     even_batches: bool | None = None,
+    module: TrainModule | None = None,
 ) -> tuple[list[PreparedDataLoader], list[int | None]]:
     """The prepared loaders of ``stage`` ("validation", "test", "predict") and the number of
     batches of each (None: unknown), on this process.
@@ -126,7 +131,8 @@ def prepare_eval_loaders(
     ``batch_places`` then says where
     every batch sits in the epoch's order (``ember.accelerator.data.assemble_in_order`` puts
     gathered predictions back in dataset order). ``limit`` counts this process's batches (a
-    fraction: of its share).
+    fraction: of its share). ``module``: whose batch-transfer hooks run on each batch, with
+    the loader's index as ``dataloader_idx``.
     """
     arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
     loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
@@ -136,10 +142,15 @@ def prepare_eval_loaders(
         even_batches = accelerator.pads_evaluation
     prepared = []
     lengths: list[int | None] = []
-    for loader in loaders:
+    for index, loader in enumerate(loaders):
         if even_batches and accelerator.num_processes > 1:
             warn_if_padding_repeats(accelerator, loader, stage)
-        item = accelerator.prepare_data_loader(loader, even_batches=even_batches, remember=False)
+        item = accelerator.prepare_data_loader(
+            loader,
+            even_batches=even_batches,
+            remember=False,
+            transfer_hooks=transfer_hooks(module, index) if module is not None else None,
+        )
         item.max_batches = arguments.apply_limit(
             f"limit_{'val' if stage == 'validation' else stage}_batches",
             limit,

@@ -380,7 +380,9 @@ class Trainer:
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
         dataloaders = eval_loaders("predict", "predict", module, dataloaders)
-        loaders, _ = prepare_eval_loaders(self.accelerator, dataloaders, None, "predict")
+        loaders, _ = prepare_eval_loaders(
+            self.accelerator, dataloaders, None, "predict", module=module
+        )
         self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[Any]:
@@ -482,10 +484,15 @@ class Trainer:
             self.limit_train_batches,
             self.val_check_interval,
             self.check_val_every_n_epoch,
+            module=module,
         )
         if val_dataloaders is not None:
             context.val_loaders, context.num_val_batches = prepare_eval_loaders(
-                self.accelerator, val_dataloaders, self.limit_val_batches, "validation"
+                self.accelerator,
+                val_dataloaders,
+                self.limit_val_batches,
+                "validation",
+                module=module,
             )
         if context.val_loaders and not overrides(module, "validation_step"):
             warnings.warn(
@@ -528,7 +535,9 @@ class Trainer:
             )
         dataloaders = eval_loaders(entry, stage, module, dataloaders)
         limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
-        loaders, lengths = prepare_eval_loaders(self.accelerator, dataloaders, limit, stage)
+        loaders, lengths = prepare_eval_loaders(
+            self.accelerator, dataloaders, limit, stage, module=module
+        )
         self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[dict[str, float]]:
