@@ -184,12 +184,16 @@ def test_strict_by_default_a_missing_plateau_metric_raises(strict: bool | None) 
         Trainer(max_epochs=1, **bare_trainer_kwargs()).fit(PlateauOnMissing(strict), loader(16))
 
 
-def test_strict_must_be_a_bool() -> None:
-    class BadStrict(TinyModule):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("strict", "no", "`strict='no'` is not supported"), ("name", 3, "`name=3` is not supported")],
+)
+def test_strict_must_be_a_bool_and_name_a_string(key: str, value: Any, message: str) -> None:
+    class BadKey(TinyModule):
         def configure_optimizers(self) -> Any:
             optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
             step = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, "strict": "no"}}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": step, key: value}}
 
-    with pytest.raises(MisconfigurationError, match="`strict='no'` is not supported"):
-        Trainer(max_steps=1, **bare_trainer_kwargs()).fit(BadStrict(), loader(16))
+    with pytest.raises(MisconfigurationError, match=message):
+        Trainer(max_steps=1, **bare_trainer_kwargs()).fit(BadKey(), loader(16))
