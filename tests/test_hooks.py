@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ember import Callback, Trainer
-from ember.hooks import EVENTS, ModuleHooks
+from ember.hooks import EVENTS, TRANSFER_HOOKS, ModuleHooks
 from ember.hooks import Callback as BaseCallback
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
@@ -282,3 +282,108 @@ def test_hooks_receive_their_arguments() -> None:
 
 def _docs_path() -> Path:
     return Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
+
+
+class TransferRecording(TinyModule):
+    """Records each batch-transfer hook and each step with the batch's marks; the hooks
+    change the batch, so the steps show they received what the hooks returned."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.events.append(f"on_before_batch_transfer({dataloader_idx})")
+        x, y = batch
+        return [x, y, "before"]
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        self.events.append(f"transfer_batch_to_device({device.type}, {dataloader_idx})")
+        return [*batch, "moved"]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.events.append(f"on_after_batch_transfer({dataloader_idx})")
+        return [*batch, "after"]
+
+    def _step(self, name: str, batch: Any) -> None:
+        self.events.append(f"{name}{tuple(batch[2:])}")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.events.append("on_train_batch_start")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self._step("training_step", batch)
+        return super().training_step(batch[:2], batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step("validation_step", batch)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._step("test_step", batch)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        self._step("predict_step", batch)
+        return batch[0]
+
+
+def _transferred(step: str, dataloader_idx: int) -> list[str]:
+    return [
+        f"on_before_batch_transfer({dataloader_idx})",
+        f"transfer_batch_to_device(cpu, {dataloader_idx})",
+        f"on_after_batch_transfer({dataloader_idx})",
+        f"{step}('before', 'moved', 'after')",
+    ]
+
+
+def test_batch_transfer_hooks_run_in_order_on_every_loader_with_its_index() -> None:
+    events: list[str] = []
+    module = TransferRecording(events)
+    trainer = Trainer(max_epochs=1, num_sanity_val_steps=1, **bare_trainer_kwargs())
+    two = [loader(8, batch_size=8), loader(8, batch_size=8)]
+    trainer.fit(module, loader(16, batch_size=8), two)
+    sanity = _transferred("validation_step", 0) + _transferred("validation_step", 1)
+    train_batch = _transferred("training_step", 0)
+    train_batch.insert(3, "on_train_batch_start")  # the batch arrives transferred
+    validation = _transferred("validation_step", 0) + _transferred("validation_step", 1)
+    assert events == sanity + train_batch + train_batch + validation
+    for stage, run in (("validation_step", trainer.validate), ("test_step", trainer.test)):
+        events.clear()
+        run(module, two)
+        assert events == _transferred(stage, 0) + _transferred(stage, 1)
+    events.clear()
+    trainer.predict(module, two)
+    assert events == _transferred("predict_step", 0) + _transferred("predict_step", 1)
+
+
+def test_only_the_overridden_transfer_hooks_run() -> None:
+    seen: list[Any] = []
+
+    class AfterOnly(TinyModule):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            x, y = batch
+            seen.append((x.device.type, dataloader_idx))
+            return [x * 0, y]
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(float(batch[0].abs().sum()))  # the step gets what the hook returned
+            return super().training_step(batch, batch_idx)
+
+    Trainer(max_epochs=1, **bare_trainer_kwargs()).fit(AfterOnly(), loader(16, batch_size=8))
+    assert seen == [("cpu", 0), 0.0, ("cpu", 0), 0.0]
+
+
+def test_without_transfer_hooks_the_cpu_loader_does_nothing_per_batch() -> None:
+    trainer = Trainer(max_steps=1, **bare_trainer_kwargs())
+    trainer.fit(TinyModule(), loader(16, batch_size=8))
+    assert trainer.run_context.train_loader is not None
+    assert trainer.run_context.train_loader.transfer is None
+
+
+def test_transfer_hooks_are_documented_module_methods_and_not_callback_events() -> None:
+    documented = _docs_path().read_text()
+    for name in TRANSFER_HOOKS:
+        assert f"`{name}" in documented or f"{name}(" in documented, name
+        assert getattr(ModuleHooks, name).__doc__, name
+        assert not hasattr(BaseCallback, name) and name not in EVENTS

@@ -15,6 +15,8 @@ see what it logs there. ``docs/hooks.md`` lists the full order; in pseudocode::
     for epoch:
         on_train_epoch_start
         for batch_idx, batch in train loader:
+            # as each batch is drawn (every loader, module only; see TRANSFER_HOOKS):
+            # on_before_batch_transfer, transfer_batch_to_device, on_after_batch_transfer
             on_train_batch_start(batch, batch_idx)
             loss = training_step(batch, batch_idx)
             on_before_backward(loss); backward; on_after_backward
@@ -44,6 +46,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ember.accelerator.transfer import TransferHooks, move_to_device
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -398,6 +404,50 @@ class ModuleHooks:
 
     def on_exception(self, exception: BaseException) -> None:
         """fit/validate/test/predict is about to re-raise ``exception``."""
+
+    # --- batch transfer: the module only; each returns the batch to pass on -----------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch just drawn from a loader the Trainer prepared, still where the loader put
+        it (the CPU, usually); return it, changed or not. ``dataloader_idx``: the loader's
+        index (0 for the training loader)."""
+        return batch
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """Move ``batch`` to ``device`` and return it. The default moves every tensor in
+        dicts, lists, tuples, namedtuples, dataclasses and objects with a ``.to`` method;
+        override it for a batch type it cannot walk."""
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The batch on the device (GPU augmentation goes here); return it. The precision's
+        input cast (``bf16-true``) comes after this hook."""
+        return batch
+
+
+#: The batch-transfer hooks of ``ModuleHooks``, in the order they run on each batch. They
+#: are not events: callbacks do not have them (callbacks never touch the batch).
+TRANSFER_HOOKS: tuple[str, ...] = (
+    "on_before_batch_transfer",
+    "transfer_batch_to_device",
+    "on_after_batch_transfer",
+)
+
+
+def transfer_hooks(module: ModuleHooks, dataloader_idx: int) -> TransferHooks | None:
+    """The batch-transfer hooks ``module`` overrides, for the loader ``dataloader_idx``
+    (None when it overrides none: its batches then cost nothing more)."""
+    overridden = [
+        getattr(module, name)
+        if getattr(type(module), name) is not getattr(ModuleHooks, name)
+        else None
+        for name in TRANSFER_HOOKS
+    ]
+    if all(hook is None for hook in overridden):
+        return None
+    before, to_device, after = overridden
+    return TransferHooks(before, to_device, after, dataloader_idx)
 
 
 def collect_hooks(

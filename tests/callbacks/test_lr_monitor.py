@@ -164,3 +164,58 @@ def test_several_optimizers_get_a_name_each() -> None:
     assert trainer.callback_metrics["lr-SGD"] == pytest.approx(0.1)
     assert trainer.callback_metrics["lr-Adam"] == pytest.approx(0.01)
     assert trainer.callback_metrics["lr-SGD-1"] == pytest.approx(0.3)
+
+
+class Named(TinyModule):
+    """A scheduler dict with a "name" and parameter groups with (or without) "name" keys."""
+
+    def __init__(self, group_names: tuple[str | None, ...], scheduler_name: str | None) -> None:
+        super().__init__()
+        self.group_names = group_names
+        self.scheduler_name = scheduler_name
+
+    def configure_optimizers(self) -> Any:
+        tensors = [self.net.weight, self.net.bias]
+        groups = []
+        for index, name in enumerate(self.group_names):
+            group: dict[str, Any] = {"params": tensors[index :: len(self.group_names)]}
+            if name is not None:
+                group["name"] = name
+            groups.append(group)
+        optimizer = torch.optim.SGD(groups, lr=0.1)
+        scheduler: dict[str, Any] = {
+            "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        }
+        if self.scheduler_name is not None:
+            scheduler["name"] = self.scheduler_name
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+@pytest.mark.parametrize(
+    ("group_names", "scheduler_name", "expected"),
+    [
+        ((None,), "warmup", ["lr-warmup"]),
+        (("backbone", "head"), "warmup", ["lr-warmup/backbone", "lr-warmup/head"]),
+        (("backbone", "head"), None, ["lr-SGD/backbone", "lr-SGD/head"]),
+        (("head",), None, ["lr-SGD/head"]),
+        (("backbone", None), None, ["lr-SGD/backbone", "lr-SGD/pg2"]),
+    ],
+)
+def test_scheduler_and_param_group_names_name_the_logged_rates(
+    group_names: tuple[str | None, ...], scheduler_name: str | None, expected: list[str]
+) -> None:
+    logger = _fit(Named(group_names, scheduler_name), LearningRateMonitor())
+    names = sorted({name for _, metrics in logger.metrics for name in metrics if "lr" in name})
+    assert names == expected
+    assert [value for _, value in logger.values(expected[0])] == [0.1, 0.05]
+
+
+def test_two_param_groups_with_one_name_are_refused() -> None:
+    with pytest.raises(MisconfigurationError, match="two parameter groups named 'same'"):
+        _fit(Named(("same", "same"), None), LearningRateMonitor())
+
+
+def test_the_scheduler_name_is_kept_in_its_config() -> None:
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False)
+    trainer.fit(Named((None,), "warmup"), loader(16))
+    assert trainer.lr_scheduler_configs[0].name == "warmup"

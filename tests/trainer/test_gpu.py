@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -44,3 +46,31 @@ def test_compile_on_cuda() -> None:
     trainer.fit(module, loader(64))
     assert trainer.global_step == 8
     assert torch.isfinite(torch.cat([p.flatten() for p in module.parameters()])).all()
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_batch_transfer_hooks_on_cuda(precision: str) -> None:
+    seen: list[tuple[str, str, torch.dtype]] = []
+
+    class Hooked(TinyModule):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            seen.append(("before", batch[0].device.type, batch[0].dtype))
+            return batch
+
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            seen.append(("after", batch[0].device.type, batch[0].dtype))
+            return batch
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(("step", batch[0].device.type, batch[0].dtype))
+            return super().training_step(batch, batch_idx)
+
+    trainer = Trainer(accelerator="cuda", max_steps=1, precision=precision, **bare_trainer_kwargs())
+    trainer.fit(Hooked(), loader(8, batch_size=8))
+    # The precision's input cast (bf16-true) comes after on_after_batch_transfer.
+    cast = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert seen == [
+        ("before", "cpu", torch.float32),
+        ("after", "cuda", torch.float32),
+        ("step", "cuda", cast),
+    ]

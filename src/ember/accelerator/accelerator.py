@@ -58,7 +58,7 @@ from ember.accelerator.strategies import (
     pick_device,
     resolve_strategy,
 )
-from ember.accelerator.transfer import DataLoaderConfiguration
+from ember.accelerator.transfer import DataLoaderConfiguration, TransferHooks
 from ember.errors import MisconfigurationError
 
 _NO_CONTEXT = nullcontext()
@@ -324,6 +324,7 @@ class Accelerator:
         *,
         even_batches: bool | None = None,
         remember: bool = True,
+        transfer_hooks: TransferHooks | None = None,
     ) -> PreparedDataLoader:
         """Wrap ``data_loader`` so batches arrive on the device and epochs are tracked; with
         several processes, shard it (each process gets its share of the global order).
@@ -336,6 +337,9 @@ class Accelerator:
                 False: ranks may run different numbers of batches, none repeated.
             remember: keep it among what ``save_state`` saves (the Trainer's evaluation
                 loaders, prepared at every ``validate``, pass False).
+            transfer_hooks: batch-transfer hooks called on each batch around the device
+                move (the Trainer passes its module's ``on_before_batch_transfer``,
+                ``transfer_batch_to_device``, ``on_after_batch_transfer``).
         """
         collectives = None
         if self.num_processes > 1:
@@ -351,6 +355,7 @@ class Accelerator:
             max_batches,
             collectives=collectives,
             even_batches=even_batches,
+            transfer_hooks=transfer_hooks,
         )
         if remember:
             self._dataloaders.append(prepared)  # save_state records where each one stands

@@ -36,6 +36,7 @@ from ember.accelerator.passes import (
 from ember.accelerator.sharding import BatchPlace, Collectives, IndexSharding
 from ember.accelerator.streams import StreamSharding
 from ember.accelerator.transfer import DataLoaderConfiguration as DataLoaderConfiguration
+from ember.accelerator.transfer import TransferHooks as TransferHooks
 from ember.accelerator.transfer import batch_transfer as batch_transfer
 from ember.accelerator.transfer import move_to_device as move_to_device
 from ember.errors import MisconfigurationError
@@ -510,19 +511,19 @@ def prepare_loader(
     *,
     collectives: Collectives | None = None,
     even_batches: bool | None = None,
+    transfer_hooks: TransferHooks | None = None,
 ) -> PreparedDataLoader:
     """``Accelerator.prepare_data_loader``: ``loader`` wrapped so batches arrive on ``device``
     (None: left where they are) in the precision's input dtype, with epochs tracked.
 
     With ``collectives`` of more than one process, the loader is sharded (``even_batches``
-    None: the configuration's); with one process nothing is rebuilt.
+    None: the configuration's); with one process nothing is rebuilt. ``transfer_hooks``: a
+    module's batch-transfer hooks, called on each batch around the device move.
     """
     if isinstance(loader, PreparedDataLoader):
         loader = loader.loader
     convert = precision.convert_input if precision.casts_inputs else None
-    transfer = (
-        batch_transfer(device, config.non_blocking, convert) if device is not None else convert
-    )
+    transfer = batch_transfer(device, config.non_blocking, convert, transfer_hooks)
     data_seed = None
     if config.use_seedable_sampler:
         # Without data_seed, one draw from torch's generator: seed_everything decides it.

@@ -365,10 +365,18 @@ class AcceleratedOptimizer(Optimizer):
         return self.stepper.step(self, closure, kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__
+        # A real optimizer's hooks are not pickled (torch drops them): the copy registers
+        # its own on the copied optimizer (``__setstate__``).
+        state = self.__dict__.copy()
+        state["_own_hook"] = self._own_hook is not None
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        hooked = state.pop("_own_hook")
         self.__dict__.update(state)
+        self._own_hook = (
+            self.optimizer.register_step_post_hook(self._mark_real_step) if hooked else None
+        )
 
     def __repr__(self) -> str:
         return f"AcceleratedOptimizer({self.optimizer!r})"

@@ -6,6 +6,7 @@ a feature that is off is a method that does nothing.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import warnings
@@ -162,6 +163,9 @@ class ScaledMixedPrecision(MixedPrecision):
         self.scaler = torch.amp.GradScaler(device.type)
         #: Whether an unscale or step since the last ``update`` recorded an inf check.
         self.update_pending = False
+        #: The optimizers the scaler holds an inf check of (by id, as the scaler keys them):
+        #: a copy of this object re-keys those checks to the copied optimizers.
+        self.checked: dict[int, Optimizer] = {}
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         self.scaler.scale(loss).backward(**kwargs)
@@ -172,6 +176,7 @@ class ScaledMixedPrecision(MixedPrecision):
             # raises its own error, as in plain torch.amp.
             self.scaler.unscale_(optimizer)
             self.update_pending = True
+            self.checked[id(optimizer)] = optimizer
 
     def optimizer_step(self, optimizer: Optimizer, closure: Any, kwargs: dict[str, Any]) -> Any:
         # As a keyword, so GradScaler refuses a closure with its own error, as in plain torch.
@@ -179,12 +184,47 @@ class ScaledMixedPrecision(MixedPrecision):
             kwargs = {**kwargs, "closure": closure}
         result = self.scaler.step(optimizer, **kwargs)
         self.update_pending = True
+        self.checked[id(optimizer)] = optimizer
         return result
 
     def update(self) -> None:
         if self.update_pending:
             self.update_pending = False
             self.scaler.update()
+            self.checked.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle and deepcopy, also between a step and the scaler's pending update
+        (``GradScaler`` alone refuses then): the scaler travels without its per-optimizer
+        inf checks, which travel beside it keyed by the optimizers themselves, so the copy
+        re-keys them to its own optimizers. Nothing of the original changes."""
+        state = self.__dict__.copy()
+        pending = self.scaler._per_optimizer_states
+        if pending:
+            scaler = torch.amp.GradScaler.__new__(type(self.scaler))
+            scaler.__dict__.update(self.scaler.__dict__)
+            scaler._per_optimizer_states = fresh = copy.copy(pending)  # the same factory
+            fresh.clear()
+            state["scaler"] = scaler
+            state["checked"] = [
+                (self.checked[key], checks)
+                for key, checks in pending.items()
+                if key in self.checked
+            ]
+        else:
+            state["checked"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        checked = state.pop("checked")
+        self.__dict__.update(state)
+        self.checked = {}
+        if checked and self.scaler._scale is None:
+            # The pending update comes before any scale(), which would create these lazily.
+            self.scaler._lazy_init_scale_growth_tracker(self.device)
+        for optimizer, checks in checked:
+            self.scaler._per_optimizer_states[id(optimizer)] = checks
+            self.checked[id(optimizer)] = optimizer
 
     def state_dict(self) -> dict[str, Any]:
         return self.scaler.state_dict()

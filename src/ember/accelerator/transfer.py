@@ -4,6 +4,7 @@
 (sharding, even batches, the seedable sampler, asynchronous copies). ``move_to_device`` and
 ``batch_transfer`` move a batch (any nesting of tensors) to the device; the prepared loader
 (``ember.accelerator.data``) applies the function ``batch_transfer`` returns to each batch.
+``TransferHooks`` carries the Trainer's module's batch-transfer hooks into that function.
 """
 
 from __future__ import annotations
@@ -100,14 +101,42 @@ def move_to_device(data: Any, device: torch.device, non_blocking: bool = False) 
     return data
 
 
+@dataclasses.dataclass(frozen=True)
+class TransferHooks:
+    """The batch-transfer hooks a ``TrainModule`` overrides (None: left at the default), and
+    the index of the loader they serve.
+
+    Per batch: ``before(batch, dataloader_idx)``, then ``to_device(batch, device,
+    dataloader_idx)`` (default: ``move_to_device``), then ``after(batch, dataloader_idx)``,
+    then the precision's input cast. Each returns the batch to pass on.
+    """
+
+    before: Callable[[Any, int], Any] | None = None
+    to_device: Callable[[Any, torch.device, int], Any] | None = None
+    after: Callable[[Any, int], Any] | None = None
+    dataloader_idx: int = 0
+
+    def __bool__(self) -> bool:
+        return not (self.before is None and self.to_device is None and self.after is None)
+
+
 def batch_transfer(
-    device: torch.device, non_blocking: bool, convert_input: Callable[[Any], Any] | None
+    device: torch.device | None,
+    non_blocking: bool,
+    convert_input: Callable[[Any], Any] | None,
+    hooks: TransferHooks | None = None,
 ) -> Callable[[Any], Any] | None:
     """The function applied to each batch, or None when batches need nothing done.
 
     Loaders yield CPU tensors, so on the CPU without a dtype cast the batch passes untouched:
-    no per-batch walk over the batch at all.
+    no per-batch walk over the batch at all. ``device`` None: batches stay where they are.
+    ``hooks``: the module's overridden batch-transfer hooks, built into the function once
+    (a hook left at its default costs nothing per batch).
     """
+    if hooks:
+        return _hooked_transfer(device, non_blocking, convert_input, hooks)
+    if device is None:
+        return convert_input
     if device.type == "cpu":
         return convert_input
     if convert_input is None:
@@ -118,3 +147,45 @@ def batch_transfer(
         return convert(move_to_device(batch, device, non_blocking))
 
     return transfer
+
+
+def _hooked_transfer(
+    device: torch.device | None,
+    non_blocking: bool,
+    convert_input: Callable[[Any], Any] | None,
+    hooks: TransferHooks,
+) -> Callable[[Any], Any]:
+    """``batch_transfer`` with the module's hooks: only the overridden ones are called."""
+    index = hooks.dataloader_idx
+    steps: list[Callable[[Any], Any]] = []
+    if hooks.before is not None:
+        steps.append(partial(_call_with_index, hooks.before, index))
+    if device is not None:
+        if hooks.to_device is not None:
+            steps.append(partial(_call_to_device, hooks.to_device, device, index))
+        elif device.type != "cpu":
+            steps.append(partial(move_to_device, device=device, non_blocking=non_blocking))
+    if hooks.after is not None:
+        steps.append(partial(_call_with_index, hooks.after, index))
+    if convert_input is not None:  # after the hooks: what they add is cast too
+        steps.append(convert_input)
+
+    def transfer(batch: Any) -> Any:
+        for step in steps:
+            batch = step(batch)
+        return batch
+
+    return transfer
+
+
+def _call_with_index(hook: Callable[[Any, int], Any], dataloader_idx: int, batch: Any) -> Any:
+    return hook(batch, dataloader_idx)
+
+
+def _call_to_device(
+    hook: Callable[[Any, torch.device, int], Any],
+    device: torch.device,
+    dataloader_idx: int,
+    batch: Any,
+) -> Any:
+    return hook(batch, device, dataloader_idx)

@@ -19,11 +19,14 @@ _INTERVALS = (None, "step", "epoch")
 
 
 class LearningRateMonitor(Callback):
-    """Logs the learning rate of the Trainer's optimizer as ``lr-<OptimizerClass>``.
+    """Logs the learning rate of the Trainer's optimizer as ``lr-<OptimizerClass>``, or
+    ``lr-<name>`` when its scheduler dict has a ``"name"``.
 
     With one parameter group the name is e.g. ``lr-AdamW``; with several, each group gets
-    its own name: ``lr-AdamW/pg1``, ``lr-AdamW/pg2``, ... The values go through ``self.log``,
-    so they reach ``trainer.callback_metrics`` and the loggers like any other metric.
+    its own name: ``lr-AdamW/pg1``, ``lr-AdamW/pg2``, ... A group with a ``"name"`` key is
+    logged under it: ``lr-AdamW/backbone`` (also when it is the only group), as in
+    Lightning. The values go through ``self.log``, so they reach
+    ``trainer.callback_metrics`` and the loggers like any other metric.
 
     - ``"step"``: every optimizer step logs the rate that step used (read just before
       ``optimizer.step()``), sent to the loggers every ``log_every_n_steps`` steps with the
@@ -48,6 +51,8 @@ class LearningRateMonitor(Callback):
         self.interval: str | None = logging_interval
         #: Per optimizer (by the identity of the real one): its base name and group names.
         self._names: dict[int, tuple[str, list[str]]] = {}
+        #: The ``"name"`` of each optimizer's scheduler dict (by the real optimizer's id).
+        self._scheduler_names: dict[int, str] = {}
 
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if stage == "fit" and not trainer.loggers:
@@ -65,6 +70,11 @@ class LearningRateMonitor(Callback):
             interval = "step" if any(c.interval == "step" for c in schedulers) else "epoch"
         self.interval = interval
         self._names = {}
+        self._scheduler_names = {
+            id(config.scheduler.optimizer): config.name
+            for config in trainer.lr_scheduler_configs
+            if config.name is not None
+        }
 
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         if self.interval == "epoch":
@@ -83,13 +93,15 @@ class LearningRateMonitor(Callback):
         """The logged name of each parameter group of ``optimizer`` (wrapped or raw).
 
         Several optimizers of one class (manual optimization) get ``lr-Adam``, ``lr-Adam-1``,
-        ... in the order they are first seen, as in Lightning.
+        ... in the order they are first seen, as in Lightning; a scheduler's ``"name"``
+        replaces ``lr-<class>`` with ``lr-<name>``, a group's ``"name"`` its ``pg<i>``.
         """
         raw = getattr(optimizer, "optimizer", optimizer)  # ember's AcceleratedOptimizer wraps it
         groups = raw.param_groups
         known = self._names.get(id(raw))
         if known is None:
-            base = f"lr-{type(raw).__name__}"
+            named = self._scheduler_names.get(id(raw))
+            base = f"lr-{named}" if named is not None else f"lr-{type(raw).__name__}"
             taken = {name for name, _ in self._names.values()}
             suffix = 0
             while (f"{base}-{suffix}" if suffix else base) in taken:
@@ -97,9 +109,7 @@ class LearningRateMonitor(Callback):
             known = (f"{base}-{suffix}" if suffix else base, [])
         base, names = known
         if len(names) != len(groups):  # computed once, again only if groups were added
-            names = (
-                [base] if len(groups) == 1 else [f"{base}/pg{i}" for i in range(1, len(groups) + 1)]
-            )
+            names = _group_names(base, groups)
         self._names[id(raw)] = (base, names)
         return names
 
@@ -124,3 +134,19 @@ class LearningRateMonitor(Callback):
                 logger=True,
                 batch_size=batch_size,
             )
+
+
+def _group_names(base: str, groups: list[dict[str, Any]]) -> list[str]:
+    """``base`` for one unnamed group; else ``base/<group name>``, ``base/pg<i>`` for a group
+    without a ``"name"`` (i from 1), as Lightning names them."""
+    if len(groups) == 1 and groups[0].get("name") is None:
+        return [base]
+    suffixes = [str(group.get("name", f"pg{index}")) for index, group in enumerate(groups, 1)]
+    repeated = sorted({suffix for suffix in suffixes if suffixes.count(suffix) > 1})
+    if repeated:
+        raise MisconfigurationError(
+            f"LearningRateMonitor: the optimizer logged as {base!r} has two parameter groups "
+            f"named {repeated[0]!r}; each group's rate needs its own name. Give the groups "
+            "distinct 'name' keys (or none: they are then numbered pg1, pg2, ...)."
+        )
+    return [f"{base}/{suffix}" for suffix in suffixes]

@@ -367,9 +367,19 @@ class RunContext:
         if config.needs_metric:
             metrics = self.train_metrics.latest()
             if config.monitor not in metrics:
+                if not config.strict:
+                    warnings.warn(
+                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged; "
+                        "with strict=False its step is skipped. Logged names: "
+                        f"{sorted(metrics)}.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    return
                 raise MisconfigurationError(
                     f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. "
-                    f"Logged names: {sorted(metrics)}."
+                    f"Logged names: {sorted(metrics)}. Log it, or give the scheduler dict "
+                    '"strict": False to skip such steps with a warning.'
                 )
             scheduler.step(metrics[config.monitor])
         else:

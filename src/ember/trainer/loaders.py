@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from ember.accelerator.data import PreparedDataLoader
 from ember.datamodule import DataModule
 from ember.errors import MisconfigurationError
+from ember.hooks import transfer_hooks
 from ember.trainer import arguments
 
 if TYPE_CHECKING:
@@ -90,10 +91,13 @@ def prepare_train_loader(
     val_check_interval: int | float,
     check_val_every_n_epoch: int | None,
     validates: bool = True,
+    *,
+    module: TrainModule | None = None,
 ) -> tuple[PreparedDataLoader, int | None]:
     """The prepared training loader and its exact number of batches per epoch (None when it
     is not certain), after checking that it trains on something and, when fit ``validates``,
-    fits the validation interval."""
+    fits the validation interval. ``module``: whose batch-transfer hooks run on each batch
+    (dataloader_idx 0)."""
     arguments.check_loader("fit()", loader)
     if isinstance(loader, (list, tuple)) and any(
         isinstance(item, (DataLoader, PreparedDataLoader)) for item in loader
@@ -116,7 +120,8 @@ def prepare_train_loader(
             "even_batches=True (it still applies as given to Accelerator.prepare in your own "
             "loop, and evaluation loaders are never padded)."
         )
-    prepared = accelerator.prepare_data_loader(loader)
+    hooks = transfer_hooks(module, 0) if module is not None else None
+    prepared = accelerator.prepare_data_loader(loader, transfer_hooks=hooks)
     if limit_train_batches == 0:
         # As in Lightning 2.6: fit runs only the sanity check (``loops.fit``).
         prepared.max_batches = 0
@@ -160,6 +165,7 @@ def prepare_eval_loaders(
     stage: str,
     *,
     even_batches: bool | None = None,
+    module: TrainModule | None = None,
 ) -> tuple[list[PreparedDataLoader], list[int | None]]:
     """The prepared loaders of ``stage`` ("validation", "test", "predict") and the number of
     batches of each (None: unknown), on this process.
@@ -172,7 +178,8 @@ def prepare_eval_loaders(
     ``batch_places`` then says where
     every batch sits in the epoch's order (``ember.accelerator.data.assemble_in_order`` puts
     gathered predictions back in dataset order). ``limit`` counts this process's batches (a
-    fraction: of its share).
+    fraction: of its share). ``module``: whose batch-transfer hooks run on each batch, with
+    the loader's index as ``dataloader_idx``.
     """
     arguments.check_loader(f"{stage} (dataloaders)", dataloaders)
     loaders = list(dataloaders) if isinstance(dataloaders, (list, tuple)) else [dataloaders]
@@ -182,10 +189,15 @@ def prepare_eval_loaders(
         even_batches = accelerator.pads_evaluation
     prepared = []
     lengths: list[int | None] = []
-    for loader in loaders:
+    for index, loader in enumerate(loaders):
         if even_batches and accelerator.num_processes > 1:
             warn_if_padding_repeats(accelerator, loader, stage)
-        item = accelerator.prepare_data_loader(loader, even_batches=even_batches, remember=False)
+        item = accelerator.prepare_data_loader(
+            loader,
+            even_batches=even_batches,
+            remember=False,
+            transfer_hooks=transfer_hooks(module, index) if module is not None else None,
+        )
         item.max_batches = arguments.apply_limit(
             f"limit_{'val' if stage == 'validation' else stage}_batches",
             limit,

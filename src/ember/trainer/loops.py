@@ -128,7 +128,8 @@ def train_epoch(context: RunContext) -> None:
         # The checkpoint's step values that had not reached the loggers yet go now, at
         # the checkpoint's step.
         context.send_to_loggers(metrics.pop_step_metrics())
-    module.train()
+    # No module.train() here: a submodule the user put in eval mode (a frozen backbone's
+    # BatchNorm) stays so; evaluate and predict put every submodule's own mode back.
     context.fire("on_train_epoch_start")
     finished = True
     # A resumed epoch starts at the batch after the last one the checkpoint had processed.
@@ -380,7 +381,7 @@ def evaluate(
     limit = sanity_limit(context) if sanity else None
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(getattr(module, f"{stage}_step"))
-    was_training = module.training
+    modes = module_modes(module)
     previous_metrics = context.active_metrics
     context.active_metrics = metrics
     autocast = context.accelerator.autocast
@@ -431,10 +432,21 @@ def evaluate(
         context.training_rng = None
         context.validation_incomplete = False
         restore_rng(random_state)
-        if was_training:
-            module.train()
+        restore_modes(modes)
     grouped = metrics.values_by_dataloader(values)
     return [grouped.get(index, {}) for index in range(len(loaders))]
+
+
+def module_modes(module: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every submodule of ``module`` with its ``training`` flag, for ``restore_modes``."""
+    return [(submodule, submodule.training) for submodule in module.modules()]
+
+
+def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    """Put back each submodule's own mode (not ``module.train()``, which would put a
+    submodule the user set to eval in training mode). Once per evaluation, not per step."""
+    for submodule, training in modes:
+        submodule.training = training
 
 
 def in_dataset_order(
@@ -487,7 +499,7 @@ def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]
     autocast = context.accelerator.autocast
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(module.predict_step)
-    was_training = module.training
+    modes = module_modes(module)
     module.eval()
     results: list[list[Any]] = []
     context.fire("on_predict_start")
@@ -509,5 +521,5 @@ def predict(context: RunContext, loaders: list[PreparedDataLoader]) -> list[Any]
             results.append(in_dataset_order(context, loader, outputs_of_loader))
     context.fire("on_predict_epoch_end")
     context.fire("on_predict_end")
-    module.train(was_training)
+    restore_modes(modes)
     return results if several else results[0]

@@ -411,7 +411,7 @@ class Trainer:
             source = eval_loaders(
                 "predict", "predict", datamodule if datamodule is not None else module, dataloaders
             )
-            return prepare_eval_loaders(self.accelerator, source, None, "predict")[0]
+            return prepare_eval_loaders(self.accelerator, source, None, "predict", module=module)[0]
 
         # Given loaders are checked before the run; a DataModule's come after its setup.
         prepared = prepare() if datamodule is None else None
@@ -541,10 +541,15 @@ class Trainer:
             validates=val_dataloaders is not None
             and overrides(module, "validation_step")
             and self.limit_val_batches != 0,
+            module=module,
         )
         if val_dataloaders is not None:
             context.val_loaders, context.num_val_batches = prepare_eval_loaders(
-                self.accelerator, val_dataloaders, self.limit_val_batches, "validation"
+                self.accelerator,
+                val_dataloaders,
+                self.limit_val_batches,
+                "validation",
+                module=module,
             )
         if context.val_loaders and not overrides(module, "validation_step"):
             warnings.warn(
@@ -554,6 +559,11 @@ class Trainer:
                 UserWarning,
                 stacklevel=3,
             )
+        # Gradients left on the parameters before fit would be added into the first step;
+        # a checkpoint written mid-window puts its window's gradient back just below.
+        module.zero_grad(set_to_none=True)
+        for optimizer in context.optimizers:
+            optimizer.optimizer.zero_grad(set_to_none=True)
         if checkpoint is not None:
             trainer_checkpoint.restore(self, context, checkpoint)
         hparams = {**(datamodule.hparams if datamodule is not None else {}), **module.hparams}
@@ -589,7 +599,7 @@ class Trainer:
             source = eval_loaders(
                 entry, stage, datamodule if datamodule is not None else module, dataloaders
             )
-            return prepare_eval_loaders(self.accelerator, source, limit, stage)
+            return prepare_eval_loaders(self.accelerator, source, limit, stage, module=module)
 
         # Given loaders are checked before the run; a DataModule's come after its setup.
         prepared = prepare() if datamodule is None else None
