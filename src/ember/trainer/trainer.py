@@ -47,7 +47,7 @@ class Trainer:
         max_epochs: stop after this many epochs (-1: no limit). With neither this nor
             ``max_steps``, training runs 1000 epochs.
         max_steps: stop after this many optimizer steps (-1: no limit).
-        accelerator: "auto", "cpu", "cuda" or "mps".
+        accelerator: "auto", "cpu", "cuda" (or "gpu", the same) or "mps".
         devices: "auto", a count, or a list of device indices: processes on this machine.
             N > 1 from plain ``python script.py`` starts the other N - 1 processes.
         strategy: "auto", "ddp", "fsdp", or a ``DDPStrategy`` / ``FSDPStrategy``.
