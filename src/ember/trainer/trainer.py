@@ -428,6 +428,7 @@ class Trainer:
         )
         self._context = context
         object.__setattr__(module, "_trainer", self)
+        self.callbacks = arguments.merge_module_callbacks(self.callbacks, module)
         context.hooks = collect_hooks(self.callbacks, module, self)
         status = "success"
         try:
