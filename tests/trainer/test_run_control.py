@@ -3,13 +3,16 @@ estimated_stepping_batches, fast_dev_run, overfit_batches and the model summary.
 
 from __future__ import annotations
 
+import time
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from ember import Callback, MisconfigurationError, Trainer
-from ember.callbacks import EarlyStopping
+from ember.callbacks import EarlyStopping, ModelCheckpoint
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader
 
 
@@ -99,3 +102,128 @@ def test_configure_callbacks_single_and_wrong_type() -> None:
     module.configure_callbacks = lambda: ["not a callback"]  # type: ignore[method-assign]
     with pytest.raises(MisconfigurationError, match="configure_callbacks.*str"):
         Trainer(max_steps=1, **bare_trainer_kwargs()).fit(module, loader())
+
+
+# --- min_epochs / min_steps ----------------------------------------------------------------
+class StopAt(Callback):
+    """Asks to stop at every batch end from global step ``step`` on, recording where."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.asked: list[int] = []
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            self.asked.append(trainer.global_step)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected_steps", "expected_epoch"),
+    [
+        ({}, 1, 0),  # stops at once, mid-epoch
+        ({"min_steps": 5}, 5, 0),
+        ({"min_epochs": 2}, 16, 2),  # 8 batches per epoch: held to the end of epoch 1
+        ({"min_epochs": 1, "min_steps": 10}, 10, 1),
+        ({"min_epochs": 3, "max_epochs": 2}, 16, 2),  # max_epochs wins
+        ({"min_steps": 50, "max_steps": 6}, 6, 0),  # max_steps wins
+    ],
+)
+def test_min_epochs_and_min_steps_hold_off_a_stop(
+    limits: dict[str, int], expected_steps: int, expected_epoch: int
+) -> None:
+    stopper = StopAt(step=1)
+    limits = {"max_epochs": 10, **limits}
+    trainer = Trainer(callbacks=[stopper], **limits, **bare_trainer_kwargs())  # type: ignore[arg-type]
+    trainer.fit(TinyModule(), loader())
+    assert trainer.global_step == expected_steps
+    assert trainer.current_epoch == expected_epoch
+    assert trainer.should_stop  # still asked: held off, not forgotten
+
+
+def test_min_epochs_holds_off_early_stopping() -> None:
+    stopping = EarlyStopping(monitor="val_loss", patience=0, min_delta=1e9)
+    trainer = Trainer(callbacks=[stopping], min_epochs=4, max_epochs=10, **bare_trainer_kwargs())
+    trainer.fit(TinyModule(), loader(), loader())
+    assert trainer.current_epoch == 4
+
+
+@pytest.mark.parametrize("name", ["min_epochs", "min_steps"])
+@pytest.mark.parametrize("value", [-1, 1.5, "3", True])
+def test_bad_minimum(name: str, value: Any) -> None:
+    with pytest.raises(MisconfigurationError, match=f"`{name}=.*integer >= 0, or None"):
+        Trainer(**{name: value}, **bare_trainer_kwargs())
+
+
+# --- max_time ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("00:12:00:00", 12 * 3600),
+        ("1:00:00:30", 86400 + 30),
+        (timedelta(minutes=2), 120),
+        ({"hours": 1, "minutes": 30}, 5400),
+        (None, None),
+    ],
+)
+def test_max_time_forms(value: Any, seconds: float | None) -> None:
+    trainer = Trainer(max_time=value, **bare_trainer_kwargs())
+    assert (trainer.max_time.total_seconds() if trainer.max_time else None) == seconds
+    # With max_time and no other limit, the epochs are not capped at 1000.
+    assert trainer.max_epochs == (1000 if value is None else -1)
+
+
+@pytest.mark.parametrize(
+    "value", ["12:00:00", "00:12:99:00:00", "soon", 60, {"hourz": 1}, {}, timedelta(0)]
+)
+def test_bad_max_time(value: Any) -> None:
+    with pytest.raises(MisconfigurationError, match=r"`max_time=.*DD:HH:MM:SS.*timedelta.*dict"):
+        Trainer(max_time=value, **bare_trainer_kwargs())
+
+
+class SlowModule(TinyModule):
+    """Each training step takes 40 ms; records the epoch-end hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch_ends = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        time.sleep(0.04)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        self.epoch_ends += 1
+
+
+def test_max_time_stops_mid_epoch_at_a_step_boundary(tmp_path: Path) -> None:
+    module = SlowModule()
+    trainer = Trainer(
+        max_time={"milliseconds": 150},
+        max_epochs=5,
+        accumulate_grad_batches=2,
+        val_check_interval=2,  # due at every step boundary
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader(samples=160), loader())  # 20 batches, 10 steps per epoch
+    assert trainer.should_stop
+    assert 1 <= trainer.global_step < 10 and trainer.current_epoch == 0
+    # At a window boundary, the batch position kept (the checkpoint resumes the epoch there).
+    assert trainer.state.batch_idx == 2 * trainer.global_step
+    assert module.epoch_ends == 1  # the epoch-end hooks ran
+    assert "val_loss" in trainer.callback_metrics  # the validation due at the stop ran
+    saved = torch.load(
+        next(tmp_path.glob("last-*")) / "state.pt", weights_only=True, map_location="cpu"
+    )
+    assert saved["loop"]["batch_idx"] == trainer.state.batch_idx
+
+
+def test_max_time_is_held_off_by_min_steps() -> None:
+    trainer = Trainer(
+        max_time={"milliseconds": 1}, min_steps=4, max_epochs=3, **bare_trainer_kwargs()
+    )
+    trainer.fit(SlowModule(), loader())
+    assert trainer.global_step == 4

@@ -12,9 +12,11 @@ optimizers (so ``global_step`` and ``callback_metrics`` still describe the fit).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +58,11 @@ class LoopSettings:
     #: None: no clipping (``gradient_clip_val`` None or 0).
     gradient_clip_val: float | None
     gradient_clip_algorithm: str
+    #: A stop asked through ``should_stop`` waits until both are reached (None: no minimum).
+    min_epochs: int | None
+    min_steps: int | None
+    #: Stop at the first step boundary after this long (None: no limit).
+    max_time: timedelta | None
 
 
 STEP_NAMES = ("training_step", "validation_step", "test_step", "predict_step")
@@ -143,6 +150,7 @@ class RunContext:
     __slots__ = (
         "accelerator",
         "active_metrics",
+        "deadline",
         "epoch_finished",
         "eval_metrics",
         "handles",
@@ -197,6 +205,8 @@ class RunContext:
         self.val_loaders: list[PreparedDataLoader] = []
         self.window_losses: list[tuple[int, Tensor]] = []
         self.should_stop = False
+        #: ``time.monotonic()`` past which ``should_stop`` is set (``max_time``; inf: none).
+        self.deadline = math.inf
         self.preempted = 0
         self.epoch_finished = False
         self.resume_rng: dict[str, Any] | None = None

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
-from ember.trainer import arguments, loops, preemption
+from ember.trainer import arguments, loops, preemption, run_control
 from ember.trainer import checkpoint as trainer_checkpoint
 from ember.trainer.context import LoopSettings, RunContext
 from ember.trainer.loaders import (
@@ -78,6 +79,11 @@ class Trainer:
             ``test_step``, ``predict_step``): True, or a dict of ``torch.compile`` arguments.
         on_nonfinite_loss: "raise" (stop, naming the step and batch) or "skip" (drop the
             update, counted in the logged metric ``skipped_steps``).
+        min_epochs / min_steps: a stop asked through ``should_stop`` (EarlyStopping,
+            ``max_time``) before both are reached waits until they are; ``max_epochs`` /
+            ``max_steps`` still end fit.
+        max_time: stop at the first step boundary after this much time since fit started:
+            "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
     """
 
     def __init__(
@@ -110,11 +116,17 @@ class Trainer:
         dataloader_config: DataLoaderConfiguration | None = None,
         compile: bool | dict[str, Any] = False,
         on_nonfinite_loss: str = "raise",
+        min_epochs: int | None = None,
+        min_steps: int | None = None,
+        max_time: str | timedelta | dict[str, float] | None = None,
     ) -> None:
         self.max_epochs = arguments.check_count("max_epochs", max_epochs, allow_none=True)
         self.max_steps = arguments.check_count("max_steps", max_steps)
+        self.min_epochs = run_control.check_minimum("min_epochs", min_epochs)
+        self.min_steps = run_control.check_minimum("min_steps", min_steps)
+        self.max_time = run_control.parse_max_time(max_time)
         if self.max_epochs is None:
-            self.max_epochs = 1000 if self.max_steps == -1 else -1
+            self.max_epochs = 1000 if self.max_steps == -1 and self.max_time is None else -1
         self.accumulate_grad_batches = arguments.check_positive(
             "accumulate_grad_batches", accumulate_grad_batches
         )
