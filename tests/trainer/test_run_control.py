@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from ember import Callback, MisconfigurationError, Trainer
 from ember.callbacks import EarlyStopping, ModelCheckpoint
-from tests.helpers import TinyModule, bare_trainer_kwargs, loader
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader, regression_data
 
 
 # --- accelerator="gpu" -------------------------------------------------------------------------
@@ -227,3 +228,64 @@ def test_max_time_is_held_off_by_min_steps() -> None:
     )
     trainer.fit(SlowModule(), loader())
     assert trainer.global_step == 4
+
+
+# --- estimated_stepping_batches ----------------------------------------------------------------
+class OneCycle(TinyModule):
+    """Sizes a OneCycleLR with ``estimated_stepping_batches`` (it raises if stepped more)."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        self.estimate = self.trainer.estimated_stepping_batches
+        if self.estimate == float("inf"):
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=0.1, total_steps=int(self.estimate)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+class Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    def __iter__(self) -> Any:
+        data = regression_data(16)
+        return iter(zip(data.tensors[0].split(4), data.tensors[1].split(4), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"max_epochs": 2}, 16),  # 8 batches per epoch
+        ({"max_epochs": 2, "accumulate_grad_batches": 3}, 6),  # 3 + 3 + a short window of 2
+        ({"max_epochs": 3, "limit_train_batches": 5, "accumulate_grad_batches": 2}, 9),
+        ({"max_epochs": 3, "limit_train_batches": 0.5}, 12),
+        ({"max_steps": 5}, 5),
+        ({"max_epochs": 1, "max_steps": 50}, 8),
+    ],
+)
+def test_estimated_stepping_batches(kwargs: dict[str, Any], expected: int) -> None:
+    module = OneCycle()
+    trainer = Trainer(**kwargs, **bare_trainer_kwargs())
+    trainer.fit(module, loader())
+    assert module.estimate == expected == trainer.estimated_stepping_batches
+    assert trainer.global_step == expected  # the schedule's length was exactly right
+
+
+def test_estimated_stepping_batches_without_a_length() -> None:
+    module = OneCycle()
+    Trainer(max_epochs=2, **bare_trainer_kwargs()).fit(
+        module, DataLoader(Stream(), batch_size=None)
+    )
+    assert module.estimate == float("inf")
+    module = OneCycle()
+    Trainer(max_steps=3, **bare_trainer_kwargs()).fit(module, DataLoader(Stream(), batch_size=None))
+    assert module.estimate == 3
+
+
+def test_estimated_stepping_batches_outside_fit() -> None:
+    with pytest.raises(
+        MisconfigurationError, match="estimated_stepping_batches.*configure_optimizers"
+    ):
+        _ = Trainer(**bare_trainer_kwargs()).estimated_stepping_batches

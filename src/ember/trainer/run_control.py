@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -64,3 +65,13 @@ def may_stop_early(context: RunContext) -> bool:
     return (settings.min_steps is None or state.global_step >= settings.min_steps) and (
         settings.min_epochs is None or state.epoch >= settings.min_epochs
     )
+
+
+def estimated_stepping_batches(
+    batches_per_epoch: int | None, accumulate_grad_batches: int, max_epochs: int, max_steps: int
+) -> int | float:
+    """Optimizer steps of a whole fit (``Trainer.estimated_stepping_batches``)."""
+    if batches_per_epoch is None or max_epochs == -1:
+        return max_steps if max_steps != -1 else math.inf
+    total = math.ceil(batches_per_epoch / accumulate_grad_batches) * max_epochs
+    return min(total, max_steps) if max_steps != -1 else total

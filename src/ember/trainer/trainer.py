@@ -284,6 +284,26 @@ class Trainer:
         return self._context.num_val_batches if self._context is not None else []
 
     @property
+    def estimated_stepping_batches(self) -> int | float:
+        """The optimizer steps the whole fit will take (for warm-up and one-cycle schedules;
+        usable in ``configure_optimizers``): this process's training batches per epoch (after
+        ``limit_train_batches`` and sharding) in windows of ``accumulate_grad_batches`` (a
+        short last window counts), times ``max_epochs``, capped by ``max_steps``.
+        ``float("inf")`` when it cannot be known (no loader length, no limit)."""
+        context = self._context
+        if context is None or context.train_loader is None:
+            raise MisconfigurationError(
+                "Trainer.estimated_stepping_batches is known once fit has prepared the training "
+                "loader: read it in configure_optimizers or later during fit."
+            )
+        return run_control.estimated_stepping_batches(
+            context.train_loader.known_length(),
+            self.accumulate_grad_batches,
+            self.max_epochs,
+            self.max_steps,
+        )
+
+    @property
     def enable_validation(self) -> bool:
         """Whether fit validates: it has validation loaders, a validation_step and a
         non-zero ``limit_val_batches``."""
@@ -488,7 +508,6 @@ class Trainer:
         # Nothing left of an earlier fit's optimizer in the accelerator.
         self.accelerator.free_memory()
         context.prepare_module(self.compile, ("training_step", "validation_step"))
-        context.prepare_optimizers()
         context.train_loader, context.num_training_batches = prepare_train_loader(
             self.accelerator,
             train_dataloaders,
@@ -508,6 +527,8 @@ class Trainer:
                 UserWarning,
                 stacklevel=3,
             )
+        # After the loaders: configure_optimizers may read estimated_stepping_batches.
+        context.prepare_optimizers()
         if checkpoint is not None:
             trainer_checkpoint.restore(self, context, checkpoint)
         if module.hparams and self.is_global_zero:
