@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ember import Callback, MisconfigurationError, Trainer
@@ -289,3 +290,84 @@ def test_estimated_stepping_batches_outside_fit() -> None:
         MisconfigurationError, match="estimated_stepping_batches.*configure_optimizers"
     ):
         _ = Trainer(**bare_trainer_kwargs()).estimated_stepping_batches
+
+
+# --- fast_dev_run ------------------------------------------------------------------------------
+class Counting(TinyModule):
+    """Counts the batches each loop ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[str, int] = {"train": 0, "val": 0, "test": 0, "predict": 0}
+        self.train_batches: list[Tensor] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.seen["train"] += 1
+        self.train_batches.append(batch[0])
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen["val"] += 1
+        self.val_batch = batch[0]
+        super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen["test"] += 1
+        super().test_step(batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.seen["predict"] += 1
+        return super().predict_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("value", "batches"), [(True, 1), (3, 3)])
+def test_fast_dev_run_runs_n_batches_and_writes_nothing(
+    value: bool | int, batches: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = Counting()
+    trainer = Trainer(
+        fast_dev_run=value,
+        max_epochs=50,
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(monitor="val_loss"), EarlyStopping(monitor="val_loss")],
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, loader(), loader())
+    trainer.test(module, loader())
+    trainer.predict(module, loader())
+    assert module.seen == {"train": batches, "val": batches, "test": batches, "predict": batches}
+    assert trainer.global_step == batches and trainer.current_epoch == 1
+    assert trainer.loggers == [] and trainer.checkpoint_callback is None
+    assert list(tmp_path.iterdir()) == []  # no logs, no checkpoints/ folder
+    assert "Total params" not in capsys.readouterr().out  # no model summary
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2"])
+def test_bad_fast_dev_run(value: Any) -> None:
+    with pytest.raises(MisconfigurationError, match=r"`fast_dev_run=.*True.*integer n >= 0"):
+        Trainer(fast_dev_run=value, **bare_trainer_kwargs())
+
+
+# --- overfit_batches ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("value", "batches"), [(2, 2), (0.25, 2)])
+def test_overfit_batches_trains_and_validates_on_the_first_batches(
+    value: int | float, batches: int
+) -> None:
+    module = Counting()
+    data = loader(shuffle=True)
+    trainer = Trainer(overfit_batches=value, max_epochs=3, **bare_trainer_kwargs())
+    with pytest.warns(UserWarning) as caught:
+        trainer.fit(module, data, loader(samples=8, seed=5))
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "turns shuffling off" in messages and "validation loaders given are not used" in messages
+    first = [batch for batch, _ in zip(data.dataset.tensors[0].split(8), range(batches))]
+    assert module.seen["train"] == 3 * batches
+    for index, batch in enumerate(module.train_batches):  # unshuffled, the same each epoch
+        assert torch.equal(batch, first[index % batches])
+    assert torch.equal(module.val_batch, first[-1])  # validated on the training batches
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
+def test_bad_overfit_batches(value: Any) -> None:
+    with pytest.raises(MisconfigurationError, match=r"`overfit_batches=.*fraction between"):
+        Trainer(overfit_batches=value, **bare_trainer_kwargs())

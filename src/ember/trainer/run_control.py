@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+from torch.utils.data import DataLoader, RandomSampler
 
 from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
+    from ember.hooks import Callback
     from ember.trainer.context import RunContext
 
 _MAX_TIME_ACCEPTED = (
@@ -75,3 +79,83 @@ def estimated_stepping_batches(
         return max_steps if max_steps != -1 else math.inf
     total = math.ceil(batches_per_epoch / accumulate_grad_batches) * max_epochs
     return min(total, max_steps) if max_steps != -1 else total
+
+
+def check_fast_dev_run(value: Any) -> int:
+    """``fast_dev_run`` as a number of batches (0: off; True: 1)."""
+    if isinstance(value, bool):
+        return int(value)
+    if not isinstance(value, int) or value < 0:
+        raise MisconfigurationError(
+            f"`fast_dev_run={value!r}` is not supported: use True (1 batch), False, or an "
+            "integer n >= 0 (n batches of train, val and test)."
+        )
+    return value
+
+
+def check_overfit_batches(value: Any) -> int | float:
+    """``overfit_batches``: a number of batches (int >= 0) or a fraction in [0, 1] (0: off)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        value_ok = False
+    elif isinstance(value, int):
+        value_ok = value >= 0
+    else:
+        value_ok = 0.0 <= value <= 1.0
+    if not value_ok:
+        raise MisconfigurationError(
+            f"`overfit_batches={value!r}` is not supported: use an integer number of batches "
+            ">= 0, or a fraction between 0.0 and 1.0 (0 or 0.0: off)."
+        )
+    return value
+
+
+def without_writers(callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` less those that write checkpoints, judge metrics (EarlyStopping) or need
+    a logger (LearningRateMonitor): what ``fast_dev_run`` leaves out, as Lightning does."""
+    from ember.callbacks.lr_monitor import LearningRateMonitor
+
+    return [
+        callback
+        for callback in callbacks
+        if not (
+            type(callback).writes_checkpoints
+            or type(callback).monitors
+            or isinstance(callback, LearningRateMonitor)
+        )
+    ]
+
+
+def overfit_loaders(train: Any, val: Any, validates: bool) -> tuple[Any, Any]:
+    """The loaders of a fit under ``overfit_batches``: the training loader unshuffled (a
+    ``RandomSampler`` replaced by a ``SequentialSampler``, with a warning, as Lightning does),
+    and, when the module validates, that same loader for validation, so it validates on the
+    batches it trains on."""
+    if isinstance(train, DataLoader) and isinstance(train.sampler, RandomSampler):
+        warnings.warn(
+            "overfit_batches: the training loader shuffles; ember turns shuffling off so every "
+            "epoch trains on the same first batches.",
+            UserWarning,
+            stacklevel=3,
+        )
+        train = DataLoader(
+            train.dataset,
+            batch_size=train.batch_size,
+            shuffle=False,
+            drop_last=train.drop_last,
+            num_workers=train.num_workers,
+            collate_fn=train.collate_fn,
+            pin_memory=train.pin_memory,
+            timeout=train.timeout,
+            worker_init_fn=train.worker_init_fn,
+            persistent_workers=train.persistent_workers,
+        )
+    if validates:
+        if val is not None:
+            warnings.warn(
+                "overfit_batches: validation runs on the training batches; the validation "
+                "loaders given are not used.",
+                UserWarning,
+                stacklevel=3,
+            )
+        val = train
+    return train, val

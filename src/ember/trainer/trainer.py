@@ -82,6 +82,10 @@ class Trainer:
         min_epochs / min_steps: a stop asked through ``should_stop`` (EarlyStopping,
             ``max_time``) before both are reached waits until they are; ``max_epochs`` /
             ``max_steps`` still end fit.
+        fast_dev_run: True (1) or n: run n batches of train, val, test and predict, once,
+            without sanity check, loggers, checkpoints, early stopping or model summary.
+        overfit_batches: train on the first n batches (int) or fraction (float) of the
+            training loader, unshuffled, and validate on those same batches (0: off).
         max_time: stop at the first step boundary after this much time since fit started:
             "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
     """
@@ -119,6 +123,8 @@ class Trainer:
         min_epochs: int | None = None,
         min_steps: int | None = None,
         max_time: str | timedelta | dict[str, float] | None = None,
+        fast_dev_run: bool | int = False,
+        overfit_batches: int | float = 0.0,
     ) -> None:
         self.max_epochs = arguments.check_count("max_epochs", max_epochs, allow_none=True)
         self.max_steps = arguments.check_count("max_steps", max_steps)
@@ -150,6 +156,16 @@ class Trainer:
             "num_sanity_val_steps", num_sanity_val_steps, meaning_of_minus_one="every batch"
         )
         self.log_every_n_steps = arguments.check_positive("log_every_n_steps", log_every_n_steps)
+        #: Batches of each loop under ``fast_dev_run`` (0: off).
+        self.fast_dev_run = run_control.check_fast_dev_run(fast_dev_run)
+        self.overfit_batches = run_control.check_overfit_batches(overfit_batches)
+        if self.overfit_batches:  # the first batches, for training and validation alike
+            self.limit_train_batches = self.limit_val_batches = self.overfit_batches
+        if self.fast_dev_run:  # n batches of train / val / test, once (Lightning's settings)
+            batches = self.fast_dev_run
+            self.limit_train_batches = self.limit_val_batches = self.limit_test_batches = batches
+            self.max_steps, self.max_epochs, self.num_sanity_val_steps = batches, 1, 0
+            self.val_check_interval, self.check_val_every_n_epoch = 1.0, 1
         self.on_nonfinite_loss = arguments.check_choice(
             "on_nonfinite_loss", on_nonfinite_loss, _NONFINITE_MODES
         )
@@ -188,6 +204,9 @@ class Trainer:
             callbacks, enable_progress_bar, self.enable_checkpointing
         )
         self.loggers = arguments.resolve_loggers(logger, self.default_root_dir)
+        if self.fast_dev_run:  # nothing written: no loggers, checkpoints or early stopping
+            self.loggers = []
+            self.callbacks = run_control.without_writers(self.callbacks)
 
         #: The current or last run; None before the first fit / validate / test / predict.
         self._context: RunContext | None = None
@@ -412,7 +431,8 @@ class Trainer:
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
         dataloaders = eval_loaders("predict", "predict", module, dataloaders)
-        loaders, _ = prepare_eval_loaders(self.accelerator, dataloaders, None, "predict")
+        limit = self.fast_dev_run or None
+        loaders, _ = prepare_eval_loaders(self.accelerator, dataloaders, limit, "predict")
         self._load_weights(module, ckpt_path)
 
         def run(context: RunContext) -> list[Any]:
@@ -501,6 +521,10 @@ class Trainer:
         self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any, ckpt_path: Any
     ) -> None:
         module = context.module
+        if self.overfit_batches:
+            train_dataloaders, val_dataloaders = run_control.overfit_loaders(
+                train_dataloaders, val_dataloaders, overrides(module, "validation_step")
+            )
         # The checkpoint is read and checked before anything changes (after setup, which
         # tells the checkpoint callback its folder).
         path = trainer_checkpoint.resolve(self, ckpt_path)
