@@ -360,7 +360,7 @@ def test_overfit_batches_trains_and_validates_on_the_first_batches(
         trainer.fit(module, data, loader(samples=8, seed=5))
     messages = " ".join(str(warning.message) for warning in caught)
     assert "turns shuffling off" in messages and "validation loaders given are not used" in messages
-    first = [batch for batch, _ in zip(data.dataset.tensors[0].split(8), range(batches))]
+    first = list(data.dataset.tensors[0].split(8))[:batches]
     assert module.seen["train"] == 3 * batches
     for index, batch in enumerate(module.train_batches):  # unshuffled, the same each epoch
         assert torch.equal(batch, first[index % batches])
