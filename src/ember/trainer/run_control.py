@@ -109,10 +109,28 @@ def check_overfit_batches(value: Any) -> int | float:
     return value
 
 
+def with_model_summary(callbacks: list[Callback], enabled: Any) -> list[Callback]:
+    """``callbacks`` with a ``ModelSummary()`` added when ``enable_model_summary`` and none is
+    given (``enable_model_summary=False`` with one given is an error)."""
+    from ember.callbacks.model_summary import ModelSummary
+
+    if not isinstance(enabled, bool):
+        raise MisconfigurationError(
+            f"`enable_model_summary={enabled!r}` is not supported: use True or False."
+        )
+    given = any(isinstance(callback, ModelSummary) for callback in callbacks)
+    if given and not enabled:
+        raise MisconfigurationError(
+            "`enable_model_summary=False` but a ModelSummary was passed in `callbacks`; remove one."
+        )
+    return callbacks + [ModelSummary()] if enabled and not given else callbacks
+
+
 def without_writers(callbacks: list[Callback]) -> list[Callback]:
-    """``callbacks`` less those that write checkpoints, judge metrics (EarlyStopping) or need
-    a logger (LearningRateMonitor): what ``fast_dev_run`` leaves out, as Lightning does."""
+    """``callbacks`` less those that write checkpoints, judge metrics (EarlyStopping), need
+    a logger (LearningRateMonitor) or print a summary: what ``fast_dev_run`` leaves out."""
     from ember.callbacks.lr_monitor import LearningRateMonitor
+    from ember.callbacks.model_summary import ModelSummary
 
     return [
         callback
@@ -120,7 +138,7 @@ def without_writers(callbacks: list[Callback]) -> list[Callback]:
         if not (
             type(callback).writes_checkpoints
             or type(callback).monitors
-            or isinstance(callback, LearningRateMonitor)
+            or isinstance(callback, (LearningRateMonitor, ModelSummary))
         )
     ]
 

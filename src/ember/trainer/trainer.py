@@ -86,6 +86,8 @@ class Trainer:
             without sanity check, loggers, checkpoints, early stopping or model summary.
         overfit_batches: train on the first n batches (int) or fraction (float) of the
             training loader, unshuffled, and validate on those same batches (0: off).
+        enable_model_summary: add a ``ModelSummary`` (a table of layers and parameter counts
+            printed at fit start) unless one is given.
         max_time: stop at the first step boundary after this much time since fit started:
             "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
     """
@@ -125,6 +127,7 @@ class Trainer:
         max_time: str | timedelta | dict[str, float] | None = None,
         fast_dev_run: bool | int = False,
         overfit_batches: int | float = 0.0,
+        enable_model_summary: bool = True,
     ) -> None:
         self.max_epochs = arguments.check_count("max_epochs", max_epochs, allow_none=True)
         self.max_steps = arguments.check_count("max_steps", max_steps)
@@ -203,6 +206,7 @@ class Trainer:
         self.callbacks = arguments.resolve_callbacks(
             callbacks, enable_progress_bar, self.enable_checkpointing
         )
+        self.callbacks = run_control.with_model_summary(self.callbacks, enable_model_summary)
         self.loggers = arguments.resolve_loggers(logger, self.default_root_dir)
         if self.fast_dev_run:  # nothing written: no loggers, checkpoints or early stopping
             self.loggers = []
