@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from ember import Callback, MisconfigurationError, Trainer
 from ember.callbacks import EarlyStopping, ModelCheckpoint
-from tests.helpers import TinyModule, bare_trainer_kwargs, loader, regression_data
+from tests.helpers import MemoryLogger, TinyModule, bare_trainer_kwargs, loader, regression_data
 
 
 # --- accelerator="gpu" -------------------------------------------------------------------------
@@ -371,3 +371,44 @@ def test_overfit_batches_trains_and_validates_on_the_first_batches(
 def test_bad_overfit_batches(value: Any) -> None:
     with pytest.raises(MisconfigurationError, match=r"`overfit_batches=.*fraction between"):
         Trainer(overfit_batches=value, **bare_trainer_kwargs())
+
+
+# --- a stop by should_stop mid-epoch -----------------------------------------------------------
+class EpochLogging(TinyModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch_ends: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.log("epoch_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.epoch_ends.append(self.trainer.state.batch_idx)
+        self.log("ended_at", float(self.trainer.global_step))
+
+
+def test_should_stop_mid_epoch_runs_due_validation_epoch_end_and_epoch_logging(
+    tmp_path: Path,
+) -> None:
+    module = EpochLogging()
+    logger = MemoryLogger()
+    trainer = Trainer(
+        max_epochs=3,
+        val_check_interval=3,
+        callbacks=[StopAt(step=3), ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader(), loader())  # 8 batches per epoch
+    assert trainer.global_step == 3 and trainer.current_epoch == 0
+    assert trainer.state.batch_idx == 3  # the position in the epoch is kept
+    assert logger.values("val_loss") and logger.values("val_loss")[0][0] == 3  # due at batch 3
+    assert module.epoch_ends == [3]  # epoch-end hooks ran
+    assert [step for step, _ in logger.values("epoch_loss")] == [3]  # epoch-level logging
+    assert [value for _, value in logger.values("ended_at")] == [3.0]
+    saved = torch.load(next(tmp_path.glob("last-*")) / "state.pt", weights_only=True)
+    assert saved["loop"]["batch_idx"] == 3 and saved["loop"]["epoch"] == 0
