@@ -412,3 +412,10 @@ def test_should_stop_mid_epoch_runs_due_validation_epoch_end_and_epoch_logging(
     assert [value for _, value in logger.values("ended_at")] == [3.0]
     saved = torch.load(next(tmp_path.glob("last-*")) / "state.pt", weights_only=True)
     assert saved["loop"]["batch_idx"] == 3 and saved["loop"]["epoch"] == 0
+
+
+def test_fast_dev_run_leaves_out_the_module_checkpoint_callback(tmp_path: Path) -> None:
+    module = WithCallbacks([ModelCheckpoint(dirpath=tmp_path / "mine")])
+    trainer = Trainer(fast_dev_run=True, default_root_dir=tmp_path, enable_progress_bar=False)
+    trainer.fit(module, loader())
+    assert trainer.checkpoint_callback is None and list(tmp_path.iterdir()) == []

@@ -485,6 +485,8 @@ class Trainer:
         self._context = context
         object.__setattr__(module, "_trainer", self)
         self.callbacks = arguments.merge_module_callbacks(self.callbacks, module)
+        if self.fast_dev_run:  # the module's own writers are left out too
+            self.callbacks = run_control.without_writers(self.callbacks)
         context.hooks = collect_hooks(self.callbacks, module, self)
         status = "success"
         try:
