@@ -98,3 +98,20 @@ def test_misuse() -> None:
         train(8)
     with pytest.raises(MisconfigurationError, match="starting_batch_size=0"):
         find_executable_batch_size(starting_batch_size=0)(lambda batch_size: batch_size)
+
+
+@pytest.mark.gpu
+def test_real_cuda_out_of_memory_halves() -> None:
+    free, _ = torch.cuda.mem_get_info()
+    tried: list[int] = []
+
+    @find_executable_batch_size(starting_batch_size=64)
+    def allocate(batch_size: int) -> int:
+        tried.append(batch_size)
+        # batch_size / 16 of all free memory, in float32: fits from 8 down.
+        block = torch.empty(free * batch_size // 16 // 4, dtype=torch.float32, device="cuda")
+        del block
+        return batch_size
+
+    result = allocate()
+    assert result <= 8 and tried == [64 >> halvings for halvings in range(len(tried))]
