@@ -82,14 +82,14 @@ class Trainer:
         min_epochs / min_steps: a stop asked through ``should_stop`` (EarlyStopping,
             ``max_time``) before both are reached waits until they are; ``max_epochs`` /
             ``max_steps`` still end fit.
+        max_time: stop at the first step boundary after this much time since fit started:
+            "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
         fast_dev_run: True (1) or n: run n batches of train, val, test and predict, once,
             without sanity check, loggers, checkpoints, early stopping or model summary.
         overfit_batches: train on the first n batches (int) or fraction (float) of the
             training loader, unshuffled, and validate on those same batches (0: off).
         enable_model_summary: add a ``ModelSummary`` (a table of layers and parameter counts
             printed at fit start) unless one is given.
-        max_time: stop at the first step boundary after this much time since fit started:
-            "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
     """
 
     def __init__(
