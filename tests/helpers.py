@@ -66,7 +66,12 @@ class TinyModule(TrainModule):
 
 def bare_trainer_kwargs() -> dict[str, Any]:
     """Trainer arguments that switch off everything that writes or prints."""
-    return {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    return {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
 
 
 class MemoryLogger(Logger):

@@ -7,6 +7,7 @@ your own loop and use the ``Accelerator`` underneath.
 from ember.accelerator import Accelerator, DataLoaderConfiguration
 from ember.accelerator.fsdp import FSDPStrategy
 from ember.accelerator.strategies import DDPStrategy, DistributedType
+from ember.batch_size import find_executable_batch_size
 from ember.datamodule import DataModule
 from ember.errors import CheckpointError, MisconfigurationError
 from ember.hooks import Callback
@@ -30,6 +31,7 @@ __all__ = [
     "TrainModule",
     "Trainer",
     "__version__",
+    "find_executable_batch_size",
     "get_logger",
     "seed_everything",
 ]

@@ -75,6 +75,12 @@ class TrainModule(nn.Module, ModuleHooks):
         "frequency": 1}}``."""
         raise NotImplementedError
 
+    def configure_callbacks(self) -> Any:
+        """Callbacks this module needs (a ``Callback`` or a list), added to the Trainer's at
+        every fit / validate / test / predict. One of the same type as (or a subclass of) a
+        Trainer callback replaces it; checkpoint writers still run last."""
+        return []
+
     def train_dataloader(self) -> Any:
         """The training loader, when none is passed to ``fit``."""
         return None

@@ -26,7 +26,7 @@ from ember.errors import MisconfigurationError, one_of
 if TYPE_CHECKING:
     from ember.accelerator.precision import Precision
 
-ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
@@ -356,11 +356,11 @@ def pick_device(accelerator: str, index: int = 0) -> torch.device:
             accelerator = "mps"
         else:
             accelerator = "cpu"
-    if accelerator == "cuda":
+    if accelerator in ("cuda", "gpu"):  # "gpu": Lightning's name for CUDA
         if not torch.cuda.is_available():
             raise MisconfigurationError(
-                "`accelerator='cuda'` was requested but torch sees no CUDA device on this "
-                "machine. Use accelerator='cpu' or 'auto'."
+                f"`accelerator={accelerator!r}` was requested but torch sees no CUDA device on "
+                "this machine. Use accelerator='cpu' or 'auto'."
             )
         return torch.device("cuda", index)
     if accelerator == "mps":

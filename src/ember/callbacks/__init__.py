@@ -3,6 +3,7 @@
 from ember.callbacks.checkpoint import ModelCheckpoint
 from ember.callbacks.early_stopping import EarlyStopping
 from ember.callbacks.lr_monitor import LearningRateMonitor
+from ember.callbacks.model_summary import ModelSummary
 from ember.callbacks.progress import ProgressBar
 from ember.callbacks.throughput import ThroughputMonitor
 
@@ -10,6 +11,7 @@ __all__ = [
     "EarlyStopping",
     "LearningRateMonitor",
     "ModelCheckpoint",
+    "ModelSummary",
     "ProgressBar",
     "ThroughputMonitor",
 ]

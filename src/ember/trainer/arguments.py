@@ -322,6 +322,33 @@ def resolve_callbacks(
     return callbacks
 
 
+def merge_module_callbacks(callbacks: list[Callback], module: Any) -> list[Callback]:
+    """The Trainer's ``callbacks`` with those of ``module.configure_callbacks()`` added
+    (Lightning's rule): a Trainer callback whose type is that of a module callback, or a base
+    of it, is replaced by it. The order of ``collect_hooks`` still puts writers last."""
+    given = module.configure_callbacks()
+    if given is None:
+        return callbacks
+    extra = [given] if isinstance(given, Callback) else list(given)
+    wrong = [type(cb).__name__ for cb in extra if not isinstance(cb, Callback)]
+    if wrong:
+        raise MisconfigurationError(
+            f"{type(module).__name__}.configure_callbacks() must return a Callback or a list of "
+            f"them; got {', '.join(wrong)}."
+        )
+    if not extra:
+        return callbacks
+    replaced = {
+        type(own)
+        for own in callbacks
+        for cb in extra
+        if isinstance(cb, type(own)) and cb is not own
+    }
+    return [cb for cb in callbacks if type(cb) not in replaced or cb in extra] + [
+        cb for cb in extra if not any(cb is own for own in callbacks)
+    ]
+
+
 def resolve_loggers(logger: Any, root: Path) -> list[Logger]:
     if logger is True:
         from ember.loggers.tensorboard import TensorBoardLogger, tensorboard_available

@@ -13,9 +13,11 @@ optimizers (so ``global_step`` and ``callback_metrics`` still describe the fit).
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +60,11 @@ class LoopSettings:
     #: None: no clipping (``gradient_clip_val`` None or 0).
     gradient_clip_val: float | None
     gradient_clip_algorithm: str
+    #: A stop asked through ``should_stop`` waits until both are reached (None: no minimum).
+    min_epochs: int | None
+    min_steps: int | None
+    #: Stop at the first step boundary after this long (None: no limit).
+    max_time: timedelta | None
 
 
 STEP_NAMES = ("training_step", "validation_step", "test_step", "predict_step")
@@ -174,6 +181,7 @@ class RunContext:
     __slots__ = (
         "accelerator",
         "active_metrics",
+        "deadline",
         "epoch_finished",
         "eval_metrics",
         "handles",
@@ -232,6 +240,8 @@ class RunContext:
         self.val_loaders: list[PreparedDataLoader] = []
         self.window_losses: list[tuple[int, Tensor]] = []
         self.should_stop = False
+        #: ``time.monotonic()`` past which ``should_stop`` is set (``max_time``; inf: none).
+        self.deadline = math.inf
         self.preempted = 0
         self.epoch_finished = False
         self.resume_rng: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 import warnings
 from collections.abc import Mapping
 from functools import partial
@@ -28,6 +29,7 @@ from ember.errors import MisconfigurationError
 from ember.hooks import monitors_of
 from ember.seed import seed_everything
 from ember.trainer import preemption
+from ember.trainer.run_control import may_stop_early
 
 if TYPE_CHECKING:
     from ember.accelerator.data import PreparedDataLoader
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 
 def fit(context: RunContext) -> None:
     """Train until ``max_epochs``, ``max_steps`` or ``should_stop``."""
+    max_time = context.settings.max_time
+    if max_time is not None:  # the clock starts with fit
+        context.deadline = time.monotonic() + max_time.total_seconds()
     context.fire("on_fit_start")
     if context.settings.num_sanity_val_steps != 0 and context.validation_enabled:
         context.state.sanity_checking = True
@@ -190,8 +195,11 @@ def train_epoch(context: RunContext) -> None:
             agreed = stop_vote.exchange(preemption.vote(context))
             if agreed or state.global_step >= max_steps:
                 preemption.act_on(context, agreed)
-                finished = batch_idx + 1 == context.num_training_batches
-                break
+                # A stop asked before min_epochs / min_steps waits (decided from the loop
+                # progress, the same on every process); max_steps does not.
+                if state.global_step >= max_steps or may_stop_early(context):
+                    finished = batch_idx + 1 == context.num_training_batches
+                    break
     preemption.act_on(context, stop_vote.settle())  # a stop voted at the epoch's last step
     if state.accumulation_position != 0:
         # The loader ended before the length it announced: close the open window (its
@@ -257,7 +265,7 @@ def sanity_limit(context: RunContext) -> int | None:
 
 
 def should_stop_now(context: RunContext) -> bool:
-    if context.should_stop:
+    if context.should_stop and may_stop_early(context):
         return True
     max_steps = context.settings.max_steps
     return max_steps != -1 and context.state.global_step >= max_steps

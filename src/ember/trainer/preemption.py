@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -38,7 +39,10 @@ class Preempted(BaseException):
 
 
 def vote(context: RunContext) -> int:
-    """This process's vote at a step boundary."""
+    """This process's vote at a step boundary. ``max_time`` votes here too: one clock read,
+    and the stop is agreed like any other (the first process past the deadline decides)."""
+    if time.monotonic() >= context.deadline:
+        context.should_stop = True
     return PREEMPT if context.preempted else int(context.should_stop)
 
 

@@ -10,6 +10,7 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
-from ember.trainer import arguments, loops, preemption
+from ember.trainer import arguments, loops, preemption, run_control
 from ember.trainer import checkpoint as trainer_checkpoint
 from ember.trainer.context import LoopSettings, RunContext
 from ember.trainer.loaders import (
@@ -51,7 +52,7 @@ class Trainer:
         max_epochs: stop after this many epochs (-1: no limit). With neither this nor
             ``max_steps``, training runs 1000 epochs.
         max_steps: stop after this many optimizer steps (-1: no limit).
-        accelerator: "auto", "cpu", "cuda" or "mps".
+        accelerator: "auto", "cpu", "cuda" (or "gpu", the same) or "mps".
         devices: "auto", a count, or a list of device indices: processes on this machine.
             N > 1 from plain ``python script.py`` starts the other N - 1 processes.
         strategy: "auto", "ddp", "fsdp", or a ``DDPStrategy`` / ``FSDPStrategy``.
@@ -82,6 +83,17 @@ class Trainer:
             ``test_step``, ``predict_step``): True, or a dict of ``torch.compile`` arguments.
         on_nonfinite_loss: "raise" (stop, naming the step and batch) or "skip" (drop the
             update, counted in the logged metric ``skipped_steps``).
+        min_epochs / min_steps: a stop asked through ``should_stop`` (EarlyStopping,
+            ``max_time``) before both are reached waits until they are; ``max_epochs`` /
+            ``max_steps`` still end fit.
+        max_time: stop at the first step boundary after this much time since fit started:
+            "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
+        fast_dev_run: True (1) or n: run n batches of train, val, test and predict, once,
+            without sanity check, loggers, checkpoints, early stopping or model summary.
+        overfit_batches: train on the first n batches (int) or fraction (float) of the
+            training loader, unshuffled, and validate on those same batches (0: off).
+        enable_model_summary: add a ``ModelSummary`` (a table of layers and parameter counts
+            printed at fit start) unless one is given.
     """
 
     def __init__(
@@ -114,11 +126,20 @@ class Trainer:
         dataloader_config: DataLoaderConfiguration | None = None,
         compile: bool | dict[str, Any] = False,
         on_nonfinite_loss: str = "raise",
+        min_epochs: int | None = None,
+        min_steps: int | None = None,
+        max_time: str | timedelta | dict[str, float] | None = None,
+        fast_dev_run: bool | int = False,
+        overfit_batches: int | float = 0.0,
+        enable_model_summary: bool = True,
     ) -> None:
         self.max_epochs = arguments.check_count("max_epochs", max_epochs, allow_none=True)
         self.max_steps = arguments.check_count("max_steps", max_steps)
+        self.min_epochs = run_control.check_minimum("min_epochs", min_epochs)
+        self.min_steps = run_control.check_minimum("min_steps", min_steps)
+        self.max_time = run_control.parse_max_time(max_time)
         if self.max_epochs is None:
-            self.max_epochs = 1000 if self.max_steps == -1 else -1
+            self.max_epochs = 1000 if self.max_steps == -1 and self.max_time is None else -1
         self.accumulate_grad_batches = arguments.check_positive(
             "accumulate_grad_batches", accumulate_grad_batches
         )
@@ -142,6 +163,16 @@ class Trainer:
             "num_sanity_val_steps", num_sanity_val_steps, meaning_of_minus_one="every batch"
         )
         self.log_every_n_steps = arguments.check_positive("log_every_n_steps", log_every_n_steps)
+        #: Batches of each loop under ``fast_dev_run`` (0: off).
+        self.fast_dev_run = run_control.check_fast_dev_run(fast_dev_run)
+        self.overfit_batches = run_control.check_overfit_batches(overfit_batches)
+        if self.overfit_batches:  # the first batches, for training and validation alike
+            self.limit_train_batches = self.limit_val_batches = self.overfit_batches
+        if self.fast_dev_run:  # n batches of train / val / test, once (Lightning's settings)
+            batches = self.fast_dev_run
+            self.limit_train_batches = self.limit_val_batches = self.limit_test_batches = batches
+            self.max_steps, self.max_epochs, self.num_sanity_val_steps = batches, 1, 0
+            self.val_check_interval, self.check_val_every_n_epoch = 1.0, 1
         self.on_nonfinite_loss = arguments.check_choice(
             "on_nonfinite_loss", on_nonfinite_loss, _NONFINITE_MODES
         )
@@ -179,7 +210,11 @@ class Trainer:
         self.callbacks = arguments.resolve_callbacks(
             callbacks, enable_progress_bar, self.enable_checkpointing
         )
+        self.callbacks = run_control.with_model_summary(self.callbacks, enable_model_summary)
         self.loggers = arguments.resolve_loggers(logger, self.default_root_dir)
+        if self.fast_dev_run:  # nothing written: no loggers, checkpoints or early stopping
+            self.loggers = []
+            self.callbacks = run_control.without_writers(self.callbacks)
 
         #: The current or last run; None before the first fit / validate / test / predict.
         self._context: RunContext | None = None
@@ -280,6 +315,26 @@ class Trainer:
     def num_val_batches(self) -> list[int | None]:
         """Batches of each validation loader (None: unknown)."""
         return self._context.num_val_batches if self._context is not None else []
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """The optimizer steps the whole fit will take (for warm-up and one-cycle schedules;
+        usable in ``configure_optimizers``): this process's training batches per epoch (after
+        ``limit_train_batches`` and sharding) in windows of ``accumulate_grad_batches`` (a
+        short last window counts), times ``max_epochs``, capped by ``max_steps``.
+        ``float("inf")`` when it cannot be known (no loader length, no limit)."""
+        context = self._context
+        if context is None or context.train_loader is None:
+            raise MisconfigurationError(
+                "Trainer.estimated_stepping_batches is known once fit has prepared the training "
+                "loader: read it in configure_optimizers or later during fit."
+            )
+        return run_control.estimated_stepping_batches(
+            context.train_loader.known_length(),
+            self.accumulate_grad_batches,
+            self.max_epochs,
+            self.max_steps,
+        )
 
     @property
     def enable_validation(self) -> bool:
@@ -406,12 +461,15 @@ class Trainer:
         assert module is not None
         arguments.check_ckpt_path(ckpt_path)
         datamodule, (dataloaders,) = datamodule_of("predict", datamodule, dataloaders=dataloaders)
+        limit = self.fast_dev_run or None
 
         def prepare() -> list[PreparedDataLoader]:
             source = eval_loaders(
                 "predict", "predict", datamodule if datamodule is not None else module, dataloaders
             )
-            return prepare_eval_loaders(self.accelerator, source, None, "predict", module=module)[0]
+            return prepare_eval_loaders(self.accelerator, source, limit, "predict", module=module)[
+                0
+            ]
 
         # Given loaders are checked before the run; a DataModule's come after its setup.
         prepared = prepare() if datamodule is None else None
@@ -467,6 +525,9 @@ class Trainer:
         self._context = context
         self._datamodule = datamodule
         object.__setattr__(module, "_trainer", self)
+        self.callbacks = arguments.merge_module_callbacks(self.callbacks, module)
+        if self.fast_dev_run:  # the module's own writers are left out too
+            self.callbacks = run_control.without_writers(self.callbacks)
         context.hooks = collect_hooks(self.callbacks, module, self)
         status = "success"
         try:
@@ -520,6 +581,10 @@ class Trainer:
         self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any, ckpt_path: Any
     ) -> None:
         module = context.module
+        if self.overfit_batches:
+            train_dataloaders, val_dataloaders = run_control.overfit_loaders(
+                train_dataloaders, val_dataloaders, overrides(module, "validation_step")
+            )
         # The checkpoint is read and checked before anything changes (after setup, which
         # tells the checkpoint callback its folder).
         path = self._resolve_checkpoint(ckpt_path)
@@ -531,7 +596,6 @@ class Trainer:
         # Nothing left of an earlier fit's optimizer in the accelerator.
         self.accelerator.free_memory()
         context.prepare_module(self.compile, ("training_step", "validation_step"))
-        context.prepare_optimizers()
         context.train_loader, context.num_training_batches = prepare_train_loader(
             self.accelerator,
             train_dataloaders,
@@ -559,6 +623,8 @@ class Trainer:
                 UserWarning,
                 stacklevel=3,
             )
+        # After the loaders: configure_optimizers may read estimated_stepping_batches.
+        context.prepare_optimizers()
         # Gradients left on the parameters before fit would be added into the first step;
         # a checkpoint written mid-window puts its window's gradient back just below.
         module.zero_grad(set_to_none=True)

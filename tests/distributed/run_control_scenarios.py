@@ -1,0 +1,71 @@
+"""Run by ``test_run_control_ddp.py`` under ``torch.distributed.run`` with two processes
+(gloo, CPU): min_steps holding off a stop asked on one rank, max_time decided by one rank's
+clock, estimated_stepping_batches of a sharded loader. Rank 0 writes what every rank got to
+``<out>/results.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ember import Callback, Trainer
+from ember.accelerator import distributed
+from tests.helpers import TinyModule, bare_trainer_kwargs, regression_data
+
+
+class StopOnRankZero(Callback):
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_rank == 0:
+            trainer.should_stop = True
+
+
+class RankOneOutOfTime(Callback):
+    """Rank 1's clock passes max_time after step 2 (rank 0's never does)."""
+
+    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            trainer.run_context.deadline = 0.0
+
+
+class Estimate(TinyModule):
+    def configure_optimizers(self) -> Any:
+        self.estimate = self.trainer.estimated_stepping_batches
+        return super().configure_optimizers()
+
+
+def fit(callback: Callback | None = None, **kwargs: Any) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        callbacks=[callback] if callback else None,
+        **{**bare_trainer_kwargs(), **kwargs},
+    )
+    module = Estimate()
+    trainer.fit(module, DataLoader(regression_data(64), batch_size=4))  # 8 batches per rank
+    trainer.estimate = module.estimate  # type: ignore[attr-defined]
+    return trainer
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    held = fit(StopOnRankZero(), max_epochs=3, min_steps=5)
+    timed = fit(RankOneOutOfTime(), max_epochs=3, max_time="01:00:00:00")
+    estimated = fit(max_epochs=2, accumulate_grad_batches=3)
+    results = {
+        "min_steps": [held.global_step, held.current_epoch, held.should_stop],
+        "max_time": [timed.global_step, timed.current_epoch, timed.should_stop],
+        "estimate": [estimated.estimate, estimated.global_step],  # type: ignore[attr-defined]
+    }
+    every = distributed.all_gather_object(results)
+    if distributed.global_rank() == 0:
+        (out / "results.json").write_text(json.dumps(every))
+    distributed.barrier()
+    distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
