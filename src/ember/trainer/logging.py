@@ -69,8 +69,13 @@ class _Series:
     ) -> None:
         both = on_step and on_epoch
         self.name = name
-        self.step_key = f"{name}_step" if both else name
-        self.epoch_key = f"{name}_epoch" if both else name
+        # With several loaders `name` ends with "/dataloader_idx_N", which stays last:
+        # "loss_step/dataloader_idx_0" (Lightning's keys).
+        suffix = "" if dataloader_idx is None else f"/dataloader_idx_{dataloader_idx}"
+        base = name[: len(name) - len(suffix)] if suffix and name.endswith(suffix) else name
+        suffix = name[len(base) :]
+        self.step_key = f"{base}_step{suffix}" if both else name
+        self.epoch_key = f"{base}_epoch{suffix}" if both else name
         self.on_step = on_step
         self.on_epoch = on_epoch
         self.reduce_fx = reduce_fx
@@ -238,6 +243,8 @@ class MetricStore:
             )
         if series.on_step:
             self._latest[series.step_key] = value
+            if series.on_epoch:  # both: the plain name shows the step value during the epoch
+                self._latest[series.name] = value
             if series.logger:
                 self._unflushed[series.step_key] = value
         if series.on_epoch and series.metric is None:
@@ -330,6 +337,11 @@ class MetricStore:
         latest = self.latest()
         return {key: latest[key] for key in latest if key in self._prog_bar}
 
+    @property
+    def has_step_metrics(self) -> bool:
+        """Whether step values wait for the loggers (a cheap check, no conversion)."""
+        return bool(self._unflushed)
+
     def pop_step_metrics(self) -> dict[str, float]:
         """Step values logged since the last call, as floats, for the loggers."""
         metrics = {key: to_float(value) for key, value in self._unflushed.items()}
@@ -354,6 +366,7 @@ class MetricStore:
             synced = synchronize(self, sync)
         values: dict[str, float] = {}
         for_loggers: dict[str, float] = {}
+        plain: dict[str, float] = {}
         metrics: dict[int, Any] = {}
         for key, series in self.series.items():
             value: float | None = synced.get(key)
@@ -361,6 +374,8 @@ class MetricStore:
                 value = series.local_value()
             if value is not None:
                 values[series.epoch_key] = value
+                if series.on_step:  # both: the plain name shows the epoch value from now on
+                    plain[series.name] = value
                 if series.logger:
                     for_loggers[series.epoch_key] = value
             if series.metric is not None:
@@ -374,6 +389,7 @@ class MetricStore:
         for metric in metrics.values():
             metric.reset()
         self._latest.update(values)
+        self._latest.update(plain)
         return values, for_loggers
 
     def values_by_dataloader(self, values: dict[str, float]) -> dict[int, dict[str, float]]:
@@ -442,9 +458,9 @@ class MetricStore:
             self.series[saved["key"]] = item
 
     def start(self, on_step: bool, on_epoch: bool) -> None:
-        """Begin a new run of a loop: forget its series (the latest values stay)."""
+        """Begin a new run of a loop: forget its series (the latest values stay, and so do
+        step values not yet flushed: they go with the next ``log_every_n_steps`` flush)."""
         self.series = {}
-        self._unflushed.clear()
         self.default_on_step = on_step
         self.default_on_epoch = on_epoch
         self.dataloader_idx = None
@@ -456,9 +472,11 @@ class MetricStore:
         self.open = False
 
     def keys(self) -> list[str]:
-        """Every key the series of this run write (step and epoch keys)."""
+        """Every key the series of this run write (step and epoch keys, and the plain name)."""
         return [
-            key for series in self.series.values() for key in (series.step_key, series.epoch_key)
+            key
+            for series in self.series.values()
+            for key in (series.step_key, series.epoch_key, series.name)
         ]
 
     def forget(self, keys: list[str]) -> None:

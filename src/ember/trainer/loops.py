@@ -211,7 +211,8 @@ def train_epoch(context: RunContext) -> None:
             more_for_loggers.update(metrics.reduce_epoch(context.epoch_sync)[1])
     finally:
         context.epoch_finished = False
-    context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
+    # Step values not flushed yet wait for the next log_every_n_steps flush (as in Lightning).
+    context.send_to_loggers({**for_loggers, **more_for_loggers})
     metrics.close()
     if finished:
         _finish_epoch(context)
@@ -366,6 +367,10 @@ def evaluate(
     batch_start = hooks[f"on_{stage}_batch_start"]
     batch_end = hooks[f"on_{stage}_batch_end"]
     limit = sanity_limit(context) if sanity else None
+    # Step values of evaluation go to the loggers after each batch, on the stage's own step
+    # counter (Lightning's convention), not at the training step.
+    counter = f"{stage}_batches"
+    state = context.state
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(getattr(module, f"{stage}_step"))
     was_training = module.training
@@ -397,6 +402,11 @@ def evaluate(
                         outputs = step(batch, batch_idx, *step_extra)
                     for hook in batch_end:
                         hook(outputs, batch, batch_idx, *extra)
+                    if not sanity:
+                        if metrics.has_step_metrics:
+                            step_values = metrics.pop_step_metrics()
+                            context.send_to_loggers(step_values, getattr(state, counter))
+                        setattr(state, counter, getattr(state, counter) + 1)
         metrics.dataloader_idx = None
         metrics.batch = None  # what the epoch-end hooks log is not from a batch
         values, for_loggers = metrics.reduce_epoch(context.epoch_sync)
