@@ -352,8 +352,8 @@ def test_nothing_of_the_sanity_check_remains() -> None:
 
 
 @pytest.mark.parametrize(
-    "hook", ["on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "on_validation_end"]
-)
+    "hook", ["on_fit_start", "on_train_end", "on_fit_end", "on_validation_end"]
+)  # on_train_start logs epoch-level values: tests/trainer/test_logging_rules.py
 def test_log_where_nothing_would_record_it_is_an_error(hook: str) -> None:
     def log_here(self: Any, *args: Any) -> None:
         self.log("x", 1.0)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ember import Callback, Trainer
+import pytest
+import torch
+
+from ember import Callback, MisconfigurationError, Trainer
 from ember.callbacks import EarlyStopping
 from tests.helpers import MemoryLogger, TinyModule, loader
 
@@ -115,3 +118,154 @@ def test_evaluation_step_values_reach_the_loggers_per_batch() -> None:
     assert values == [0.0, 1.0, 2.0] * 2
     assert [step for step, m in logger.metrics if "val_acc_epoch" in m] == [2, 4]
     assert all("val_acc_epoch" not in m for _, m in logger.metrics if "val_acc_step" in m)
+
+
+class LogsAtStart(TinyModule):
+    def on_train_start(self) -> None:
+        self.log("at_train_start", 1.0)
+
+    def on_validation_start(self) -> None:
+        self.log("at_validation_start", 2.0)
+
+    def on_test_start(self) -> None:
+        self.log("at_test_start", 3.0)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_seen", 1.0)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_seen", 1.0)
+
+
+def test_log_in_the_start_hooks_is_an_epoch_value() -> None:
+    logger = MemoryLogger()
+    trainer = Trainer(max_epochs=1, logger=logger, enable_progress_bar=False)
+    module = LogsAtStart()
+    trainer.fit(module, loader(16), loader(16))
+    assert trainer.callback_metrics["at_train_start"] == 1.0
+    assert trainer.callback_metrics["at_validation_start"] == 2.0
+    assert any(m.get("at_train_start") == 1.0 for _, m in logger.metrics)
+    results = trainer.test(module, loader(16))
+    assert results == [{"at_test_start": 3.0, "test_seen": 1.0}]
+
+
+def _fit_logging(hook: str, call: Any) -> None:
+    def log_here(self: Any, *args: Any) -> Any:
+        call(self)
+        if hook == "training_step":
+            return TinyModule.training_step(self, *args)
+        return None
+
+    Module = type("Logs", (TinyModule,), {hook: log_here})
+    Trainer(max_epochs=1, logger=False, enable_progress_bar=False).fit(
+        Module(), loader(16), loader(16)
+    )
+
+
+@pytest.mark.parametrize(
+    "hook",
+    [
+        "on_train_start",
+        "on_train_epoch_start",
+        "on_train_epoch_end",
+        "on_validation_start",
+        "on_validation_epoch_end",
+    ],
+)
+def test_on_step_in_an_epoch_level_hook_is_an_error(hook: str) -> None:
+    with pytest.raises(MisconfigurationError, match="on_step=True.*epoch-level hook"):
+        _fit_logging(hook, lambda module: module.log("x", 1.0, on_step=True))
+
+
+@pytest.mark.parametrize(
+    ("second", "option"),
+    [
+        ({"reduce_fx": "max"}, "reduce_fx"),
+        ({"on_step": True, "on_epoch": True}, "on_epoch"),
+        ({"sync_dist": True}, "sync_dist"),
+    ],
+)
+def test_one_key_twice_with_different_options_is_an_error(
+    second: dict[str, Any], option: str
+) -> None:
+    def twice(module: Any) -> None:
+        module.log("x", 1.0)
+        module.log("x", 2.0, **second)
+
+    with pytest.raises(MisconfigurationError, match=f"'x'.*twice.*{option}"):
+        _fit_logging("training_step", twice)
+
+
+def test_one_key_from_a_batch_and_an_epoch_end_hook_is_an_error() -> None:
+    class Twice(TinyModule):
+        def on_train_epoch_end(self) -> None:
+            self.log("train_loss", 0.0)  # TinyModule logs it per step
+
+    with pytest.raises(MisconfigurationError, match="'train_loss'.*twice"):
+        Trainer(max_epochs=1, logger=False, enable_progress_bar=False).fit(Twice(), loader(16))
+
+
+def test_same_key_same_options_in_one_step_is_fine() -> None:
+    def twice(module: Any) -> None:
+        module.log("x", 1.0)
+        module.log("x", 2.0, on_step=True)  # the same as the default in training_step
+
+    _fit_logging("training_step", twice)
+
+
+def test_a_reserved_loader_suffix_is_an_error() -> None:
+    with pytest.raises(MisconfigurationError, match="dataloader_idx_0.*reserved"):
+        _fit_logging("training_step", lambda module: module.log("x/dataloader_idx_0", 1.0))
+
+
+def test_log_dict_takes_a_metric_collection() -> None:
+    import torchmetrics
+
+    class WithCollection(TinyModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metrics = torchmetrics.MetricCollection(
+                {"max": torchmetrics.MaxMetric(), "min": torchmetrics.MinMetric()},
+                prefix="val_",
+            )
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.metrics(torch.tensor(float(batch_idx)))
+            self.log_dict(self.metrics)
+
+    trainer = Trainer(max_epochs=1, logger=False, enable_progress_bar=False)
+    results = trainer.validate(WithCollection(), loader(24))  # 3 batches
+    assert results == [{"val_max": 2.0, "val_min": 0.0}]
+
+
+def test_module_logger_loggers_and_print(capsys: pytest.CaptureFixture[str]) -> None:
+    module = TinyModule()
+    assert module.logger is None
+    assert module.loggers == []
+    module.print("without a trainer")
+    seen: list[Any] = []
+
+    class Reads(TinyModule):
+        def on_train_start(self) -> None:
+            seen.extend([self.logger, self.loggers])
+            self.print("from rank zero", end="!\n")
+
+    logger = MemoryLogger()
+    Trainer(max_epochs=1, logger=logger, enable_progress_bar=False).fit(Reads(), loader(16))
+    assert seen == [logger, [logger]]
+    assert capsys.readouterr().out.splitlines()[-2:] == ["without a trainer", "from rank zero!"]
+
+
+def test_module_print_is_silent_off_rank_zero(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Prints(TinyModule):
+        def on_train_start(self) -> None:
+            self.print("hidden")
+
+    trainer = Trainer(
+        max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False
+    )
+    monkeypatch.setattr(type(trainer), "is_global_zero", property(lambda self: False))
+    trainer.fit(Prints(), loader(16))
+    assert "hidden" not in capsys.readouterr().out

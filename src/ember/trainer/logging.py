@@ -10,6 +10,7 @@ by ``ember.trainer.epoch_sync`` (exactly, with a handful of collectives for all 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ from ember.errors import MisconfigurationError, one_of
 from ember.trainer.epoch_sync import Description, EpochSync, synchronize
 
 REDUCTIONS = ("mean", "sum", "min", "max")
+_RESERVED_SUFFIX = re.compile(r"/dataloader_idx_\d+$")
 _FOLD_EVERY = 1024  # fold the per-step values into one running value this often
 
 
@@ -47,6 +49,7 @@ class _Series:
         "name",
         "on_epoch",
         "on_step",
+        "options",
         "prog_bar",
         "reduce_fx",
         "step_key",
@@ -88,6 +91,9 @@ class _Series:
         self.values: list[Any] = []
         self.weights: list[float] = []
         self.metric: Any = None
+        #: the options of the call that created it, as given, with the hook's defaults (one
+        #: tuple comparison per call tells a repeat with the same options); None: unknown
+        self.options: tuple[Any, ...] | None = None
 
     def add(self, value: Any, weight: float) -> None:
         self.values.append(value)
@@ -213,15 +219,27 @@ class MetricStore:
             raise MisconfigurationError(
                 f"self.log({name!r}, ...) was called where ember cannot record it. Log in "
                 "training_step, validation_step, test_step, their batch hooks, or the "
-                "on_*_epoch_start / on_*_epoch_end hooks; not in setup, teardown, on_fit_*, "
-                "on_train_start/end, on_validation_start/end, on_test_start/end or predict."
+                "on_train_start, on_validation_start, on_test_start and on_*_epoch_start / "
+                "on_*_epoch_end hooks; not in setup, teardown, on_fit_*, on_train_end, "
+                "on_validation_end, on_test_end or predict."
+            )
+        if on_step and self.batch is None:
+            raise MisconfigurationError(
+                f"self.log({name!r}, ..., on_step=True) was called in an epoch-level hook "
+                "(on_*_start, on_*_epoch_start, on_*_epoch_end), where there is no step. Log "
+                "it with on_step=False (the default there), or from a batch hook."
             )
         key = name if self.dataloader_idx is None else self._suffixed(name)
         series = self.series.get(key)
+        # default_on_epoch is always the opposite of default_on_step: not compared.
+        options = (on_step, on_epoch, reduce_fx, sync_dist, self.default_on_step)
         if series is None:
             series = self._new_series(
                 name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist
             )
+            series.options = options
+        elif options != series.options:
+            self._check_same_options(series, name, on_step, on_epoch, reduce_fx, sync_dist)
         if type(value) is Tensor or isinstance(value, Tensor):
             if value.numel() != 1:
                 raise MisconfigurationError(
@@ -253,6 +271,42 @@ class MetricStore:
                 weight = float(batch_size) if batch_size is not None else self._batch_size()
             series.add(value, weight)
 
+    def _check_same_options(
+        self,
+        series: _Series,
+        name: str,
+        on_step: bool | None,
+        on_epoch: bool | None,
+        reduce_fx: str,
+        sync_dist: bool,
+    ) -> None:
+        """Refuse a second ``log`` of ``name`` in this epoch whose options differ from the
+        first's: the two could not be reduced into one value."""
+        given = {
+            "on_step": self.default_on_step if on_step is None else on_step,
+            "on_epoch": self.default_on_epoch if on_epoch is None else on_epoch,
+            "reduce_fx": reduce_fx,
+            "sync_dist": sync_dist,
+        }
+        first = {
+            "on_step": series.on_step,
+            "on_epoch": series.on_epoch,
+            "reduce_fx": series.reduce_fx,
+            "sync_dist": series.sync_dist,
+        }
+        differ = [
+            f"{option}={first[option]!r} then {given[option]!r}"
+            for option in given
+            if given[option] != first[option]
+        ]
+        if differ:
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...) was called twice in one epoch with different options "
+                f"({', '.join(differ)}; on_step / on_epoch as resolved for the hook, e.g. a "
+                "batch hook and an epoch-end hook have different defaults). Log it with the "
+                "same options each time, or under two names."
+            )
+
     def _suffixed(self, name: str) -> str:
         return (
             name if self.dataloader_idx is None else f"{name}/dataloader_idx_{self.dataloader_idx}"
@@ -271,6 +325,12 @@ class MetricStore:
     ) -> _Series:
         if not isinstance(name, str) or not name:
             raise MisconfigurationError(f"self.log needs a non-empty string name, got {name!r}.")
+        if _RESERVED_SUFFIX.search(name):
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...): a name ending in '/dataloader_idx_<N>' is reserved; "
+                "ember adds that suffix itself when several evaluation loaders run. Choose "
+                "another name."
+            )
         if reduce_fx not in REDUCTIONS:
             raise MisconfigurationError(one_of("reduce_fx", reduce_fx, REDUCTIONS))
         on_step = self.default_on_step if on_step is None else on_step

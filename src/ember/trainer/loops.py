@@ -43,7 +43,12 @@ def fit(context: RunContext) -> None:
             evaluate(context, "validation", context.val_loaders, sanity=True)
         finally:
             context.state.sanity_checking = False
+    # What on_train_start logs is epoch-level: reduced and sent right after it.
+    metrics = context.train_metrics
+    metrics.start(on_step=False, on_epoch=True)
     context.fire("on_train_start")
+    context.send_to_loggers(metrics.reduce_epoch(context.epoch_sync)[1])
+    metrics.close()
     _continue_from_checkpoint(context)
     while not fit_done(context):
         train_epoch(context)
@@ -384,8 +389,8 @@ def evaluate(
     context.training_rng = random_state  # what a checkpoint written meanwhile records
     module.eval()
     try:
+        metrics.start(on_step=False, on_epoch=True)  # on_<stage>_start may log epoch values
         context.fire(f"on_{stage}_start")
-        metrics.start(on_step=False, on_epoch=True)
         context.fire(f"on_{stage}_epoch_start")
         with torch.no_grad():
             for dataloader_idx, loader in enumerate(loaders):
