@@ -269,3 +269,38 @@ def test_module_print_is_silent_off_rank_zero(
     monkeypatch.setattr(type(trainer), "is_global_zero", property(lambda self: False))
     trainer.fit(Prints(), loader(16))
     assert "hidden" not in capsys.readouterr().out
+
+
+def test_step_values_pending_at_an_epoch_end_checkpoint_go_at_the_next_flush(
+    tmp_path: Any,
+) -> None:
+    # 5 batches per epoch, flush every 3 steps: the checkpoint written at the end of epoch 0
+    # (step 5) holds the values of steps 4 and 5, not sent yet. The resumed run sends what
+    # the uninterrupted run sends: at steps 6 and 9, nothing at step 5.
+    class SaveAtFirstEpochEnd(Callback):
+        def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            if trainer.current_epoch == 0:
+                trainer.save_checkpoint(tmp_path / "epoch0")
+
+    def steps_sent(logger: MemoryLogger) -> list[int]:
+        return [step for step, m in logger.metrics if "train_loss" in m]
+
+    class LogsOnce(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.current_epoch == 0 and batch_idx == 3:  # step 4
+                self.log("once", 4.0)
+            return super().training_step(batch, batch_idx)
+
+    options = {"max_epochs": 2, "log_every_n_steps": 3, "enable_progress_bar": False}
+    uninterrupted = MemoryLogger()
+    Trainer(logger=uninterrupted, callbacks=[SaveAtFirstEpochEnd()], **options).fit(
+        LogsOnce(), loader(40, batch_size=8)
+    )
+    assert steps_sent(uninterrupted) == [3, 6, 9]
+    assert [(step, m["once"]) for step, m in uninterrupted.metrics if "once" in m] == [(6, 4.0)]
+    resumed = MemoryLogger()
+    Trainer(logger=resumed, **options).fit(
+        LogsOnce(), loader(40, batch_size=8), ckpt_path=tmp_path / "epoch0"
+    )
+    assert steps_sent(resumed) == [6, 9]
+    assert [(step, m["once"]) for step, m in resumed.metrics if "once" in m] == [(6, 4.0)]

@@ -298,6 +298,9 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         # Written at an epoch's end (before its epoch schedulers stepped): what is left of
         # that epoch's bookkeeping runs first, then the next epoch starts.
         context.pending_epoch_end = True
+        # Its step values not sent yet (rank 0's: only it writes) wait for the next flush,
+        # as in the uninterrupted run.
+        context.resume_metrics = {"unflushed": ranks[0]["metrics"].get("unflushed", {})}
     elif loader is not None and context.state.batch_idx > 0:
         if same_world:
             saved_loader = ranks[rank]["loader"]

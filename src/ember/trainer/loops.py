@@ -124,9 +124,11 @@ def train_epoch(context: RunContext) -> None:
     if context.resume_metrics is not None:  # an epoch resumed from a checkpoint
         metrics.load_state_dict(context.resume_metrics)
         context.resume_metrics = None
-        # The checkpoint's step values that had not reached the loggers yet go now, at
-        # the checkpoint's step.
-        context.send_to_loggers(metrics.pop_step_metrics())
+        # The checkpoint's step values that had not reached the loggers yet: at a flush
+        # step they go now, at the checkpoint's step (it was written before that flush),
+        # else with the next flush, as in the uninterrupted run.
+        if state.global_step % log_every == 0:
+            context.send_to_loggers(metrics.pop_step_metrics())
     module.train()
     context.fire("on_train_epoch_start")
     finished = True
