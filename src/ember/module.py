@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -19,6 +21,7 @@ from ember.errors import CheckpointError, MisconfigurationError
 from ember.hooks import ModuleHooks
 
 if TYPE_CHECKING:
+    from ember.loggers.base import Logger
     from ember.trainer.trainer import Trainer
 
 ModuleT = TypeVar("ModuleT", bound="TrainModule")
@@ -107,6 +110,22 @@ class TrainModule(nn.Module, ModuleHooks):
                 "`self.log` work inside Trainer.fit / validate / test / predict."
             )
         return self._trainer
+
+    @property
+    def logger(self) -> Logger | None:
+        """The trainer's first logger (``None`` without a trainer or without loggers)."""
+        return self._trainer.logger if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """The trainer's loggers (``[]`` without a trainer)."""
+        return list(self._trainer.loggers) if self._trainer is not None else []
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the global rank zero process only (every call prints without a
+        trainer), so a message appears once in a run of several processes."""
+        if self._trainer is None or self._trainer.is_global_zero:
+            print(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -236,11 +255,18 @@ class TrainModule(nn.Module, ModuleHooks):
             name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist, batch_size
         )
 
-    def log_dict(self, metrics: dict[str, Any], **kwargs: Any) -> None:
-        """``self.log`` for every item of ``metrics``, with the same keyword arguments."""
-        if not isinstance(metrics, dict):
+    def log_dict(self, metrics: Mapping[str, Any] | Any, **kwargs: Any) -> None:
+        """``self.log`` for every item of ``metrics``, with the same keyword arguments.
+
+        ``metrics`` is a mapping of name -> value, or a ``torchmetrics.MetricCollection``
+        (each metric logged under its name in the collection, prefix and postfix included).
+        """
+        torchmetrics = sys.modules.get("torchmetrics")  # never imported by ember itself
+        collection = torchmetrics is not None and isinstance(metrics, torchmetrics.MetricCollection)
+        if not (isinstance(metrics, Mapping) or collection):
             raise MisconfigurationError(
-                f"self.log_dict expects a dict of name -> value, got {type(metrics).__name__}."
+                "self.log_dict expects a dict of name -> value or a torchmetrics."
+                f"MetricCollection, got {type(metrics).__name__}."
             )
         for name, value in metrics.items():
             self.log(name, value, **kwargs)

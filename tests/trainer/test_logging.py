@@ -55,10 +55,10 @@ def test_epoch_reductions_weighted_by_batch_size() -> None:
     assert metrics["train_sum"] == pytest.approx(sum(values))
     assert metrics["train_min"] == pytest.approx(min(values))
     assert metrics["train_max"] == pytest.approx(max(values))
-    # Both on_step and on_epoch: two keys.
+    # Both on_step and on_epoch: two keys (and the plain name in callback_metrics).
     assert metrics["both_step"] == pytest.approx(values[-1])
     assert metrics["both_epoch"] == pytest.approx(weighted)
-    assert "both" not in metrics
+    assert metrics["both"] == metrics["both_epoch"]  # the plain name: the epoch value
     # Validation defaults to on_epoch; an explicit batch_size changes the weights.
     assert metrics["val_mean"] == pytest.approx(weighted)
     assert metrics["val_float"] == pytest.approx(weighted)
@@ -310,14 +310,19 @@ def test_logger_true_is_tensorboard_when_installed_else_csv(
 ) -> None:
     from ember.loggers import CSVLogger, TensorBoardLogger
 
-    trainer = Trainer(max_epochs=1, enable_progress_bar=False, default_root_dir=tmp_path)
+    # Two steps: log every step, or nothing reaches the files (the default flushes every 50).
+    trainer = Trainer(
+        max_epochs=1, log_every_n_steps=1, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     assert isinstance(trainer.logger, TensorBoardLogger)
     trainer.fit(TinyModule(), loader(16))
     assert trainer.log_dir == str(tmp_path / "ember_logs" / "version_0")
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(trainer.log_dir))
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
-    trainer = Trainer(max_epochs=1, enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=1, log_every_n_steps=1, enable_progress_bar=False, default_root_dir=tmp_path
+    )
     assert isinstance(trainer.logger, CSVLogger)
     trainer.fit(TinyModule(), loader(16))
     assert trainer.log_dir == str(tmp_path / "ember_logs" / "version_1")
@@ -347,8 +352,8 @@ def test_nothing_of_the_sanity_check_remains() -> None:
 
 
 @pytest.mark.parametrize(
-    "hook", ["on_fit_start", "on_train_start", "on_train_end", "on_fit_end", "on_validation_end"]
-)
+    "hook", ["on_fit_start", "on_train_end", "on_fit_end", "on_validation_end"]
+)  # on_train_start logs epoch-level values: tests/trainer/test_logging_rules.py
 def test_log_where_nothing_would_record_it_is_an_error(hook: str) -> None:
     def log_here(self: Any, *args: Any) -> None:
         self.log("x", 1.0)

@@ -81,9 +81,7 @@ def save(
         "loader": context.train_loader.state_dict() if context.train_loader is not None else None,
         "grads": None if weights_only or sharded else _local_gradients(context.module),
         # Restored but not yet taken up by the loop (a save before the first batch): as is.
-        "metrics": context.resume_metrics
-        if context.resume_metrics is not None
-        else context.train_metrics.state_dict(),
+        "metrics": {**context.train_metrics.state_dict(), **(context.resume_metrics or {})},
         "window": {
             "losses": [(index, float(loss.detach())) for index, loss in context.window_losses],
             "items": _plain_items(accelerator.gradient_state.item_total),
@@ -354,13 +352,16 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         context.resume_seed = trainer.seed + rank
     # The latest values (callback_metrics) of the saving process: what an epoch-interval
     # ReduceLROnPlateau or a monitor reads before anything is logged again.
-    context.resume_latest = (own or ranks[0])["metrics"]["latest"]
+    context.resume_latest = (own or ranks[0])["metrics"].get("latest", {})
     context.resume_batch_end = bool(loop.get("batch_end", False)) and not epoch_finished
     loader = context.train_loader
     if epoch_finished:
         # Written at an epoch's end (before its epoch schedulers stepped): what is left of
         # that epoch's bookkeeping runs first, then the next epoch starts.
         context.pending_epoch_end = True
+        # Its step values not sent yet (rank 0's: only it writes) wait for the next flush,
+        # as in the uninterrupted run.
+        context.resume_metrics = {"unflushed": ranks[0]["metrics"].get("unflushed", {})}
     if loader is not None and (epoch_finished or context.state.batch_idx == 0):
         # Between passes: the next epoch draws from the loader's own generators as saved.
         saved_loader = ranks[rank if same_world else 0]["loader"]

@@ -6,8 +6,9 @@ public properties (``global_step``, ``callback_metrics``, ``should_stop``, ``opt
 ...) read from the context of the current or last run.
 
 A ``fit`` starts a new run: fresh loop progress, empty metrics, new optimizers. ``validate``,
-``test`` and ``predict`` continue the run before them: they share its progress, metrics and
-optimizers (so ``global_step`` and ``callback_metrics`` still describe the fit).
+``test`` and ``predict`` continue the run before them: they share its progress and
+optimizers (so ``global_step`` still describes the fit), but start with empty metrics
+(``callback_metrics`` and ``logged_metrics`` show what that call logged, as in Lightning).
 """
 
 from __future__ import annotations
@@ -267,22 +268,20 @@ class RunContext:
         self.handles: list[Any] = []
         if previous is None:  # a new run
             self.state = LoopState()
-            self.train_metrics = MetricStore()
-            self.eval_metrics = MetricStore(shares_latest_with=self.train_metrics)
-            self.logged_metrics: dict[str, float] = {}
-            self.last_eval_metrics: dict[str, float] = {}
             self.optimizers: list[AcceleratedOptimizer] = []
             self.scheduler_configs: list[SchedulerConfig] = []
             self.num_training_batches: int | None = None
         else:  # an evaluation continues the run before it
             self.state = previous.state
-            self.train_metrics = previous.train_metrics
-            self.eval_metrics = previous.eval_metrics
-            self.logged_metrics = previous.logged_metrics
-            self.last_eval_metrics = previous.last_eval_metrics
             self.optimizers = previous.optimizers
             self.scheduler_configs = previous.scheduler_configs
             self.num_training_batches = previous.num_training_batches
+        # Every run starts with empty metrics (Lightning): after a validate, callback_metrics
+        # and logged_metrics show only what that validate logged.
+        self.train_metrics = MetricStore()
+        self.eval_metrics = MetricStore(shares_latest_with=self.train_metrics)
+        self.logged_metrics: dict[str, float] = {}
+        self.last_eval_metrics: dict[str, float] = {}
         self.state.stage = stage
         self.active_metrics = self.train_metrics
 
@@ -345,14 +344,16 @@ class RunContext:
         for hook in self.hooks[event]:
             hook(*args)
 
-    def send_to_loggers(self, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` in ``logged_metrics`` and write them at the current step."""
+    def send_to_loggers(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record ``metrics`` in ``logged_metrics`` and write them at ``step`` (default: the
+        current global step)."""
         if not metrics:
             return
         self.logged_metrics.update(metrics)
         if self.is_global_zero:
+            step = self.state.global_step if step is None else step
             for logger in self.loggers:
-                logger.log_metrics(metrics, self.state.global_step)
+                logger.log_metrics(metrics, step)
 
     def reduce_across_processes(self, tensor: Tensor, reduction: str) -> Tensor:
         """``tensor`` reduced over every process (the metric stores' reducer)."""

@@ -10,6 +10,7 @@ by ``ember.trainer.epoch_sync`` (exactly, with a handful of collectives for all 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ from ember.errors import MisconfigurationError, one_of
 from ember.trainer.epoch_sync import Description, EpochSync, synchronize
 
 REDUCTIONS = ("mean", "sum", "min", "max")
+_RESERVED_SUFFIX = re.compile(r"/dataloader_idx_\d+$")
 _FOLD_EVERY = 1024  # fold the per-step values into one running value this often
 
 
@@ -47,6 +49,7 @@ class _Series:
         "name",
         "on_epoch",
         "on_step",
+        "options",
         "prog_bar",
         "reduce_fx",
         "step_key",
@@ -69,8 +72,13 @@ class _Series:
     ) -> None:
         both = on_step and on_epoch
         self.name = name
-        self.step_key = f"{name}_step" if both else name
-        self.epoch_key = f"{name}_epoch" if both else name
+        # With several loaders `name` ends with "/dataloader_idx_N", which stays last:
+        # "loss_step/dataloader_idx_0" (Lightning's keys).
+        suffix = "" if dataloader_idx is None else f"/dataloader_idx_{dataloader_idx}"
+        base = name[: len(name) - len(suffix)] if suffix and name.endswith(suffix) else name
+        suffix = name[len(base) :]
+        self.step_key = f"{base}_step{suffix}" if both else name
+        self.epoch_key = f"{base}_epoch{suffix}" if both else name
         self.on_step = on_step
         self.on_epoch = on_epoch
         self.reduce_fx = reduce_fx
@@ -83,6 +91,9 @@ class _Series:
         self.values: list[Any] = []
         self.weights: list[float] = []
         self.metric: Any = None
+        #: the options of the call that created it, as given, with the hook's defaults (one
+        #: tuple comparison per call tells a repeat with the same options); None: unknown
+        self.options: tuple[Any, ...] | None = None
 
     def add(self, value: Any, weight: float) -> None:
         self.values.append(value)
@@ -208,15 +219,27 @@ class MetricStore:
             raise MisconfigurationError(
                 f"self.log({name!r}, ...) was called where ember cannot record it. Log in "
                 "training_step, validation_step, test_step, their batch hooks, or the "
-                "on_*_epoch_start / on_*_epoch_end hooks; not in setup, teardown, on_fit_*, "
-                "on_train_start/end, on_validation_start/end, on_test_start/end or predict."
+                "on_train_start, on_validation_start, on_test_start and on_*_epoch_start / "
+                "on_*_epoch_end hooks; not in setup, teardown, on_fit_*, on_train_end, "
+                "on_validation_end, on_test_end or predict."
+            )
+        if on_step and self.batch is None:
+            raise MisconfigurationError(
+                f"self.log({name!r}, ..., on_step=True) was called in an epoch-level hook "
+                "(on_*_start, on_*_epoch_start, on_*_epoch_end), where there is no step. Log "
+                "it with on_step=False (the default there), or from a batch hook."
             )
         key = name if self.dataloader_idx is None else self._suffixed(name)
         series = self.series.get(key)
+        # default_on_epoch is always the opposite of default_on_step: not compared.
+        options = (on_step, on_epoch, reduce_fx, sync_dist, self.default_on_step)
         if series is None:
             series = self._new_series(
                 name, value, on_step, on_epoch, prog_bar, logger, reduce_fx, sync_dist
             )
+            series.options = options
+        elif options != series.options:
+            self._check_same_options(series, name, on_step, on_epoch, reduce_fx, sync_dist)
         if type(value) is Tensor or isinstance(value, Tensor):
             if value.numel() != 1:
                 raise MisconfigurationError(
@@ -238,6 +261,8 @@ class MetricStore:
             )
         if series.on_step:
             self._latest[series.step_key] = value
+            if series.on_epoch:  # both: the plain name shows the step value during the epoch
+                self._latest[series.name] = value
             if series.logger:
                 self._unflushed[series.step_key] = value
         if series.on_epoch and series.metric is None:
@@ -245,6 +270,42 @@ class MetricStore:
             if series.reduce_fx == "mean":
                 weight = float(batch_size) if batch_size is not None else self._batch_size()
             series.add(value, weight)
+
+    def _check_same_options(
+        self,
+        series: _Series,
+        name: str,
+        on_step: bool | None,
+        on_epoch: bool | None,
+        reduce_fx: str,
+        sync_dist: bool,
+    ) -> None:
+        """Refuse a second ``log`` of ``name`` in this epoch whose options differ from the
+        first's: the two could not be reduced into one value."""
+        given = {
+            "on_step": self.default_on_step if on_step is None else on_step,
+            "on_epoch": self.default_on_epoch if on_epoch is None else on_epoch,
+            "reduce_fx": reduce_fx,
+            "sync_dist": sync_dist,
+        }
+        first = {
+            "on_step": series.on_step,
+            "on_epoch": series.on_epoch,
+            "reduce_fx": series.reduce_fx,
+            "sync_dist": series.sync_dist,
+        }
+        differ = [
+            f"{option}={first[option]!r} then {given[option]!r}"
+            for option in given
+            if given[option] != first[option]
+        ]
+        if differ:
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...) was called twice in one epoch with different options "
+                f"({', '.join(differ)}; on_step / on_epoch as resolved for the hook, e.g. a "
+                "batch hook and an epoch-end hook have different defaults). Log it with the "
+                "same options each time, or under two names."
+            )
 
     def _suffixed(self, name: str) -> str:
         return (
@@ -264,6 +325,12 @@ class MetricStore:
     ) -> _Series:
         if not isinstance(name, str) or not name:
             raise MisconfigurationError(f"self.log needs a non-empty string name, got {name!r}.")
+        if _RESERVED_SUFFIX.search(name):
+            raise MisconfigurationError(
+                f"self.log({name!r}, ...): a name ending in '/dataloader_idx_<N>' is reserved; "
+                "ember adds that suffix itself when several evaluation loaders run. Choose "
+                "another name."
+            )
         if reduce_fx not in REDUCTIONS:
             raise MisconfigurationError(one_of("reduce_fx", reduce_fx, REDUCTIONS))
         on_step = self.default_on_step if on_step is None else on_step
@@ -330,6 +397,11 @@ class MetricStore:
         latest = self.latest()
         return {key: latest[key] for key in latest if key in self._prog_bar}
 
+    @property
+    def has_step_metrics(self) -> bool:
+        """Whether step values wait for the loggers (a cheap check, no conversion)."""
+        return bool(self._unflushed)
+
     def pop_step_metrics(self) -> dict[str, float]:
         """Step values logged since the last call, as floats, for the loggers."""
         metrics = {key: to_float(value) for key, value in self._unflushed.items()}
@@ -354,6 +426,7 @@ class MetricStore:
             synced = synchronize(self, sync)
         values: dict[str, float] = {}
         for_loggers: dict[str, float] = {}
+        plain: dict[str, float] = {}
         metrics: dict[int, Any] = {}
         for key, series in self.series.items():
             value: float | None = synced.get(key)
@@ -361,6 +434,8 @@ class MetricStore:
                 value = series.local_value()
             if value is not None:
                 values[series.epoch_key] = value
+                if series.on_step:  # both: the plain name shows the epoch value from now on
+                    plain[series.name] = value
                 if series.logger:
                     for_loggers[series.epoch_key] = value
             if series.metric is not None:
@@ -374,6 +449,7 @@ class MetricStore:
         for metric in metrics.values():
             metric.reset()
         self._latest.update(values)
+        self._latest.update(plain)
         return values, for_loggers
 
     def values_by_dataloader(self, values: dict[str, float]) -> dict[int, dict[str, float]]:
@@ -442,9 +518,9 @@ class MetricStore:
             self.series[saved["key"]] = item
 
     def start(self, on_step: bool, on_epoch: bool) -> None:
-        """Begin a new run of a loop: forget its series (the latest values stay)."""
+        """Begin a new run of a loop: forget its series (the latest values stay, and so do
+        step values not yet flushed: they go with the next ``log_every_n_steps`` flush)."""
         self.series = {}
-        self._unflushed.clear()
         self.default_on_step = on_step
         self.default_on_epoch = on_epoch
         self.dataloader_idx = None
@@ -456,9 +532,11 @@ class MetricStore:
         self.open = False
 
     def keys(self) -> list[str]:
-        """Every key the series of this run write (step and epoch keys)."""
+        """Every key the series of this run write (step and epoch keys, and the plain name)."""
         return [
-            key for series in self.series.values() for key in (series.step_key, series.epoch_key)
+            key
+            for series in self.series.values()
+            for key in (series.step_key, series.epoch_key, series.name)
         ]
 
     def forget(self, keys: list[str]) -> None:

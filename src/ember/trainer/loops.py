@@ -51,7 +51,12 @@ def fit(context: RunContext) -> None:
     if context.train_loader is not None and context.train_loader.max_batches == 0:
         context.fire("on_fit_end")  # limit_train_batches=0: the sanity check only (Lightning)
         return
+    # What on_train_start logs is epoch-level: reduced and sent right after it.
+    metrics = context.train_metrics
+    metrics.start(on_step=False, on_epoch=True)
     context.fire("on_train_start")
+    context.send_to_loggers(metrics.reduce_epoch(context.epoch_sync)[1])
+    metrics.close()
     _continue_from_checkpoint(context)
     while not fit_done(context):
         train_epoch(context)
@@ -130,9 +135,11 @@ def train_epoch(context: RunContext) -> None:
     if context.resume_metrics is not None:  # an epoch resumed from a checkpoint
         metrics.load_state_dict(context.resume_metrics)
         context.resume_metrics = None
-        # The checkpoint's step values that had not reached the loggers yet go now, at
-        # the checkpoint's step.
-        context.send_to_loggers(metrics.pop_step_metrics())
+        # The checkpoint's step values that had not reached the loggers yet: at a flush
+        # step they go now, at the checkpoint's step (it was written before that flush),
+        # else with the next flush, as in the uninterrupted run.
+        if state.global_step % log_every == 0:
+            context.send_to_loggers(metrics.pop_step_metrics())
     # No module.train() here: a submodule the user put in eval mode (a frozen backbone's
     # BatchNorm) stays so; evaluate and predict put every submodule's own mode back.
     context.fire("on_train_epoch_start")
@@ -232,7 +239,8 @@ def train_epoch(context: RunContext) -> None:
             more_for_loggers.update(metrics.reduce_epoch(context.epoch_sync)[1])
     finally:
         context.epoch_finished = False
-    context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers, **more_for_loggers})
+    # Step values not flushed yet wait for the next log_every_n_steps flush (as in Lightning).
+    context.send_to_loggers({**for_loggers, **more_for_loggers})
     metrics.close()
     if finished:
         _finish_epoch(context)
@@ -387,6 +395,10 @@ def evaluate(
     batch_start = hooks[f"on_{stage}_batch_start"]
     batch_end = hooks[f"on_{stage}_batch_end"]
     limit = sanity_limit(context) if sanity else None
+    # Step values of evaluation go to the loggers after each batch, on the stage's own step
+    # counter (Lightning's convention), not at the training step.
+    counter = f"{stage}_batches"
+    state = context.state
     several = len(loaders) > 1
     pass_index = several and takes_dataloader_idx(getattr(module, f"{stage}_step"))
     modes = module_modes(module)
@@ -401,8 +413,8 @@ def evaluate(
     context.validation_incomplete = stage == "validation" and not sanity
     module.eval()
     try:
+        metrics.start(on_step=False, on_epoch=True)  # on_<stage>_start may log epoch values
         context.fire(f"on_{stage}_start")
-        metrics.start(on_step=False, on_epoch=True)
         context.fire(f"on_{stage}_epoch_start")
         with torch.no_grad():
             for dataloader_idx, loader in enumerate(loaders):
@@ -420,6 +432,11 @@ def evaluate(
                         outputs = step(batch, batch_idx, *step_extra)
                     for hook in batch_end:
                         hook(outputs, batch, batch_idx, *extra)
+                    if not sanity:
+                        if metrics.has_step_metrics:
+                            step_values = metrics.pop_step_metrics()
+                            context.send_to_loggers(step_values, getattr(state, counter))
+                        setattr(state, counter, getattr(state, counter) + 1)
         metrics.dataloader_idx = None
         metrics.batch = None  # what the epoch-end hooks log is not from a batch
         values, for_loggers = metrics.reduce_epoch(context.epoch_sync)

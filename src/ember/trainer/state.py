@@ -24,6 +24,8 @@ class LoopState:
             (0 when the last processed batch closed its window).
         total_batch_idx: training batches processed over the whole run.
         skipped_steps: updates dropped because a loss was not finite (``"skip"`` mode).
+        validation_batches / test_batches: evaluation batches run so far (the sanity check
+            not counted): the step at which their step values reach the loggers.
         stage: "fit", "validate", "test", "predict" or None between calls.
         sanity_checking: True during the validation sanity check before training.
     """
@@ -34,6 +36,8 @@ class LoopState:
     accumulation_position: int = 0
     total_batch_idx: int = 0
     skipped_steps: int = 0
+    validation_batches: int = 0
+    test_batches: int = 0
     stage: str | None = None
     sanity_checking: bool = False
 
