@@ -251,7 +251,13 @@ def test_module_logger_loggers_and_print(capsys: pytest.CaptureFixture[str]) -> 
             self.print("from rank zero", end="!\n")
 
     logger = MemoryLogger()
-    Trainer(max_epochs=1, logger=logger, enable_progress_bar=False).fit(Reads(), loader(16))
+    Trainer(
+        max_epochs=1,
+        logger=logger,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    ).fit(Reads(), loader(16))
     assert seen == [logger, [logger]]
     assert capsys.readouterr().out.splitlines()[-2:] == ["without a trainer", "from rank zero!"]
 
