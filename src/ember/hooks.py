@@ -118,6 +118,11 @@ class Callback:
         """The key of this callback's state in a checkpoint (its class name by default)."""
         return type(self).__qualname__
 
+    def idle_events(self) -> frozenset[str]:
+        """Events this callback overrides but, as configured, has nothing to do at: they are
+        not called at all (a per-batch event costs every step). Asked once per run."""
+        return frozenset()
+
     def state_dict(self) -> dict[str, Any]:
         """What this callback needs to continue after a resume."""
         return {}
@@ -469,6 +474,8 @@ def collect_hooks(
         after: list[Callable[..., Any]] = []
         for callback in ordered:
             if getattr(type(callback), event) is getattr(Callback, event):
+                continue
+            if event in callback.idle_events():  # configured not to need it: not called
                 continue
             monitoring = _flag(callback, "monitors") or _flag(callback, "writes_checkpoints")
             (after if late and monitoring else before).append(

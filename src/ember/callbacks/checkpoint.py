@@ -240,6 +240,13 @@ class ModelCheckpoint(Callback):
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._after_validation = trainer.enable_validation
 
+    def idle_events(self) -> frozenset[str]:
+        # Without every_n_train_steps there is nothing to do after a batch.
+        own = type(self).on_train_batch_end is ModelCheckpoint.on_train_batch_end
+        if self.every_n_train_steps is None and own:
+            return frozenset({"on_train_batch_end"})
+        return frozenset()
+
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

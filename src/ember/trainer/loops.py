@@ -128,6 +128,8 @@ def train_epoch(context: RunContext) -> None:
     validates = context.validation_enabled
     max_steps = settings.max_steps if settings.max_steps != -1 else float("inf")
     stop_vote = context.stop_vote
+    timed = context.deadline != math.inf  # max_time: one clock read per step boundary
+    monotonic = time.monotonic
     log_every = settings.log_every_n_steps
     flushed_at = state.global_step  # the step whose values the loggers last received
     loader.set_epoch(state.epoch)
@@ -199,7 +201,12 @@ def train_epoch(context: RunContext) -> None:
         # process stops at the same step: a stop asked on one is agreed on one step later,
         # without a blocking collective per step (one process: at once).
         if state.accumulation_position == 0:
-            agreed = stop_vote.exchange(preemption.vote(context))
+            # preemption.vote, written out: this runs every step.
+            if timed and monotonic() >= context.deadline:  # max_time
+                context.should_stop = True
+            agreed = stop_vote.exchange(
+                preemption.PREEMPT if context.preempted else context.should_stop
+            )
             if agreed or state.global_step >= max_steps:
                 preemption.act_on(context, agreed)
                 # A stop asked before min_epochs / min_steps waits (decided from the loop
