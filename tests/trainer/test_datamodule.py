@@ -199,3 +199,30 @@ def test_datamodule_defaults_do_nothing() -> None:
     assert data.state_dict() == {} and data.trainer is None and dict(data.hparams) == {}
     loaders = (data.train_dataloader, data.val_dataloader, data.test_dataloader)
     assert all(method() is None for method in (*loaders, data.predict_dataloader))
+
+
+def test_overfit_batches_uses_the_datamodule_loaders() -> None:
+    seen: list[tuple[str, list[float]]] = []
+
+    class Shuffled(DataModule):
+        def train_dataloader(self) -> Any:
+            return loader(32, batch_size=8, shuffle=True)
+
+        def val_dataloader(self) -> Any:
+            return loader(32, batch_size=8, seed=5)
+
+    class Seeing(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(("train", batch[0][:, 0].tolist()))
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            seen.append(("val", batch[0][:, 0].tolist()))
+
+    with pytest.warns(UserWarning, match="overfit_batches"):
+        Trainer(
+            **bare_trainer_kwargs(), max_epochs=1, overfit_batches=2, num_sanity_val_steps=0
+        ).fit(Seeing(), datamodule=Shuffled())
+    first_two = [batch[0][:, 0].tolist() for batch in list(loader(32, batch_size=8))[:2]]
+    assert [values for stage, values in seen if stage == "train"] == first_two  # unshuffled
+    assert [values for stage, values in seen if stage == "val"] == first_two  # the same batches

@@ -708,3 +708,71 @@ def test_an_interrupted_overwrite_gives_the_old_checkpoint_back(saved: Path) -> 
     saved.rename(aside)  # a crash between the two renames of an overwrite
     remove_leftovers(saved.parent)
     assert complete_checkpoints(saved.parent) == [saved]
+
+
+def test_a_stop_held_off_by_min_steps_survives_a_resume(tmp_path: Path) -> None:
+    from ember.callbacks import EarlyStopping
+
+    class Worse(DropoutNet):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("worse", float(self.global_step))
+
+    options = {**bare_trainer_kwargs(), "max_epochs": 6, "min_steps": 25, "num_sanity_val_steps": 0}
+
+    def stopping() -> list[Callback]:
+        return [EarlyStopping("worse", patience=1)]
+
+    ember.seed_everything(0)
+    whole = Worse()
+    whole_trainer = Trainer(callbacks=stopping(), **options)
+    whole_trainer.fit(whole, shuffled(), _val())
+    ember.seed_everything(0)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):  # after the stop was asked (step 20), before step 25
+        Trainer(callbacks=[*stopping(), Crash(22, path)], **options).fit(
+            Worse(), shuffled(), _val()
+        )
+    ember.seed_everything(5)
+    resumed = Worse()
+    trainer = Trainer(callbacks=stopping(), **options)
+    trainer.fit(resumed, shuffled(), _val(), ckpt_path=path)
+    assert trainer.global_step == whole_trainer.global_step == 25
+    _assert_equal(_weights(whole), _weights(resumed))
+
+
+@pytest.mark.parametrize(("at", "event"), [(5, "on_validation_end"), (6, "on_train_batch_end")])
+def test_a_resumed_run_logs_each_step_once(tmp_path: Path, at: int, event: str) -> None:
+    import csv
+
+    from ember.loggers import CSVLogger
+
+    options = {
+        "max_epochs": 1,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "log_every_n_steps": 3,
+        "accumulate_grad_batches": 2,
+        "val_check_interval": 5,
+        "num_sanity_val_steps": 0,
+    }
+
+    def rows(root: Path) -> list[tuple[str, ...]]:
+        with open(root / "ember" / "version_0" / "metrics.csv") as file:
+            return [
+                tuple(f"{key}={value}" for key, value in row.items() if value)
+                for row in csv.DictReader(file)
+            ]
+
+    ember.seed_everything(0)
+    Trainer(logger=CSVLogger(tmp_path / "whole"), **options).fit(DropoutNet(), shuffled(), _val())
+    ember.seed_everything(0)
+    path = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError):
+        Trainer(
+            logger=CSVLogger(tmp_path / "run"), callbacks=[Crash(at, path, event)], **options
+        ).fit(DropoutNet(), shuffled(), _val())
+    ember.seed_everything(3)
+    Trainer(logger=CSVLogger(tmp_path / "run"), **options).fit(
+        DropoutNet(), shuffled(), _val(), ckpt_path=path
+    )
+    assert rows(tmp_path / "run") == rows(tmp_path / "whole")

@@ -30,6 +30,7 @@ from ember.checkpoint.files import (
 from ember.checkpoint.plain import plain_hparams
 from ember.checkpoint.rng import capture_rng
 from ember.errors import CheckpointError, MisconfigurationError
+from ember.trainer import run_control
 
 if TYPE_CHECKING:
     from ember.datamodule import DataModule
@@ -98,6 +99,8 @@ def save(
             # Written by on_train_batch_end or before a validation's values were ready: the
             # validation due after that batch still runs in the resumed fit.
             "batch_end": context.in_batch_end or context.validation_incomplete,
+            # A stop asked before min_epochs / min_steps, still waiting for them.
+            "held_stop": context.should_stop and not run_control.may_stop_early(context),
         },
         "world_size": accelerator.num_processes,
     }
@@ -354,6 +357,7 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
     # ReduceLROnPlateau or a monitor reads before anything is logged again.
     context.resume_latest = (own or ranks[0])["metrics"].get("latest", {})
     context.resume_batch_end = bool(loop.get("batch_end", False)) and not epoch_finished
+    context.should_stop = bool(loop.get("held_stop", False))
     loader = context.train_loader
     if epoch_finished:
         # Written at an epoch's end (before its epoch schedulers stepped): what is left of
@@ -392,12 +396,16 @@ def restore(trainer: Trainer, context: RunContext, checkpoint: Checkpoint) -> No
         accelerator.gradient_state.item_total = (
             items.to(accelerator.device) if isinstance(items, Tensor) else items
         )
+    # What the loggers keep: steps up to the checkpoint's. Written by on_train_batch_end,
+    # nothing of its step had been sent yet (its flush, validation and epoch end come
+    # after): the resumed run sends them again, so the logged rows of that step go too.
+    kept_step = context.state.global_step - (1 if loop.get("batch_end") else 0)
     if context.is_global_zero:
         saved_loggers = state.get("loggers", [])
         for index, logger in enumerate(context.loggers):
             entry = saved_loggers[index] if index < len(saved_loggers) else None
             saved = entry["state"] if entry and entry.get("class") == type(logger).__name__ else {}
-            logger.continue_run(saved, context.state.global_step)
+            logger.continue_run(saved, kept_step)
     context.fire("on_load_checkpoint", state)
 
 

@@ -131,7 +131,6 @@ def train_epoch(context: RunContext) -> None:
     timed = context.deadline != math.inf  # max_time: one clock read per step boundary
     monotonic = time.monotonic
     log_every = settings.log_every_n_steps
-    flushed_at = state.global_step  # the step whose values the loggers last received
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
     if context.resume_metrics is not None:  # an epoch resumed from a checkpoint
@@ -140,7 +139,8 @@ def train_epoch(context: RunContext) -> None:
         # The checkpoint's step values that had not reached the loggers yet: at a flush
         # step they go now, at the checkpoint's step (it was written before that flush),
         # else with the next flush, as in the uninterrupted run.
-        if state.global_step % log_every == 0:
+        if state.global_step % log_every == 0 and state.global_step != state.flushed_step:
+            state.flushed_step = state.global_step
             context.send_to_loggers(metrics.pop_step_metrics())
     # No module.train() here: a submodule the user put in eval mode (a frozen backbone's
     # BatchNorm) stays so; evaluate and predict put every submodule's own mode back.
@@ -192,8 +192,8 @@ def train_epoch(context: RunContext) -> None:
             hook(outputs, batch, batch_idx)
         context.in_batch_end = False
         # After on_train_batch_end, so what it logs goes out with the step it measured.
-        if state.global_step % log_every == 0 and state.global_step != flushed_at:
-            flushed_at = state.global_step
+        if state.global_step % log_every == 0 and state.global_step != state.flushed_step:
+            state.flushed_step = state.global_step
             context.send_to_loggers(metrics.pop_step_metrics())
         if validates and validation_due(context, batch_idx):
             evaluate(context, "validation", context.val_loaders)

@@ -24,6 +24,8 @@ class LoopState:
             (0 when the last processed batch closed its window).
         total_batch_idx: training batches processed over the whole run.
         skipped_steps: updates dropped because a loss was not finite (``"skip"`` mode).
+        flushed_step: the step whose step values the loggers last received (a resumed run
+            does not send that step's values twice).
         validation_batches / test_batches: evaluation batches run so far (the sanity check
             not counted): the step at which their step values reach the loggers.
         stage: "fit", "validate", "test", "predict" or None between calls.
@@ -38,6 +40,7 @@ class LoopState:
     skipped_steps: int = 0
     validation_batches: int = 0
     test_batches: int = 0
+    flushed_step: int = 0
     stage: str | None = None
     sanity_checking: bool = False
 

@@ -581,10 +581,6 @@ class Trainer:
         self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any, ckpt_path: Any
     ) -> None:
         module = context.module
-        if self.overfit_batches:
-            train_dataloaders, val_dataloaders = run_control.overfit_loaders(
-                train_dataloaders, val_dataloaders, overrides(module, "validation_step")
-            )
         # The checkpoint is read and checked before anything changes (after setup, which
         # tells the checkpoint callback its folder).
         path = self._resolve_checkpoint(ckpt_path)
@@ -593,6 +589,10 @@ class Trainer:
         if datamodule is not None:  # its state first: it may decide the loaders it builds
             trainer_checkpoint.restore_datamodule(datamodule, checkpoint)
             train_dataloaders, val_dataloaders = fit_loaders(datamodule, None, None)
+        if self.overfit_batches:
+            train_dataloaders, val_dataloaders = run_control.overfit_loaders(
+                train_dataloaders, val_dataloaders, overrides(module, "validation_step")
+            )
         # Nothing left of an earlier fit's optimizer in the accelerator.
         self.accelerator.free_memory()
         context.prepare_module(self.compile, ("training_step", "validation_step"))
