@@ -174,6 +174,27 @@ def split_size(batch_size: int, world_size: int, what: str) -> int:
     return batch_size // world_size
 
 
+def loading_options(loader: DataLoader) -> dict[str, Any]:
+    """How ``loader`` loads its batches (workers, collate, pinning, generator...): the
+    keyword arguments that build another ``DataLoader`` over the same dataset that loads the
+    same way, whatever order or batching it is given."""
+    options: dict[str, Any] = {
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "generator": loader.generator,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+        "in_order": loader.in_order,
+    }
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+    return options
+
+
 # --- map-style datasets -------------------------------------------------------------------------
 class _PlannedBatches:
     """The per-rank loader's batch sampler (or sampler): the current pass's plan."""
@@ -240,20 +261,7 @@ class IndexSharding:
     def _build_rank_loader(self) -> DataLoader:
         loader = self.loader
         planned = _PlannedBatches(self, self.single)
-        options: dict[str, Any] = {
-            "num_workers": loader.num_workers,
-            "collate_fn": loader.collate_fn,
-            "pin_memory": loader.pin_memory,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "multiprocessing_context": loader.multiprocessing_context,
-            "generator": loader.generator,
-            "persistent_workers": loader.persistent_workers,
-            "pin_memory_device": loader.pin_memory_device,
-            "in_order": loader.in_order,
-        }
-        if loader.num_workers > 0:
-            options["prefetch_factor"] = loader.prefetch_factor
+        options = loading_options(loader)
         if self.single:
             return DataLoader(loader.dataset, batch_size=None, sampler=planned, **options)
         return DataLoader(loader.dataset, batch_sampler=planned, **options)

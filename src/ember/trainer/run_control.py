@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, RandomSampler
 
+from ember.accelerator.sharding import loading_options
 from ember.errors import MisconfigurationError
 
 if TYPE_CHECKING:
@@ -160,12 +161,7 @@ def overfit_loaders(train: Any, val: Any, validates: bool) -> tuple[Any, Any]:
             batch_size=train.batch_size,
             shuffle=False,
             drop_last=train.drop_last,
-            num_workers=train.num_workers,
-            collate_fn=train.collate_fn,
-            pin_memory=train.pin_memory,
-            timeout=train.timeout,
-            worker_init_fn=train.worker_init_fn,
-            persistent_workers=train.persistent_workers,
+            **loading_options(train),
         )
     if validates:
         if val is not None:
