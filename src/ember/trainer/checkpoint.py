@@ -114,9 +114,9 @@ def save(
             scaler=accelerator.precision.state_dict(),
             ranks=ranks,
             callbacks={
-                callback.state_key: callback.state_dict()
-                for callback in trainer.callbacks
-                if callback.state_dict()
+                key: saved
+                for key, saved in ((cb.state_key, cb.state_dict()) for cb in trainer.callbacks)
+                if saved
             },
             loggers=[
                 {"class": type(logger).__name__, "state": logger.checkpoint_state()}
