@@ -47,7 +47,7 @@ from ember.checkpoint.files import (
     FILES,
     TEMPORARY_PREFIX,
     Checkpoint,
-    check_keys,
+    check_weights,
     read_checkpoint,
     write_checkpoint,
 )
@@ -298,7 +298,7 @@ def _check(accelerator: Accelerator, tracked: Tracked, checkpoint: Checkpoint) -
         zip(tracked.models, _saved_weights(checkpoint), strict=True)
     ):
         module = accelerator.unwrap_model(model)
-        _check_weights(path, module, weights, f"prepared model {index} ({type(module).__name__})")
+        check_weights(path, module, weights, f"prepared model {index} ({type(module).__name__})")
     for index, (optimizer, saved) in enumerate(
         zip(tracked.optimizers, state["optimizers"], strict=True)
     ):
@@ -310,21 +310,6 @@ def _check(accelerator: Accelerator, tracked: Tracked, checkpoint: Checkpoint) -
                 f"{sizes}; {type(optimizer.optimizer).__name__} here has groups of sizes "
                 f"{expected}."
             )
-
-
-def _check_weights(path: Path, module: nn.Module, weights: dict[str, Tensor], what: str) -> None:
-    expected = module.state_dict()
-    check_keys(path, list(expected), list(weights), what)
-    wrong = [
-        f"{name} is {tuple(weights[name].shape)} there, {tuple(value.shape)} here"
-        for name, value in expected.items()
-        if isinstance(value, Tensor) and tuple(weights[name].shape) != tuple(value.shape)
-    ]
-    if wrong:
-        raise CheckpointError(
-            f"The checkpoint {str(path)!r} does not fit {what}: {'; '.join(wrong[:5])}"
-            f"{f' and {len(wrong) - 5} more' if len(wrong) > 5 else ''}."
-        )
 
 
 # --- registering and single files ----------------------------------------------------------------

@@ -207,6 +207,26 @@ def check_keys(path: Path, expected: list[str], found: list[str], what: str) -> 
         )
 
 
+def check_weights(
+    path: Path, module: torch.nn.Module, weights: dict[str, Tensor], what: str
+) -> None:
+    """``CheckpointError`` when ``weights`` do not fit ``module`` (``what`` names it): the
+    missing and unexpected keys, or the keys whose shapes differ. Nothing is loaded."""
+    expected = module.state_dict()
+    check_keys(path, list(expected), list(weights), what)
+    wrong = [
+        f"{name}: {tuple(weights[name].shape)} here {tuple(value.shape)}"
+        for name, value in expected.items()
+        if isinstance(value, Tensor) and tuple(weights[name].shape) != tuple(value.shape)
+    ]
+    if wrong:
+        more = f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise CheckpointError(
+            f"The checkpoint {str(path)!r} does not fit {what}: weights of other shapes "
+            f"({'; '.join(wrong[:5])}{more})."
+        )
+
+
 def _few(keys: list[str]) -> str:
     shown = keys[:8]
     more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""

@@ -22,7 +22,7 @@ from torch import Tensor
 from ember.accelerator import distributed
 from ember.checkpoint.files import (
     Checkpoint,
-    check_keys,
+    check_weights,
     complete_checkpoints,
     read_checkpoint,
     write_checkpoint,
@@ -225,23 +225,8 @@ def read_weights_for(module: TrainModule, path: Path) -> dict[str, Tensor]:
     shapes."""
     checkpoint = read_checkpoint(path)
     assert checkpoint.weights is not None
-    _check_weights(path, module, checkpoint.weights)
+    check_weights(path, module, checkpoint.weights, type(module).__name__)
     return checkpoint.weights
-
-
-def _check_weights(path: Path, module: TrainModule, weights: dict[str, Tensor]) -> None:
-    expected = module.state_dict()
-    check_keys(path, list(expected), list(weights), type(module).__name__)
-    wrong = [
-        f"{name}: {tuple(weights[name].shape)} here {tuple(value.shape)}"
-        for name, value in expected.items()
-        if tuple(weights[name].shape) != tuple(value.shape)
-    ]
-    if wrong:
-        raise CheckpointError(
-            f"The checkpoint {str(path)!r} does not fit {type(module).__name__}: weights of "
-            f"other shapes ({'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''})."
-        )
 
 
 def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoint:
@@ -271,7 +256,7 @@ def read_for_fit(trainer: Trainer, module: TrainModule, path: Path) -> Checkpoin
         raise CheckpointError(
             f"{str(path)!r} is not a complete Trainer checkpoint: state.pt lacks {missing}."
         )
-    _check_weights(path, module, checkpoint.weights)
+    check_weights(path, module, checkpoint.weights, type(module).__name__)
     parameters = {name for name, _ in module.named_parameters()}
     for saved in state["ranks"]:
         unknown = sorted(set(saved.get("grads") or {}) - parameters)
