@@ -51,14 +51,23 @@ def find_executable_batch_size(
     RuntimeError saying "out of memory" from the CUDA, MPS or CPU allocator), freeing memory
     between tries. Any other exception passes through.
 
-    Use it as a decorator; the wrapped function is called without the batch size::
+    Use it as a decorator; the wrapped function is called without the batch size.
 
-        @find_executable_batch_size(starting_batch_size=64)
-        def train(batch_size):
-            loader = DataLoader(dataset, batch_size=batch_size)
-            ...
+    Examples:
+        A function that runs out of memory above 16 samples gets 64, 32, then 16:
 
-        train()
+        >>> import torch, ember
+        >>> @ember.find_executable_batch_size(starting_batch_size=64)
+        ... def train(batch_size):
+        ...     print("trying", batch_size)
+        ...     if batch_size > 16:
+        ...         raise torch.OutOfMemoryError("CUDA out of memory")
+        ...     return batch_size
+        >>> train()
+        trying 64
+        trying 32
+        trying 16
+        16
 
     Raises:
         RuntimeError: the batch size reached 0 (even a batch of 1 does not fit).

@@ -28,6 +28,45 @@ if TYPE_CHECKING:
 class DataModule:
     """The data of a run: override the methods you need; every one has a do-nothing default.
 
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset, random_split
+        >>> import ember
+        >>> class Numbers(ember.DataModule):
+        ...     def __init__(self, batch_size: int = 8) -> None:
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        ...
+        ...     def setup(self, stage):
+        ...         x = torch.randn(40, 3)
+        ...         data = TensorDataset(x, x.sum(dim=1, keepdim=True))
+        ...         self.train_set, self.val_set = random_split(data, [32, 8])
+        ...
+        ...     def train_dataloader(self):
+        ...         return DataLoader(self.train_set, batch_size=self.hparams.batch_size)
+        ...
+        ...     def val_dataloader(self):
+        ...         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         return nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        ...
+        ...     def validation_step(self, batch, batch_idx):
+        ...         self.log("val_loss", nn.functional.mse_loss(self.layer(batch[0]), batch[1]))
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> trainer = ember.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+        ...                         enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Regression(), datamodule=Numbers(batch_size=8))
+        >>> trainer.global_step, sorted(trainer.callback_metrics)
+        (4, ['val_loss'])
+
     Attributes:
         hparams: what ``save_hyperparameters()`` recorded (sent to the loggers with the
             module's and saved in checkpoints).

@@ -8,11 +8,35 @@ from __future__ import annotations
 
 
 class MisconfigurationError(ValueError):
-    """A wrong argument or a misuse, raised before any work is lost."""
+    """A wrong argument or a misuse, raised before any work is lost.
+
+    The message names the argument, what was given and what is accepted. It is a
+    ``ValueError``, so code that catches those keeps working.
+
+    Examples:
+        >>> import ember
+        >>> try:
+        ...     ember.Trainer(precision="fp8")
+        ... except ember.MisconfigurationError as error:
+        ...     print("precision" in str(error), isinstance(error, ValueError))
+        True True
+    """
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, truncated, corrupt or does not fit the module."""
+    """A checkpoint that is missing, truncated, corrupt or does not fit the module.
+
+    Raised before anything is changed: the module, optimizers and loop state stay as they
+    were. It is a ``RuntimeError``.
+
+    Examples:
+        >>> import ember
+        >>> try:
+        ...     ember.TrainModule.load_from_checkpoint("no/such/dir")
+        ... except ember.CheckpointError as error:
+        ...     print("no/such/dir" in str(error))
+        True
+    """
 
 
 def not_available_yet(feature: str, instead: str) -> MisconfigurationError:

@@ -104,6 +104,36 @@ class Callback:
     A callback reads the trainer's state and ``trainer.callback_metrics``; it never changes
     the batch or the loss. What it returns from ``state_dict`` is saved in checkpoints under
     ``state_key`` and handed back to ``load_state_dict`` on resume.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> class PrintLoss(ember.Callback):
+        ...     def on_train_epoch_end(self, trainer, module):
+        ...         loss = trainer.callback_metrics["loss"]
+        ...         print(f"epoch {trainer.current_epoch}: loss below 100: {loss < 100}")
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         loss = nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        ...         self.log("loss", loss, on_epoch=True)
+        ...         return loss
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(32, 3)
+        >>> loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+        >>> trainer = ember.Trainer(max_epochs=2, callbacks=[PrintLoss()], logger=False,
+        ...                         enable_checkpointing=False, enable_progress_bar=False,
+        ...                         enable_model_summary=False)
+        >>> trainer.fit(Regression(), loader)
+        epoch 0: loss below 100: True
+        epoch 1: loss below 100: True
     """
 
     #: Judges metrics: at ``on_train_epoch_end`` it runs after the module's hook (which may

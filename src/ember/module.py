@@ -41,7 +41,44 @@ class HyperParameters(dict[str, Any]):
 
 
 class TrainModule(nn.Module, ModuleHooks):
-    """A ``torch.nn.Module`` that knows how to train itself under a ``Trainer``."""
+    """A ``torch.nn.Module`` that knows how to train itself under a ``Trainer``.
+
+    Build the layers in ``__init__`` and write ``training_step`` and
+    ``configure_optimizers``; ``validation_step``, ``test_step`` and ``predict_step`` are
+    optional. ``self.log`` records metrics; ``self.save_hyperparameters()`` keeps the
+    ``__init__`` arguments for the loggers and for ``load_from_checkpoint``. Every event of
+    the loop (``on_train_epoch_start``, ``on_before_optimizer_step``, ...) is a method to
+    override, listed below under ``ModuleHooks``.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self, lr: float = 0.1) -> None:
+        ...         super().__init__()
+        ...         self.save_hyperparameters()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         loss = nn.functional.mse_loss(self.layer(x), y)
+        ...         self.log("train_loss", loss)
+        ...         return loss
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        >>> x = torch.randn(64, 3)
+        >>> loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=16)
+        >>> trainer = ember.Trainer(max_epochs=2, logger=False, enable_checkpointing=False,
+        ...                         enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Regression(lr=0.1), loader)
+        >>> trainer.global_step  # 2 epochs of 4 batches
+        8
+        >>> sorted(trainer.callback_metrics)
+        ['train_loss']
+    """
 
     _trainer: Trainer | None
     hparams: HyperParameters

@@ -45,6 +45,17 @@ def get_logger(name: str, log_level: str | int | None = None) -> MultiProcessAda
 
     ``logger.info(msg, main_process_only=False)`` logs on every process;
     ``in_order=True`` does it process by process.
+
+    Examples:
+        >>> import logging, sys
+        >>> import ember
+        >>> logger = ember.get_logger("my_script")
+        >>> logger.logger.addHandler(logging.StreamHandler(sys.stdout))
+        >>> logger.logger.setLevel(logging.INFO)
+        >>> logger.info("printed once, by the main process")
+        printed once, by the main process
+        >>> logger.info("printed by every process", main_process_only=False)
+        printed by every process
     """
     if log_level is None:
         log_level = os.environ.get("EMBER_LOG_LEVEL") or os.environ.get("ACCELERATE_LOG_LEVEL")

@@ -23,6 +23,15 @@ def seed_everything(seed: int) -> int:
 
     Returns:
         The seed, for logging.
+
+    Examples:
+        >>> import torch, ember
+        >>> ember.seed_everything(42)
+        42
+        >>> first = torch.rand(2)
+        >>> _ = ember.seed_everything(42)
+        >>> torch.equal(first, torch.rand(2))
+        True
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
         raise MisconfigurationError(

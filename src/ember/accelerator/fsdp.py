@@ -55,6 +55,22 @@ class FSDPStrategy(DDPStrategy):
     Mixed precision comes from the accelerator's precision: "bf16-mixed" gathers the weights
     in bf16 and reduces gradients in fp32; "16-mixed" likewise in fp16, with the loss scaler
     (its inf check is reduced over every shard, so all processes skip together).
+
+    Examples:
+        Shard each transformer block, then the root, over two GPUs in bf16:
+
+        ```python
+        import ember
+
+        strategy = ember.FSDPStrategy(shard_modules=["TransformerBlock"])
+        trainer = ember.Trainer(
+            accelerator="cuda", devices=2, strategy=strategy, precision="bf16-mixed"
+        )
+        trainer.fit(module, train_loader)
+        ```
+
+        ``strategy="fsdp"`` is the same with the defaults. See ``docs/fsdp.md`` for
+        checkpoints under FSDP and what runs on CPU.
     """
 
     wraps_module = True

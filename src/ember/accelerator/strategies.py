@@ -32,7 +32,18 @@ STRATEGIES = ("auto", "ddp", "fsdp")
 
 class DistributedType(str, Enum):
     """How the processes share the work (Accelerate's names; ember reports ``NO``,
-    ``MULTI_CPU``, ``MULTI_GPU`` and ``FSDP``, never the others)."""
+    ``MULTI_CPU``, ``MULTI_GPU`` and ``FSDP``, never the others).
+
+    It is a ``str`` enum, so it also compares equal to its name.
+
+    Examples:
+        >>> import ember
+        >>> accelerator = ember.Accelerator(cpu=True)  # one process
+        >>> accelerator.distributed_type
+        <DistributedType.NO: 'NO'>
+        >>> accelerator.distributed_type == ember.DistributedType.NO == "NO"
+        True
+    """
 
     NO = "NO"
     MULTI_CPU = "MULTI_CPU"
@@ -267,6 +278,21 @@ class DDPStrategy(SingleDeviceStrategy):
         static_graph: the graph is the same every step (lets DDP optimise).
         timeout: how long a collective may wait for the other processes before failing
             (``EMBER_COLLECTIVE_TIMEOUT``, in seconds, overrides it).
+
+    Examples:
+        Pass it as the Trainer's (or the Accelerator's) ``strategy`` when the defaults of
+        ``strategy="ddp"`` do not fit, and start the processes with ``ember launch`` (or
+        ``devices=N`` from plain ``python``):
+
+        ```python
+        from datetime import timedelta
+
+        import ember
+
+        strategy = ember.DDPStrategy(find_unused_parameters=True, timeout=timedelta(minutes=5))
+        trainer = ember.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=3)
+        trainer.fit(module, train_loader)  # two processes, each on half of the batches
+        ```
     """
 
     wraps_module = True

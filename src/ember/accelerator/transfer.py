@@ -33,6 +33,19 @@ class DataLoaderConfiguration:
         data_seed: the seed of that sampler.
         non_blocking: copy batches to the device asynchronously (needs pinned memory).
         use_stateful_dataloader: use ``torchdata``'s ``StatefulDataLoader``.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader
+        >>> import ember
+        >>> config = ember.DataLoaderConfiguration(use_seedable_sampler=True, data_seed=7)
+        >>> accelerator = ember.Accelerator(cpu=True, dataloader_config=config)
+        >>> loader = accelerator.prepare(DataLoader(torch.arange(10), batch_size=5, shuffle=True))
+        >>> first = [batch.tolist() for batch in loader]
+        >>> again = ember.Accelerator(cpu=True, dataloader_config=config).prepare(
+        ...     DataLoader(torch.arange(10), batch_size=5, shuffle=True))
+        >>> [batch.tolist() for batch in again] == first  # the same seed, the same order
+        True
     """
 
     split_batches: bool = False

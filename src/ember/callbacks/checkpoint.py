@@ -93,6 +93,43 @@ class ModelCheckpoint(Callback):
         best_k_models: path -> monitored value of each kept checkpoint (None without monitor).
         kth_best_model_path: the kept checkpoint the next better one replaces.
         last_model_path: the newest ``last`` checkpoint ("" before any).
+
+    Examples:
+        Keep the checkpoint with the lowest training loss, plus the latest to resume from:
+
+        >>> import os
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> from ember.callbacks import ModelCheckpoint
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         loss = nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        ...         self.log("train_loss", loss, on_step=False, on_epoch=True)
+        ...         return loss
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> _ = ember.seed_everything(0)
+        >>> x = torch.randn(32, 3)
+        >>> loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+        >>> checkpoint = ModelCheckpoint(dirpath="checkpoints", monitor="train_loss",
+        ...                              save_top_k=1, save_last=True)
+        >>> trainer = ember.Trainer(max_epochs=2, callbacks=[checkpoint], logger=False,
+        ...                         enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(Regression(), loader)
+        >>> sorted(os.listdir("checkpoints"))  # epoch=0-step=4 is no longer the best: deleted
+        ['epoch=1-step=8', 'last-step=8']
+        >>> os.path.basename(checkpoint.best_model_path)
+        'epoch=1-step=8'
+
+        Resume from the latest with ``trainer.fit(module, loader, ckpt_path="last")``, or
+        load the best weights with ``Regression.load_from_checkpoint(checkpoint.best_model_path)``.
     """
 
     monitors = True

@@ -47,6 +47,18 @@ class EarlyStopping(Callback):
         wait_count: checks since the last improvement.
         best_score: the best value seen (``inf`` for "min", ``-inf`` for "max" before any).
         reason: why it stopped, in words (None until it stops).
+
+    Examples:
+        >>> import ember
+        >>> from ember.callbacks import EarlyStopping
+        >>> early_stopping = EarlyStopping(monitor="val_loss", patience=3, min_delta=0.01)
+        >>> trainer = ember.Trainer(max_epochs=100, callbacks=[early_stopping], logger=False)
+        >>> early_stopping.best_score, early_stopping.wait_count
+        (inf, 0)
+
+        ``trainer.fit(module, train_loader, val_loader)`` then stops once ``val_loss`` (logged
+        by the module's ``validation_step``) has not dropped by more than 0.01 for 3
+        validations in a row; ``early_stopping.reason`` says why it stopped.
     """
 
     monitors = True

@@ -38,6 +38,20 @@ class LearningRateMonitor(Callback):
 
     Args:
         logging_interval: None, "step" or "epoch".
+
+    Examples:
+        ```python
+        from ember import Trainer
+        from ember.callbacks import LearningRateMonitor
+        from ember.loggers import CSVLogger
+
+        trainer = Trainer(
+            max_epochs=10,
+            callbacks=[LearningRateMonitor(logging_interval="step")],
+            logger=CSVLogger("logs"),  # it needs a logger
+        )
+        trainer.fit(module, train_loader)  # metrics.csv gains a column "lr-AdamW"
+        ```
     """
 
     def __init__(self, logging_interval: str | None = None) -> None:

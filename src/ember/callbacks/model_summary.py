@@ -24,6 +24,41 @@ class ModelSummary(Callback):
         max_depth: 1: the module's direct children; n: n levels of nesting; -1: every layer;
             0: no summary.
         stream: where to print (default: standard output).
+
+    Examples:
+        >>> import io
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> from ember.callbacks import ModelSummary
+        >>> class Classifier(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        ...         self.head = nn.Linear(8, 2)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         return nn.functional.cross_entropy(self.head(self.body(batch[0])), batch[1])
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.zeros(8).long()),
+        ...                     batch_size=4)
+        >>> text = io.StringIO()
+        >>> trainer = ember.Trainer(max_steps=1, callbacks=[ModelSummary(stream=text)],
+        ...                         logger=False, enable_checkpointing=False,
+        ...                         enable_progress_bar=False)
+        >>> trainer.fit(Classifier(), loader)
+        >>> print(text.getvalue(), end="")
+          | Name | Type       | Params
+        ------------------------------
+        0 | body | Sequential | 40
+        1 | head | Linear     | 18
+        58         Trainable params
+        0          Non-trainable params
+        58         Total params
+        0.000      Total estimated model params size (MB)
     """
 
     def __init__(self, max_depth: int = 1, stream: TextIO | None = None) -> None:
