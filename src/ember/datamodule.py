@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 class DataModule:
     """The data of a run: override the methods you need; every one has a do-nothing default.
 
+    Attributes:
+        hparams: what ``save_hyperparameters()`` recorded (sent to the loggers with the
+            module's and saved in checkpoints).
+        trainer: the Trainer running it (None before the first run).
+
     Examples:
         >>> import torch
         >>> from torch import nn
@@ -66,11 +71,6 @@ class DataModule:
         >>> trainer.fit(Regression(), datamodule=Numbers(batch_size=8))
         >>> trainer.global_step, sorted(trainer.callback_metrics)
         (4, ['val_loss'])
-
-    Attributes:
-        hparams: what ``save_hyperparameters()`` recorded (sent to the loggers with the
-            module's and saved in checkpoints).
-        trainer: the Trainer running it (None before the first run).
     """
 
     def __init__(self) -> None:
