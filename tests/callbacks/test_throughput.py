@@ -348,3 +348,45 @@ def test_the_monitor_looks_up_its_device_and_precision(
     _fit(module, epochs=1, monitor=ThroughputMonitor(flops_per_sample=1e12), precision="bf16-mixed")
     assert asked == [("cpu", "bf16")]
     assert [value for _, _, value in module.logged] == [pytest.approx(16e12 / 121e12)] * 3
+
+
+class Elementwise(TinyModule):
+    """No matrix product: FlopCounterMode counts nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale).sum(dim=1, keepdim=True)
+
+
+def test_nothing_counted_says_so_and_logs_no_flops() -> None:
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    logger = MemoryLogger()
+    options = {**bare_trainer_kwargs(), "logger": logger, "log_every_n_steps": 1}
+    with pytest.warns(UserWarning, match=r"no FLOPs were counted.*flops_per_sample="):
+        Trainer(max_epochs=1, callbacks=[monitor], **options).fit(Elementwise(), loader(32))
+    names = {name for _, metrics in logger.metrics for name in metrics}
+    assert SAMPLES in names and FLOPS not in names and MFU not in names
+
+
+def test_the_counted_batch_is_not_timed(clock: Clock) -> None:
+    class SlowFirstBatch(Timed):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.global_step == 0:
+                self.clock.now += 10.0  # counting makes the first batch slow
+            return super().training_step(batch, batch_idx)
+
+    module = SlowFirstBatch(clock, names=(SAMPLES, FLOPS))
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    _fit(module, epochs=1, monitor=monitor)
+    assert monitor.flops_per_sample is not None and monitor.flops_per_sample > 0
+    # Step 2's window holds batch 2 only (8 samples in 0.5 s), not the counted batch 1.
+    assert [(step, value) for step, name, value in module.logged if name == SAMPLES] == [
+        (2, 16.0),
+        (4, 16.0),
+        (6, 16.0),
+    ]
+    flops = [value for _, name, value in module.logged if name == FLOPS]
+    assert flops == [pytest.approx(16.0 * monitor.flops_per_sample)] * 3
