@@ -1,19 +1,26 @@
-"""ThroughputMonitor: when it logs, what it measures (on a scripted clock), no per-batch sync."""
+"""ThroughputMonitor: when it logs, what it measures (on a scripted clock), no per-batch sync,
+FLOPs counted without changing training, MFU against the peak table."""
 
 from __future__ import annotations
 
+import io
 import types
 from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from torch.utils.flop_counter import FlopCounterMode
 
-from ember import Trainer
-from ember.callbacks import ThroughputMonitor
+from ember import MisconfigurationError, Trainer
+from ember.callbacks import ProgressBar, ThroughputMonitor
+from ember.callbacks.device_peaks import device_peak_flops, peak_flops
 from tests.helpers import MemoryLogger, TinyModule, bare_trainer_kwargs, loader
 
 SAMPLES = "throughput/samples_per_sec"
 ITEMS = "throughput/items_per_sec"
+FLOPS = "throughput/flops_per_sec"
+MFU = "throughput/mfu"
 
 
 class Clock:
@@ -30,14 +37,17 @@ class Timed(TinyModule):
     """Each training batch takes 0.5 s and each validation batch 10 s on ``clock``; records
     every value logged under ``throughput/`` with the step it was logged at."""
 
-    def __init__(self, clock: Clock, num_items: str | None = None) -> None:
+    def __init__(
+        self, clock: Clock, num_items: str | None = None, names: tuple[str, ...] = (SAMPLES, ITEMS)
+    ) -> None:
         super().__init__()
         self.clock = clock
         self.num_items = num_items
+        self.names = names
         self.logged: list[tuple[int, str, float]] = []
 
     def log(self, name: str, value: Any, **kwargs: Any) -> None:
-        if name.startswith("throughput/"):
+        if name in self.names:
             self.logged.append((self.global_step, name, float(value)))
         super().log(name, value, **kwargs)
 
@@ -68,9 +78,17 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return clock
 
 
-def _fit(module: TinyModule, samples: int = 48, epochs: int = 2, **kwargs: Any) -> Trainer:
+def _fit(
+    module: TinyModule,
+    samples: int = 48,
+    epochs: int = 2,
+    monitor: ThroughputMonitor | None = None,
+    **kwargs: Any,
+) -> Trainer:
     options = {"log_every_n_steps": 2, "num_sanity_val_steps": 0, **bare_trainer_kwargs(), **kwargs}
-    trainer = Trainer(max_epochs=epochs, callbacks=[ThroughputMonitor()], **options)
+    # Known FLOPs and peak unless a test gives its own monitor: no counting, no warning.
+    monitor = monitor or ThroughputMonitor(flops_per_sample=10.0, peak_flops=1e3)
+    trainer = Trainer(max_epochs=epochs, callbacks=[monitor], **options)
     trainer.fit(module, loader(samples, batch_size=8), loader(16, batch_size=8))
     return trainer
 
@@ -162,7 +180,7 @@ def test_no_host_sync_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
             return original(self)
 
         monkeypatch.setattr(torch.Tensor, "item", counting)
-        callbacks = [ThroughputMonitor()] if monitor else []
+        callbacks = [ThroughputMonitor(flops_per_sample=10.0, peak_flops=1e3)] if monitor else []
         trainer = Trainer(
             max_epochs=1, log_every_n_steps=1000, callbacks=callbacks, **bare_trainer_kwargs()
         )
@@ -173,3 +191,202 @@ def test_no_host_sync_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     extra_short = count_items(128, True) - count_items(128, False)  # 16 batches
     extra_long = count_items(512, True) - count_items(512, False)  # 64 batches
     assert extra_short == extra_long
+
+
+# --- FLOP/s and MFU ------------------------------------------------------------------------------
+
+
+def test_flops_and_mfu_from_given_numbers(clock: Clock) -> None:
+    module = Timed(clock, names=(SAMPLES, FLOPS, MFU))
+    monitor = ThroughputMonitor(flops_per_sample=1500.0, peak_flops=8000.0)
+    trainer = _fit(module, epochs=1, monitor=monitor)
+    # By hand: 16 samples/s x 1500 FLOPs = 24000 FLOP/s; 24000 / 8000 (one device) = 3.
+    by_step: dict[int, dict[str, float]] = {}
+    for step, name, value in module.logged:
+        by_step.setdefault(step, {})[name] = value
+    assert by_step == {step: {SAMPLES: 16.0, FLOPS: 24000.0, MFU: 3.0} for step in (2, 4, 6)}
+    assert trainer.callback_metrics[MFU] == pytest.approx(3.0)
+
+
+def test_no_mfu_without_a_known_peak_and_it_says_so(clock: Clock) -> None:
+    module = Timed(clock, names=(SAMPLES, FLOPS, MFU))
+    with pytest.warns(UserWarning, match=r"mfu is not logged.*'cpu'.*peak_flops=") as caught:
+        _fit(module, epochs=1, monitor=ThroughputMonitor(flops_per_sample=100.0))
+    assert len([w for w in caught if "mfu is not logged" in str(w.message)]) == 1
+    assert {name for _, name, _ in module.logged} == {SAMPLES, FLOPS}
+    assert all(value == 1600.0 for _, name, value in module.logged if name == FLOPS)
+
+
+def _mlp() -> TinyModule:
+    return TinyModule(hidden=8)
+
+
+def test_counted_flops_equal_flop_counter_mode_by_hand() -> None:
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    Trainer(max_epochs=1, callbacks=[monitor], **bare_trainer_kwargs()).fit(
+        _mlp(), loader(32, batch_size=8)
+    )
+    # The same model (same seed) and first batch, forward and backward under the counter.
+    module = _mlp()
+    x, y = next(iter(loader(32, batch_size=8)))
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.mse_loss(module(x), y).backward()
+    assert counter.get_total_flops() > 0
+    assert monitor.flops_per_sample == counter.get_total_flops() / 8
+
+
+class Noisy(TinyModule):
+    """Dropout in the step: any change to the random stream would change the weights."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        noisy = torch.nn.functional.dropout(x, p=0.3, training=True)
+        return torch.nn.functional.mse_loss(self(noisy), y)
+
+
+def test_counting_flops_leaves_training_unchanged() -> None:
+    def train(callbacks: list[Any]) -> TinyModule:
+        torch.manual_seed(1)
+        module = Noisy(hidden=8)
+        options = {**bare_trainer_kwargs(), "log_every_n_steps": 1}
+        Trainer(max_epochs=2, callbacks=callbacks, **options).fit(module, loader(48, batch_size=8))
+        return module
+
+    plain = train([])
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    watched = train([monitor])
+    assert monitor.flops_per_sample is not None and monitor.flops_per_sample > 0
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None and b.grad is not None:
+            assert torch.equal(a.grad, b.grad), name
+    assert not _get_current_dispatch_mode_stack()  # the counting mode was left
+
+
+def test_values_show_in_the_progress_bar() -> None:
+    stream = io.StringIO()
+    monitor = ThroughputMonitor(flops_per_sample=100.0, peak_flops=1e9)
+    Trainer(
+        max_epochs=1,
+        log_every_n_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[ProgressBar(stream=stream), monitor],
+    ).fit(TinyModule(), loader(32))
+    line = stream.getvalue()
+    assert f"{SAMPLES}=" in line and f"{MFU}=" in line
+    assert FLOPS not in line  # in the loggers, not in the bar
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(MisconfigurationError, match=r"flops_per_sample=-1\).*positive number"):
+        ThroughputMonitor(flops_per_sample=-1)
+    with pytest.raises(MisconfigurationError, match=r"peak_flops='a100'\).*positive number"):
+        ThroughputMonitor(peak_flops="a100")  # type: ignore[arg-type]
+
+
+# --- the peak table ------------------------------------------------------------------------------
+
+TERA = 1e12
+
+
+@pytest.mark.parametrize(
+    ("device_name", "precision", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.5 * TERA),  # SXM
+        ("NVIDIA H100 PCIe", "fp16", 756.5 * TERA),
+        ("NVIDIA H100 NVL", "bf16-true", 835.5 * TERA),
+        ("NVIDIA H200", "bf16", 989.5 * TERA),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312 * TERA),
+        ("NVIDIA A100 80GB PCIe", "no", 19.5 * TERA),  # TF32 off: plain FP32
+        ("NVIDIA A10G", "fp16", 125 * TERA),
+        ("NVIDIA L4", "bf16", 121 * TERA),
+        ("NVIDIA L40S", "bf16", 362 * TERA),  # not taken for an L4
+        ("Tesla V100-SXM2-16GB", "fp16", 125 * TERA),
+        ("Tesla V100-PCIE-32GB", "fp16", 112 * TERA),
+        ("Tesla T4", "fp16", 65 * TERA),
+        ("Tesla T4", "bf16", None),  # no bf16 tensor cores
+        ("NVIDIA GeForce RTX 4090", "bf16", 165.2 * TERA),
+        ("NVIDIA GeForce RTX 3090", "fp16", 71 * TERA),
+        ("NVIDIA GeForce RTX 3090 Ti", "fp16", 80 * TERA),
+        ("Some Future GPU", "bf16", None),
+    ],
+)
+def test_peak_table_lookup(
+    monkeypatch: pytest.MonkeyPatch, device_name: str, precision: str, expected: float | None
+) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)
+    monkeypatch.setattr("ember.callbacks.device_peaks.tf32_allowed", lambda: False)
+    assert device_peak_flops(torch.device("cuda", 0), precision) == expected
+
+
+def test_fp32_takes_the_tf32_rate_when_pytorch_allows_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    monkeypatch.setattr("ember.callbacks.device_peaks.tf32_allowed", lambda: True)
+    assert device_peak_flops(torch.device("cuda"), "no") == 156 * TERA
+    assert device_peak_flops(torch.device("cuda"), "32-true") == 156 * TERA
+    assert device_peak_flops(torch.device("cuda"), "16-mixed") == 312 * TERA
+
+
+def test_no_peak_on_a_cpu() -> None:
+    assert device_peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_the_monitor_looks_up_its_device_and_precision(
+    clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[tuple[str, str]] = []
+
+    def lookup(device: torch.device, precision: str) -> float:
+        asked.append((device.type, precision))
+        return peak_flops("NVIDIA L4", precision, tf32=False) or 0.0
+
+    monkeypatch.setattr("ember.callbacks.throughput.device_peak_flops", lookup)
+    module = Timed(clock, names=(MFU,))
+    _fit(module, epochs=1, monitor=ThroughputMonitor(flops_per_sample=1e12), precision="bf16-mixed")
+    assert asked == [("cpu", "bf16")]
+    assert [value for _, _, value in module.logged] == [pytest.approx(16e12 / 121e12)] * 3
+
+
+class Elementwise(TinyModule):
+    """No matrix product: FlopCounterMode counts nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale).sum(dim=1, keepdim=True)
+
+
+def test_nothing_counted_says_so_and_logs_no_flops() -> None:
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    logger = MemoryLogger()
+    options = {**bare_trainer_kwargs(), "logger": logger, "log_every_n_steps": 1}
+    with pytest.warns(UserWarning, match=r"no FLOPs were counted.*flops_per_sample="):
+        Trainer(max_epochs=1, callbacks=[monitor], **options).fit(Elementwise(), loader(32))
+    names = {name for _, metrics in logger.metrics for name in metrics}
+    assert SAMPLES in names and FLOPS not in names and MFU not in names
+
+
+def test_the_counted_batch_is_not_timed(clock: Clock) -> None:
+    class SlowFirstBatch(Timed):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.global_step == 0:
+                self.clock.now += 10.0  # counting makes the first batch slow
+            return super().training_step(batch, batch_idx)
+
+    module = SlowFirstBatch(clock, names=(SAMPLES, FLOPS))
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    _fit(module, epochs=1, monitor=monitor)
+    assert monitor.flops_per_sample is not None and monitor.flops_per_sample > 0
+    # Step 2's window holds batch 2 only (8 samples in 0.5 s), not the counted batch 1.
+    assert [(step, value) for step, name, value in module.logged if name == SAMPLES] == [
+        (2, 16.0),
+        (4, 16.0),
+        (6, 16.0),
+    ]
+    flops = [value for _, name, value in module.logged if name == FLOPS]
+    assert flops == [pytest.approx(16.0 * monitor.flops_per_sample)] * 3

@@ -1,15 +1,19 @@
-"""``ThroughputMonitor``: samples (and items) per second of training, logged every few steps."""
+"""``ThroughputMonitor``: samples (and items) per second of training, FLOP/s and MFU."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from ember.accelerator.data import infer_batch_size
+from ember.callbacks.device_peaks import device_peak_flops
+from ember.errors import MisconfigurationError
 from ember.hooks import Callback
 
 if TYPE_CHECKING:
@@ -19,26 +23,63 @@ if TYPE_CHECKING:
 _FOLD_EVERY = 256  # sum the pending item-count tensors this often (bounded memory, no sync)
 
 
+def _check_positive(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise MisconfigurationError(
+            f"`ThroughputMonitor({name}={value!r})` is not supported: use a positive number "
+            f"(FLOPs{'/s' if name == 'peak_flops' else ''}) or None."
+        )
+
+
 class ThroughputMonitor(Callback):
-    """Logs ``throughput/samples_per_sec`` and, when reported, ``throughput/items_per_sec``.
+    """Logs training throughput every ``trainer.log_every_n_steps`` optimizer steps.
 
-    Every ``trainer.log_every_n_steps`` optimizer steps it logs the samples (the first
-    dimension of each batch) processed since its last value, divided by the wall time they
-    took. When ``training_step`` returns a dict with ``"num_items"`` (tokens, say), it also
-    logs those items per second. Validation time is left out, and the clock restarts at each
-    training epoch, so set-up and the previous epoch's tail do not count.
+    - ``throughput/samples_per_sec``: samples (the first dimension of each batch) processed
+      since the last value, divided by the wall time they took;
+    - ``throughput/items_per_sec``: when ``training_step`` returns a dict with
+      ``"num_items"`` (tokens, say), those items per second;
+    - ``throughput/flops_per_sec``: samples per second times the FLOPs of one sample's
+      forward and backward;
+    - ``throughput/mfu``: the model FLOPs utilization, FLOP/s divided by the devices' dense
+      peak (``ember.callbacks.device_peaks`` for the GPU and the Trainer's precision, or
+      ``peak_flops``). Not logged on a CPU or an unknown GPU unless ``peak_flops`` is given.
 
-    The clock is the host's (``time.perf_counter``). On a GPU the host runs ahead of the
-    device by a few queued kernels, so a single value can be off by that much; over a window
-    of many steps the queue is bounded and the rate is right. Nothing here waits for the
-    device: ``num_items`` tensors are summed on the device and read only when the value is
-    sent to the loggers.
+    Samples, items per second and MFU also show in the progress bar.
 
-    With several processes the rates are this process's, multiplied by the number of
-    processes (ember gives every process batches of the same size).
+    FLOPs per sample: with ``flops_per_sample=None`` they are counted on the first training
+    batch with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions,
+    attention of the real forward and backward; nothing runs twice and training is unchanged)
+    and divided by its batch size. That batch is left out of the timing. Give the number
+    yourself when the count is not what you want (a compiled model, a step whose work varies
+    with the batch; for a transformer about ``6 * parameters * tokens_per_sample``).
+
+    Validation time is left out, and the clock restarts at each training epoch. The clock is
+    the host's: nothing here waits for the device (``num_items`` tensors are summed on the
+    device and read only when the value is sent to the loggers), so a single value can be off
+    by the few kernels the host runs ahead; over many steps the rate is right.
+
+    With several processes the rates are this process's times the number of processes
+    (ember gives every process batches of the same size), and the MFU divides by the peak of
+    all of them.
+
+    Args:
+        flops_per_sample: FLOPs of one sample's forward and backward; None counts them.
+        peak_flops: dense peak FLOP/s of one device; None looks the device up.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, flops_per_sample: float | None = None, peak_flops: float | None = None):
+        _check_positive("flops_per_sample", flops_per_sample)
+        _check_positive("peak_flops", peak_flops)
+        self._given_flops = flops_per_sample
+        self._given_peak = peak_flops
+        #: FLOPs of one sample's forward and backward in use (given, or counted on the first
+        #: batch; None until then)
+        self.flops_per_sample: float | None = flops_per_sample
+        #: dense peak FLOP/s of one device in use (None: MFU is not logged)
+        self.peak_flops: float | None = peak_flops
+        self._counter: FlopCounterMode | None = None
         self._window_start = 0.0
         self._paused_since: float | None = None
         self._paused = 0.0  # validation time inside the current window
@@ -60,9 +101,30 @@ class ThroughputMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._reset(trainer)
+        self.flops_per_sample = self._given_flops  # counted again for each fit
+        self.peak_flops = self._given_peak
+        if self.peak_flops is None:
+            accelerator = trainer.accelerator
+            self.peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
+            if self.peak_flops is None and trainer.is_global_zero:
+                warnings.warn(
+                    "ThroughputMonitor: throughput/mfu is not logged: the peak FLOP/s of "
+                    f"{_device_name(accelerator.device)} at precision "
+                    f"{accelerator.mixed_precision!r} is not known. Pass "
+                    "ThroughputMonitor(peak_flops=...) (dense FLOP/s of one device) to log it.",
+                    stacklevel=2,
+                )
 
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._reset(trainer)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.flops_per_sample is None and self._counter is None:
+            # Counts what runs until on_train_batch_end: the step's forward and backward.
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
 
     def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
         if trainer.state.stage == "fit" and not trainer.sanity_checking:
@@ -76,6 +138,10 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._counter is not None:
+            self._finish_count(batch)
+            self._reset(trainer)  # the counted batch ran slower: it is not timed
+            return
         self._samples += infer_batch_size(batch)
         if isinstance(outputs, Mapping):
             num_items = outputs.get("num_items")
@@ -84,6 +150,28 @@ class ThroughputMonitor(Callback):
         step = trainer.global_step
         if step != self._last_step and step % trainer.log_every_n_steps == 0:
             self._log(trainer, module)
+
+    def _finish_count(self, batch: Any) -> None:
+        counter = self._counter
+        assert counter is not None
+        self._counter = None
+        counter.__exit__(None, None, None)
+        total = counter.get_total_flops()
+        if total > 0:
+            self.flops_per_sample = total / infer_batch_size(batch)
+        else:
+            self.flops_per_sample = 0.0  # not counted again
+            warnings.warn(
+                "ThroughputMonitor: no FLOPs were counted in the first training batch (no "
+                "matrix product or convolution seen), so throughput/flops_per_sec and "
+                "throughput/mfu are not logged. Pass ThroughputMonitor(flops_per_sample=...).",
+                stacklevel=2,
+            )
+
+    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+        if self._counter is not None:  # never leave the counting mode on
+            counter, self._counter = self._counter, None
+            counter.__exit__(None, None, None)
 
     def _add_items(self, num_items: Any) -> None:
         self._has_items = True
@@ -99,23 +187,28 @@ class ThroughputMonitor(Callback):
         elapsed = now - self._window_start - self._paused
         if elapsed > 0:
             scale = trainer.world_size / elapsed
-            module.log(
-                "throughput/samples_per_sec",
-                self._samples * scale,
-                on_step=True,
-                on_epoch=False,
-                logger=True,
-            )
+            samples_per_sec = self._samples * scale
+            _log(module, "throughput/samples_per_sec", samples_per_sec, prog_bar=True)
             if self._has_items:
                 items: Tensor | int = self._items_count
                 if self._items:  # stays a device tensor: read only when flushed
                     items = torch.stack(self._items).sum() + self._items_count
-                module.log(
-                    "throughput/items_per_sec",
-                    items * scale,
-                    on_step=True,
-                    on_epoch=False,
-                    logger=True,
-                )
+                _log(module, "throughput/items_per_sec", items * scale, prog_bar=True)
+            if self.flops_per_sample:
+                flops_per_sec = samples_per_sec * self.flops_per_sample
+                _log(module, "throughput/flops_per_sec", flops_per_sec, prog_bar=False)
+                if self.peak_flops is not None:
+                    mfu = flops_per_sec / (self.peak_flops * trainer.world_size)
+                    _log(module, "throughput/mfu", mfu, prog_bar=True)
         self._reset(trainer)
         self._window_start = now
+
+
+def _log(module: TrainModule, name: str, value: Any, prog_bar: bool) -> None:
+    module.log(name, value, on_step=True, on_epoch=False, prog_bar=prog_bar, logger=True)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"the GPU {torch.cuda.get_device_name(device)!r}"
+    return f"the device {str(device)!r}"
