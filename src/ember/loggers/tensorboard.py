@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 _LOGGER = "TensorBoardLogger"
 # The start of an event file's name, with the second it was opened in.
 _EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
-# The Trainer's run statuses as the HParams plugin's; "interrupted" is neither outcome.
-_SESSION_STATUS = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
 
 
 def tensorboard_available() -> bool:
@@ -43,7 +41,12 @@ class TensorBoardLogger(FolderLogger):
 
     Each metric is a scalar under its logged name at the given step. Hyperparameters go to
     TensorBoard's HParams tab (nested dicts flattened to ``outer/inner``) and to
-    ``hparams.yaml`` next to the event files.
+    ``hparams.yaml`` next to the event files. In the HParams tab each run (version folder)
+    is a row: its hyperparameters, then one column per scalar holding the scalar's latest
+    value (TensorBoard reads it from the run's scalars, so it is the final metric once the
+    run ended), and the run's status: "success" once ``finalize("success")`` ran, else
+    none (TensorBoard shows the first status a folder holds, and a failed run may be resumed
+    into the same folder; the failure shows in the Trainer's error and in W&B).
 
     Creating the logger checks that ``tensorboard`` is installed, without importing it, and
     touches nothing on disk. The version folder is picked and created on first use, like
@@ -122,15 +125,19 @@ class TensorBoardLogger(FolderLogger):
             self._writer.flush()
 
     def finalize(self, status: str) -> None:
-        """Record ``status`` in the HParams tab (if hparams were logged); close the writer.
+        """Record a "success" in the HParams tab (if hparams were logged); close the writer.
 
-        A later write opens a new event file in the same folder.
+        The Trainer does not call this after each ``fit`` / ``test`` (it calls ``save``): it
+        runs once, at process exit, unless you call it first. A later write opens a new
+        event file in the same folder.
         """
         self._write_hparams_summary()
         if self._writer is None:
             return
-        if self._hparams:
-            self._file_writer().add_summary(_session_end_summary(status))
+        # Only a success is written: TensorBoard keeps the first status a folder holds, and
+        # a failed or interrupted run may be resumed into the same folder and succeed.
+        if self._hparams and status == "success":
+            self._file_writer().add_summary(_session_end_summary())
         self._writer.close()
         self._writer = None
 
@@ -152,18 +159,17 @@ class TensorBoardLogger(FolderLogger):
         self._purge_step = step + 1
 
     def _write_hparams_summary(self) -> None:
-        """Write the HParams tab's summaries once per logger, when there are hparams."""
+        """Write the HParams tab's session start (the hyperparameters) once per writer."""
         if self._hparams_in_events or not self._hparams:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        # No metrics are declared: the HParams tab then lists the hyperparameters of each
-        # run, and the scalars stay in the Scalars tab. torch's session-end summary says
-        # "success" before the run has ended; finalize() writes the real status instead.
-        experiment, session_start, _ = hparams(_flatten(sanitize(self._hparams)), metric_dict={})
-        file_writer = self._file_writer()
-        file_writer.add_summary(experiment)
-        file_writer.add_summary(session_start)
+        # Only the session start: no experiment summary. TensorBoard then builds the HParams
+        # tab from every run's session start, with one metric column per scalar of the runs,
+        # showing each scalar's latest value. An experiment summary would fix the columns to
+        # those it names, and TensorBoard reads one for all runs under its --logdir.
+        _, session_start, _ = hparams(_flatten(sanitize(self._hparams)), metric_dict={})
+        self._file_writer().add_summary(session_start)
         self._hparams_in_events = True
 
     def _file_writer(self) -> Any:
@@ -189,8 +195,8 @@ def _wait_to_sort_after(folder: Path) -> None:
         time.sleep(int(now) + 1 - now)
 
 
-def _session_end_summary(status: str) -> Any:
-    """The HParams plugin's "session ended" summary with ``status`` and the time now."""
+def _session_end_summary() -> Any:
+    """The HParams plugin's "session ended" summary: a success, at the time now."""
     # Built by hand: tensorboard's own helper for it imports tensorflow.
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams.api_pb2 import Status
@@ -202,7 +208,7 @@ def _session_end_summary(status: str) -> Any:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 
     session_end = SessionEndInfo(
-        status=Status.Value(_SESSION_STATUS.get(status, "STATUS_UNKNOWN")),
+        status=Status.Value("STATUS_SUCCESS"),
         end_time_secs=time.time(),
     )
     content = HParamsPluginData(session_end_info=session_end, version=PLUGIN_DATA_VERSION)
