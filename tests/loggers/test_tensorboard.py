@@ -158,3 +158,16 @@ def test_importing_the_loggers_imports_neither_tensorboard_nor_wandb() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_tensors_become_scalars_and_other_values_are_refused(tmp_path: Path) -> None:
+    from ember import MisconfigurationError
+
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_metrics({"loss": torch.tensor(0.5), "count": 3}, step=1)
+    with pytest.raises(MisconfigurationError, match=r"'name'.*'adam'.*numbers"):
+        logger.log_metrics({"name": "adam"}, step=2)
+    logger.finalize("success")
+    events = read_events(logger.log_dir)
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("count")] == [(1, 3.0)]

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.errors import MisconfigurationError
 from ember.loggers._files import (
     FolderLogger,
     VersionedFolder,
@@ -77,6 +78,8 @@ class TensorBoardLogger(FolderLogger):
         self._writer: SummaryWriter | None = None
         self._hparams: dict[str, Any] = {}
         self._hparams_in_events = False
+        # tensorboard's Summary protobuf class, imported on the first log_metrics.
+        self._summary: Any = None
         # Set by continue_run: the next writer opened hides the events from this step on.
         self._purge_step: int | None = None
 
@@ -102,10 +105,23 @@ class TensorBoardLogger(FolderLogger):
         return self._writer
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Add each metric as a scalar under its name at ``step``."""
-        writer = self.experiment
-        for name, value in metrics.items():
-            writer.add_scalar(name, value, global_step=step)
+        """Add each metric as a scalar under its name at ``step`` (one event for all of them).
+
+        What ``SummaryWriter.add_scalar`` writes (a ``simple_value`` per name), built here as
+        one summary per call: a few times cheaper than one ``add_scalar`` per metric.
+        """
+        if not metrics:
+            return
+        file_writer = self._file_writer()
+        if self._summary is None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self._summary = Summary
+        values = [
+            self._summary.Value(tag=name, simple_value=_as_float(name, value))
+            for name, value in metrics.items()
+        ]
+        file_writer.add_summary(self._summary(value=values), global_step=step)
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         """Write ``params`` to ``hparams.yaml`` now and to the HParams tab at the next save.
@@ -218,6 +234,17 @@ def _session_end_summary() -> Any:
         )
     )
     return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
+
+
+def _as_float(name: str, value: Any) -> float:
+    """``value`` (a number, one-element tensor or numpy scalar) as a float."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise MisconfigurationError(
+            f"The metric {name!r} has the value {value!r} ({type(value).__name__}); loggers "
+            "accept numbers and one-element tensors. Log a number instead."
+        ) from error
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
