@@ -225,3 +225,18 @@ def test_sanitize_stops_at_a_container_that_holds_itself() -> None:
     looping: list[object] = [1]
     looping.append(looping)
     assert sanitize(looping) == [1, "[1, [...]]"]
+
+
+def test_a_row_taken_back_to_merge_is_not_kept_twice_on_resume(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, flush_every=10)
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.log_metrics({"loss": 0.5}, step=2)
+    logger.save()
+    logger.log_metrics({"val_loss": 0.75}, step=2)  # merges into the row on disk (buffered)
+    logger.continue_run({}, step=2)
+    logger.save()
+    assert read_rows(logger.metrics_file) == [
+        ["step", "loss", "val_loss"],
+        ["1", "1.0", ""],
+        ["2", "0.5", "0.75"],
+    ]

@@ -127,10 +127,7 @@ class CSVLogger(FolderLogger):
         if not self._rows:
             return
         path = self.metrics_file
-        if self._truncate_to is not None:
-            if path.exists():
-                self._open().truncate(self._truncate_to)
-            self._truncate_to = None
+        self._take_back_last_row()
         if self._columns is None:
             self._columns = _read_header(path)
         known = set(self._columns)
@@ -168,10 +165,11 @@ class CSVLogger(FolderLogger):
         (atomically) without its rows of steps after ``step``, and buffered rows of such steps
         are dropped, so the steps the resumed fit logs again appear once, in order.
         """
+        self._take_back_last_row()  # the buffer holds it: it must not stay on disk as well
         self._close()
         self._continue_version(state)
         self._rows = [row for row in self._rows if row[STEP_COLUMN] <= step]
-        self._last_written = self._truncate_to = None
+        self._last_written = None
         path = self.metrics_file
         header = _read_header(path)
         # The header on disk: None makes the next write read it from the (new) folder.
@@ -207,6 +205,13 @@ class CSVLogger(FolderLogger):
             file.write(last_row.decode("utf-8"))
         self._columns = columns
         self._last_written = (self._rows[-1], path.stat().st_size - len(last_row))
+
+    def _take_back_last_row(self) -> None:
+        """Cut the row that ``log_metrics`` took back into the buffer (to merge) off the file."""
+        if self._truncate_to is not None:
+            if self.metrics_file.exists():
+                self._open().truncate(self._truncate_to)
+            self._truncate_to = None
 
     def _open(self) -> BinaryIO:
         """``metrics.csv`` open for appending, unbuffered (opened on first need)."""
