@@ -208,8 +208,10 @@ def test_loggers_of_one_trainer_share_a_version_unless_given_one(tmp_path: Path)
     csv_logger, tensorboard = CSVLogger(tmp_path), TensorBoardLogger(tmp_path)
     other_name = CSVLogger(tmp_path, name="other")
     explicit = TensorBoardLogger(tmp_path, version=7)
-    Trainer(logger=[csv_logger, tensorboard, other_name, explicit])
+    second_csv = CSVLogger(tmp_path)  # would write the same metrics.csv: not joined
+    Trainer(logger=[csv_logger, tensorboard, other_name, explicit, second_csv])
     assert csv_logger.log_dir == tensorboard.log_dir == str(tmp_path / "ember" / "version_1")
+    assert second_csv.log_dir == str(tmp_path / "ember" / "version_2")
     assert other_name.log_dir == str(tmp_path / "other" / "version_0")
     assert explicit.log_dir == str(tmp_path / "ember" / "version_7")
 

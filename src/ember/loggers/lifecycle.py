@@ -94,9 +94,11 @@ def share_run_folders(loggers: list[Logger]) -> None:
     ``version_N`` folder, so that e.g. ``metrics.csv`` and the event files of a run sit
     side by side.
 
-    Only loggers built with ``version=None`` are joined. The group's folder is the one a
-    logger of it already picked (its ``log_dir`` was read), else the first's; a logger that
-    already picked another folder keeps it (it may have written there).
+    Only loggers built with ``version=None`` are joined, and one of each class (two
+    ``CSVLogger`` would write the same ``metrics.csv``: the second keeps a folder of its
+    own). The group's folder is the one a logger of it already picked (its ``log_dir`` was
+    read), else the first's; a logger that already picked another folder keeps it (it may
+    have written there).
     """
     from ember.loggers._files import FolderLogger  # here: _files imports base, which imports this
 
@@ -105,7 +107,10 @@ def share_run_folders(loggers: list[Logger]) -> None:
         if isinstance(logger, FolderLogger) and not logger._folder.explicit:
             groups.setdefault(os.path.abspath(logger._folder.root), []).append(logger)
     for members in groups.values():
-        leader = next((m._folder for m in members if m._folder.picked), members[0]._folder)
+        leader = next((m for m in members if m._folder.picked), members[0])
+        joined = {type(leader)}
         for member in members:
-            if not member._folder.picked:
-                member._folder = leader
+            # Two loggers of one class would write the same files: the second keeps its own.
+            if not member._folder.picked and type(member) not in joined:
+                member._folder = leader._folder
+                joined.add(type(member))
