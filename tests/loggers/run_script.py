@@ -90,6 +90,10 @@ class Recorder(Logger):
     def save(self) -> None:
         self.path.write_text(json.dumps(self.calls))
 
+    def finalize(self, status: str) -> None:
+        with self.path.with_suffix(".finalized").open("a") as file:
+            file.write(f"{status}\n")
+
 
 class Crash(Callback):
     def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:

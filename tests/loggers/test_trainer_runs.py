@@ -96,6 +96,17 @@ def crashed_then_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- one fit + one test: one run per logger -----------------------------------------------------
 
 
+def test_each_run_is_finalized_once_at_exit_with_the_worst_status(
+    fit_test: Path, crashed_then_resumed: Path
+) -> None:
+    def finalized(root: Path, mode: str) -> list[str]:
+        return (root / f"expected-{mode}.finalized").read_text().split()
+
+    assert finalized(fit_test, "fit_test") == ["success"]  # fit and test: one run, one end
+    assert finalized(crashed_then_resumed, "crash") == ["failed"]
+    assert finalized(crashed_then_resumed, "resume") == ["success"]
+
+
 def test_fit_then_test_share_one_version_folder(fit_test: Path) -> None:
     # The CSV and TensorBoard loggers of one Trainer share version_0; nothing else is made.
     assert [p.name for p in (fit_test / "logs" / "ember").iterdir()] == ["version_0"]

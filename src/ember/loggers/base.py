@@ -25,8 +25,9 @@ class Logger(ABC):
     Implement ``name``, ``version``, ``log_metrics`` and ``log_hyperparams``; override
     ``log_dir`` when the logger writes local files, ``save`` when it buffers, and
     ``finalize`` when it holds something to close (the Trainer calls it once per run, at
-    process exit, unless you call it first; call ``self.save()`` there if you buffer). Override ``checkpoint_state`` and ``continue_run`` to
-    continue the same run when a fit resumes from a checkpoint.
+    process exit, unless you call it first; call ``self.save()`` there if you buffer).
+    Override ``checkpoint_state`` and ``continue_run`` to continue the same run when a fit
+    resumes from a checkpoint.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -175,7 +175,7 @@ class TensorBoardLogger(FolderLogger):
         self._purge_step = step + 1
 
     def _write_hparams_summary(self) -> None:
-        """Write the HParams tab's session start (the hyperparameters) once per writer."""
+        """Write the HParams tab's session start (the hyperparameters), once per logger."""
         if self._hparams_in_events or not self._hparams:
             return
         from torch.utils.tensorboard.summary import hparams
