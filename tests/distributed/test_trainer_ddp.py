@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,18 @@ REDUCTIONS = ("mean", "sum", "min", "max", "count")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("trainer_ddp")
-    run_two_processes(SCRIPT, str(out), EMBER_COLLECTIVE_TIMEOUT="60")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The launch's folder: results.json, and what its loggers wrote."""
+    return tmp_path_factory.mktemp("trainer_ddp")
+
+
+@pytest.fixture(scope="module")
+def ranks(out: Path) -> list[dict[str, Any]]:
+    # W&B (scenario_file_loggers) offline, every folder of it inside `out`.
+    wandb = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"} if find_spec("wandb") else {}
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        wandb[variable] = str(out / "wandb_settings")
+    run_two_processes(SCRIPT, str(out), EMBER_COLLECTIVE_TIMEOUT="60", **wandb)
     results: list[dict[str, Any]] = json.loads((out / "results.json").read_text())
     return results
 
@@ -248,3 +258,34 @@ def test_datamodule_prepares_once_per_machine(ranks: list[dict[str, Any]]) -> No
     assert (first["prepared"], second["prepared"]) == (1, 0)  # local rank 0 only
     assert first["marker_at_setup"] and second["marker_at_setup"]  # the other one waited
     assert first["global_step"] == second["global_step"] == 4  # 32 samples, 2 x 4 per step
+
+
+# --- 6. file loggers: rank zero writes one run per logger, with the synced values -------------
+
+
+def test_rank_zero_alone_writes_one_run_per_logger(ranks: list[dict[str, Any]], out: Path) -> None:
+    from tests.loggers.readback import csv_values, tensorboard_values, wandb_run
+
+    pytest.importorskip("tensorboard")
+    first, second = (rank["file_loggers"] for rank in ranks)
+    assert first["val_loss"] == second["val_loss"]  # synced: the same on both ranks
+    # One version folder (rank 1 made none), shared by the CSV and TensorBoard loggers.
+    assert [p.name for p in (out / "logs" / "ember").iterdir()] == ["version_0"]
+    folder = out / "logs" / "ember" / "version_0"
+    written = {"csv": csv_values(folder / "metrics.csv"), "tensorboard": tensorboard_values(folder)}
+    assert "TensorBoardLogger" in first["loggers"]
+    if "WandbLogger" in first["loggers"]:
+        (run_folder,) = (out / "logs" / "wandb").glob("offline-run-*")
+        run = wandb_run(run_folder)
+        assert run.exit_code == 0
+        written["wandb"] = run.values()
+    for name, values in written.items():
+        # The fit's last validation and the validate call, in order, at the last step (W&B
+        # keeps one value per name and step: the validate call's).
+        kept = 1 if name == "wandb" else 2
+        points = values["val_loss"][-kept:]
+        assert [step for step, _ in points] == [first["global_step"]] * kept, name
+        expected = first["val_loss"][-kept:]
+        assert [value for _, value in points] == pytest.approx(expected, rel=1e-6), name
+        assert [value for _, value in values["samples"]] == [32.0, 32.0], name  # synced sums
+        assert {value for _, value in values["signal"]} == {0.0}, name  # rank 0's own value

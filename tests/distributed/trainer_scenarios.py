@@ -403,6 +403,40 @@ def scenario_datamodule() -> dict[str, Any]:
     }
 
 
+def scenario_file_loggers() -> dict[str, Any]:
+    """A CSV, a TensorBoard and (when the launch set WANDB_MODE) a W&B logger on both ranks,
+    for a fit then a validate: rank 0 alone writes, one run each, with the synced values."""
+    from ember.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+    from ember.loggers.tensorboard import tensorboard_available
+
+    root = Path(sys.argv[1]) / "logs"
+    loggers: list[Logger] = [CSVLogger(root)]
+    if tensorboard_available():
+        loggers.append(TensorBoardLogger(root))
+    if os.environ.get("WANDB_MODE") == "offline":
+        loggers.append(WandbLogger(project="ember-ddp", save_dir=root))
+    fit = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=loggers,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Signal()
+    fit.fit(module, DataLoader(regression_data(32), batch_size=4), eval_loader(21))
+    after_fit = fit.callback_metrics["val_loss"]
+    (validated,) = fit.validate(module, eval_loader(21))
+    return {
+        "file_loggers": {
+            "val_loss": [after_fit, validated["val_loss"]],
+            "global_step": fit.global_step,
+            "loggers": [type(logger).__name__ for logger in loggers],
+        }
+    }
+
+
 SCENARIOS = (
     scenario_validate,
     scenario_errors,
@@ -410,6 +444,7 @@ SCENARIOS = (
     scenario_equivalence,
     scenario_stopping_and_rank_zero,
     scenario_datamodule,
+    scenario_file_loggers,
 )
 
 

@@ -48,21 +48,26 @@ def test_rows_round_trip_and_new_names_extend_the_header(tmp_path: Path) -> None
     assert not list(path.parent.glob(".*.tmp")), "the temporary file of the rewrite is left"
 
 
-def test_same_step_rows_merge_unless_a_name_repeats_or_was_written(tmp_path: Path) -> None:
+def test_each_row_is_on_disk_when_logged_and_same_step_calls_merge(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path)
+    path = logger.metrics_file
     logger.log_metrics({"train_loss": 1.0}, step=5)
-    logger.log_metrics({"val_loss": 2.0}, step=5)  # merged into the row above
+    assert read_rows(path) == [["step", "train_loss"], ["5", "1.0"]]
+    logger.log_metrics({"val_loss": 2.0}, step=5)  # merged into the row on disk
+    assert read_rows(path) == [["step", "train_loss", "val_loss"], ["5", "1.0", "2.0"]]
     logger.log_metrics({"val_loss": 3.0}, step=5)  # same name again: a row of its own
-    logger.save()
-    logger.log_metrics({"train_loss": 4.0}, step=5)  # the row of step 5 is already written
-    logger.save()
-    rows = read_rows(Path(logger.log_dir) / "metrics.csv")
-    assert rows == [
+    logger.log_metrics({"train_loss": 4.0}, step=5)  # merged into that one (no header change)
+    logger.log_metrics({"train_loss": 0.5}, step=6)
+    logger.log_metrics({"val_loss": 0.25}, step=6)
+    assert read_rows(path) == [
         ["step", "train_loss", "val_loss"],
         ["5", "1.0", "2.0"],
-        ["5", "", "3.0"],
-        ["5", "4.0", ""],
+        ["5", "4.0", "3.0"],
+        ["6", "0.5", "0.25"],
     ]
+    logger.finalize("success")
+    logger.log_metrics({"train_loss": 0.125}, step=7)  # after finalize: appended again
+    assert read_rows(path)[-1] == ["7", "0.125", ""]
 
 
 def test_tensors_become_numbers_and_ints_stay_ints(tmp_path: Path) -> None:
@@ -88,10 +93,9 @@ def test_rows_wait_in_memory_until_save_or_the_buffer_fills(tmp_path: Path) -> N
 
 def test_creating_a_logger_writes_nothing(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path / "logs", name="experiment")
-    logger.log_metrics({"loss": 1.0}, step=0)
-    assert not (tmp_path / "logs").exists()
     assert logger.name == "experiment"
-    logger.save()
+    assert not (tmp_path / "logs").exists()
+    logger.log_metrics({"loss": 1.0}, step=0)  # the first row picks the folder
     assert (tmp_path / "logs" / "experiment" / "version_0" / "metrics.csv").is_file()
 
 
@@ -221,3 +225,18 @@ def test_sanitize_stops_at_a_container_that_holds_itself() -> None:
     looping: list[object] = [1]
     looping.append(looping)
     assert sanitize(looping) == [1, "[1, [...]]"]
+
+
+def test_a_row_taken_back_to_merge_is_not_kept_twice_on_resume(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, flush_every=10)
+    logger.log_metrics({"loss": 1.0}, step=1)
+    logger.log_metrics({"loss": 0.5}, step=2)
+    logger.save()
+    logger.log_metrics({"val_loss": 0.75}, step=2)  # merges into the row on disk (buffered)
+    logger.continue_run({}, step=2)
+    logger.save()
+    assert read_rows(logger.metrics_file) == [
+        ["step", "loss", "val_loss"],
+        ["1", "1.0", ""],
+        ["2", "0.5", "0.75"],
+    ]

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from ember.loggers.tensorboard import TensorBoardLogger, tensorboard_available
+from tests.loggers.readback import hparams_tab
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -70,24 +71,30 @@ def test_hyperparameters_reach_the_hparams_tab_and_yaml(tmp_path: Path) -> None:
     assert values["optimizer/name"].string_value == "adam"
     assert values["optimizer/betas"].string_value == "[0.9, 0.99]"
     assert values["amp"].string_value == "True"
-    names = plugin_data["_hparams_/experiment"].experiment.hparam_infos
-    assert {info.name for info in names} == {"lr", "optimizer/name", "optimizer/betas", "amp"}
+    # No experiment summary: TensorBoard builds the tab from every run's session start.
+    assert "_hparams_/experiment" not in plugin_data
     end = plugin_data["_hparams_/session_end_info"].session_end_info
     assert end.status == api_pb2.Status.Value("STATUS_SUCCESS")
 
 
-@pytest.mark.parametrize(
-    ("status", "expected"),
-    [("failed", "STATUS_FAILURE"), ("interrupted", "STATUS_UNKNOWN")],
-)
-def test_the_run_status_reaches_the_hparams_tab(tmp_path: Path, status: str, expected: str) -> None:
-    logger = TensorBoardLogger(tmp_path)
-    logger.log_hyperparams({"lr": 0.1})
-    logger.save()
-    assert "_hparams_/session_end_info" not in hparams_plugin_data(logger.log_dir)
-    logger.finalize(status)
-    end = hparams_plugin_data(logger.log_dir)["_hparams_/session_end_info"].session_end_info
-    assert end.status == api_pb2.Status.Value(expected)
+def test_the_hparams_tab_shows_each_run_with_its_final_metrics(tmp_path: Path) -> None:
+    for lr, status in ((0.1, "success"), (0.2, "failed")):
+        logger = TensorBoardLogger(tmp_path)
+        logger.log_hyperparams({"lr": lr, "optimizer": {"name": "adam"}})
+        logger.log_metrics({"loss": 1.0, "lr_now": lr}, step=0)
+        logger.log_metrics({"loss": lr / 2}, step=5)
+        logger.log_metrics({"val/accuracy": 1 - lr}, step=5)
+        logger.finalize(status)
+    runs = hparams_tab(tmp_path)
+    assert sorted(runs) == ["ember/version_0", "ember/version_1"]
+    for version, lr in (("ember/version_0", 0.1), ("ember/version_1", 0.2)):
+        assert runs[version]["hparams"] == {"lr": pytest.approx(lr), "optimizer/name": "adam"}
+        assert runs[version]["metrics"] == pytest.approx(
+            {"loss": lr / 2, "lr_now": lr, "val/accuracy": 1 - lr}
+        )
+    # A failure is not written: the folder may be resumed later and end in a success.
+    assert runs["ember/version_0"]["status"] == "STATUS_SUCCESS"
+    assert runs["ember/version_1"]["status"] == "STATUS_UNKNOWN"
 
 
 def test_versions_and_lazy_folders_match_the_csv_logger(tmp_path: Path) -> None:
@@ -151,3 +158,16 @@ def test_importing_the_loggers_imports_neither_tensorboard_nor_wandb() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_tensors_become_scalars_and_other_values_are_refused(tmp_path: Path) -> None:
+    from ember import MisconfigurationError
+
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_metrics({"loss": torch.tensor(0.5), "count": 3}, step=1)
+    with pytest.raises(MisconfigurationError, match=r"'name'.*'adam'.*numbers"):
+        logger.log_metrics({"name": "adam"}, step=2)
+    logger.finalize("success")
+    events = read_events(logger.log_dir)
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("count")] == [(1, 3.0)]

@@ -60,6 +60,11 @@ class VersionedFolder:
         self.explicit = version is not None
 
     @property
+    def picked(self) -> bool:
+        """Whether the folder is picked already (``version`` or ``path`` was read)."""
+        return self._folder is not None
+
+    @property
     def version(self) -> int | str:
         """The int ``N`` of ``version_N``, or the str folder name that was given."""
         folder = self.folder

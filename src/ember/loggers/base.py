@@ -2,17 +2,21 @@
 
 The Trainer calls loggers only on the global-zero process, so a logger never checks ranks:
 ``log_hyperparams`` once when fit starts, ``log_metrics`` every ``log_every_n_steps`` steps and
-at each epoch end, ``save`` after each epoch, and ``finalize`` when the run ends.
+at each epoch end, ``save`` after each epoch and at the end of every Trainer call, and
+``finalize`` once, when the process exits (see ``ember.loggers.lifecycle``).
 
-A logger's run lasts as long as the logger object, and a fit resumed from a checkpoint
-continues it: the checkpoint keeps ``checkpoint_state()``, and ``fit(ckpt_path=...)`` hands it
-back to ``continue_run`` before the resumed fit logs anything.
+A logger's run lasts as long as the logger object: every Trainer call writes into it, and a
+fit resumed from a checkpoint continues it: the checkpoint keeps ``checkpoint_state()``, and
+``fit(ckpt_path=...)`` hands it back to ``continue_run`` before the resumed fit logs anything.
 """
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any
+
+from ember.loggers.lifecycle import forget
 
 
 class Logger(ABC):
@@ -20,10 +24,26 @@ class Logger(ABC):
 
     Implement ``name``, ``version``, ``log_metrics`` and ``log_hyperparams``; override
     ``log_dir`` when the logger writes local files, ``save`` when it buffers, and
-    ``finalize`` when it holds something to close (call ``self.save()`` there, or
-    ``super().finalize(status)``). Override ``checkpoint_state`` and ``continue_run`` to
-    continue the same run when a fit resumes from a checkpoint.
+    ``finalize`` when it holds something to close (the Trainer calls it once per run, at
+    process exit, unless you call it first; call ``self.save()`` there if you buffer).
+    Override ``checkpoint_state`` and ``continue_run`` to continue the same run when a fit
+    resumes from a checkpoint.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Wrap a subclass's own ``finalize`` so that any call of it (yours, or the exit
+        hook's) tells the exit hook that this run is finished: it is not finalized twice."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("finalize")
+        if own is not None and not getattr(own, "_forgets", False):
+
+            @functools.wraps(own)
+            def finalize(self: Logger, status: str) -> None:
+                forget(self)
+                own(self, status)
+
+            finalize._forgets = True  # type: ignore[attr-defined]
+            cls.finalize = finalize  # type: ignore[method-assign]
 
     @property
     @abstractmethod
@@ -49,10 +69,15 @@ class Logger(ABC):
         """Record the run's hyperparameters."""
 
     def save(self) -> None:  # noqa: B027  (a no-op default: unbuffered loggers skip it)
-        """Flush what is buffered (called after every epoch)."""
+        """Flush what is buffered (called after every epoch and every Trainer call)."""
 
     def finalize(self, status: str) -> None:
-        """The run ended with ``status`` ("success", "failed" or "interrupted")."""
+        """The run ended with ``status`` ("success", "failed" or "interrupted").
+
+        Called once per run: by you, or at process exit with the worst status of the Trainer
+        calls that wrote into it. Default: ``save()``.
+        """
+        forget(self)
         self.save()
 
     def checkpoint_state(self) -> dict[str, Any]:

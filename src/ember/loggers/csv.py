@@ -6,9 +6,10 @@ Needs only the standard library and pyyaml, so it is the logger that always work
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ember.errors import MisconfigurationError
 from ember.loggers._files import (
@@ -29,11 +30,13 @@ class CSVLogger(FolderLogger):
     first appeared. A name that appears later extends the header: the file is rewritten once
     with the new header and the older rows get empty cells there.
 
-    Rows are kept in memory and written by ``save()`` and ``finalize()``, and whenever
-    ``flush_every`` rows are waiting, so a ``log_metrics`` call costs a dict update. Calls
-    that follow each other with the same ``step`` are merged into one row, unless they name
-    the same metric (the second value gets a row of its own rather than overwriting the
-    first) or the first row was already written.
+    Each row reaches the disk when it is logged (an append to the open file, no rewrite), so
+    a crash loses nothing the Trainer had sent: with ``log_every_n_steps=n``, at most the last
+    ``n`` steps. A call that follows another with the same ``step`` is merged into its row
+    (the row on disk is replaced: the file is truncated to its start and the merged row
+    appended), unless it names the same metric: then the second value gets a row of its own
+    rather than overwriting the first. Pass ``flush_every`` > 1 to keep rows in memory until
+    that many wait (or ``save()`` / ``finalize()``).
 
     Creating the logger touches nothing on disk. The version folder is picked and created on
     first use: the first read of ``version`` or ``log_dir``, or the first write. When
@@ -49,7 +52,8 @@ class CSVLogger(FolderLogger):
         name: the experiment's folder inside ``save_dir`` ("" puts versions in ``save_dir``).
         version: ``None`` for the next free ``version_N``; an int ``N`` for ``version_N``; a
             str used as the folder name.
-        flush_every: write the buffered rows once this many are waiting.
+        flush_every: write the rows once this many are waiting (1, the default: every row
+            is written when logged).
 
     Example:
         >>> logger = CSVLogger("logs")  # logs/ember/version_0/metrics.csv on first use
@@ -60,7 +64,7 @@ class CSVLogger(FolderLogger):
         save_dir: str | os.PathLike[str],
         name: str = "ember",
         version: int | str | None = None,
-        flush_every: int = 100,
+        flush_every: int = 1,
     ) -> None:
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise MisconfigurationError(
@@ -73,6 +77,12 @@ class CSVLogger(FolderLogger):
         # The header of metrics.csv as it is on disk; None until the first write looks.
         self._columns: list[str] | None = None
         self._hparams: dict[str, Any] = {}
+        # metrics.csv opened for appending (unbuffered: each write is one system call).
+        self._file: BinaryIO | None = None
+        # The last row written by this logger and the offset in the file where it starts.
+        self._last_written: tuple[dict[str, float], int] | None = None
+        # Set when that row was taken back to be merged: the size to truncate the file to.
+        self._truncate_to: int | None = None
 
     @property
     def metrics_file(self) -> Path:
@@ -92,6 +102,12 @@ class CSVLogger(FolderLogger):
         last = self._rows[-1] if self._rows else None
         if last is not None and last[STEP_COLUMN] == step and last.keys().isdisjoint(row):
             last.update(row)
+        elif last is None and _merges(self._last_written, step, row):
+            assert self._last_written is not None
+            written, offset = self._last_written
+            # Taken back from the file: the next write replaces it with the merged row.
+            self._rows.append({**written, **row})
+            self._truncate_to, self._last_written = offset, None
         else:
             self._rows.append({STEP_COLUMN: int(step), **row})
         if len(self._rows) >= self.flush_every:
@@ -107,10 +123,11 @@ class CSVLogger(FolderLogger):
         write_hparams_yaml(self._folder.path, self._hparams)
 
     def save(self) -> None:
-        """Write the buffered rows to ``metrics.csv``."""
+        """Write the buffered rows to ``metrics.csv`` (rewritten only when the header grows)."""
         if not self._rows:
             return
         path = self.metrics_file
+        self._take_back_last_row()
         if self._columns is None:
             self._columns = _read_header(path)
         known = set(self._columns)
@@ -123,13 +140,20 @@ class CSVLogger(FolderLogger):
         if new_columns or not path.exists():
             self._rewrite(path, self._columns + new_columns)
         else:
-            with path.open("a", encoding="utf-8", newline="") as file:
-                csv.DictWriter(file, fieldnames=self._columns, restval="").writerows(self._rows)
-        self._rows.clear()
+            file = self._open()
+            file.write(_format(self._rows[:-1], self._columns))
+            offset = file.seek(0, os.SEEK_END)
+            file.write(_format(self._rows[-1:], self._columns))
+            self._last_written = (self._rows[-1], offset)
+        self._rows = []
 
     def finalize(self, status: str) -> None:
-        """Write what is still buffered; the ``status`` does not change what is written."""
+        """Write what is still buffered and close the file; ``status`` changes nothing written.
+
+        A later ``log_metrics`` appends to the same file.
+        """
         self.save()
+        self._close()
 
     def continue_run(self, state: dict[str, Any], step: int) -> None:
         """Continue the checkpoint's version folder, without the rows of steps after ``step``.
@@ -141,8 +165,11 @@ class CSVLogger(FolderLogger):
         (atomically) without its rows of steps after ``step``, and buffered rows of such steps
         are dropped, so the steps the resumed fit logs again appear once, in order.
         """
+        self._take_back_last_row()  # the buffer holds it: it must not stay on disk as well
+        self._close()
         self._continue_version(state)
         self._rows = [row for row in self._rows if row[STEP_COLUMN] <= step]
+        self._last_written = None
         path = self.metrics_file
         header = _read_header(path)
         # The header on disk: None makes the next write read it from the (new) folder.
@@ -160,8 +187,10 @@ class CSVLogger(FolderLogger):
 
     def _rewrite(self, path: Path, columns: list[str]) -> None:
         """Write ``columns`` as the header, the file's old rows padded, then the buffer."""
+        self._close()
         old_width = len(self._columns or [])
         padding = [""] * (len(columns) - old_width)
+        last_row = _format(self._rows[-1:], columns)
         with open_atomically(path) as file:
             writer = csv.writer(file)
             writer.writerow(columns)
@@ -172,8 +201,46 @@ class CSVLogger(FolderLogger):
                     next(reader, None)
                     for old_row in reader:
                         writer.writerow(old_row + padding)
-            csv.DictWriter(file, fieldnames=columns, restval="").writerows(self._rows)
+            csv.DictWriter(file, fieldnames=columns, restval="").writerows(self._rows[:-1])
+            file.write(last_row.decode("utf-8"))
         self._columns = columns
+        self._last_written = (self._rows[-1], path.stat().st_size - len(last_row))
+
+    def _take_back_last_row(self) -> None:
+        """Cut the row that ``log_metrics`` took back into the buffer (to merge) off the file."""
+        if self._truncate_to is not None:
+            if self.metrics_file.exists():
+                self._open().truncate(self._truncate_to)
+            self._truncate_to = None
+
+    def _open(self) -> BinaryIO:
+        """``metrics.csv`` open for appending, unbuffered (opened on first need)."""
+        if self._file is None:
+            self._file = self.metrics_file.open("ab", buffering=0)
+        return self._file
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _merges(written: tuple[dict[str, float], int] | None, step: int, row: dict[str, float]) -> bool:
+    """Whether ``row`` of ``step`` merges into the last ``written`` row (same step, new names)."""
+    return (
+        written is not None
+        and written[0][STEP_COLUMN] == step
+        and written[0].keys().isdisjoint(row)
+    )
+
+
+def _format(rows: list[dict[str, float]], columns: list[str]) -> bytes:
+    """``rows`` as CSV lines in the order of ``columns`` (empty cells for missing names)."""
+    if not rows:
+        return b""
+    text = io.StringIO()
+    csv.DictWriter(text, fieldnames=columns, restval="").writerows(rows)
+    return text.getvalue().encode("utf-8")
 
 
 def _read_header(path: Path) -> list[str]:

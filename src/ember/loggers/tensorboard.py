@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.errors import MisconfigurationError
 from ember.loggers._files import (
     FolderLogger,
     VersionedFolder,
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
 _LOGGER = "TensorBoardLogger"
 # The start of an event file's name, with the second it was opened in.
 _EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
-# The Trainer's run statuses as the HParams plugin's; "interrupted" is neither outcome.
-_SESSION_STATUS = {"success": "STATUS_SUCCESS", "failed": "STATUS_FAILURE"}
 
 
 def tensorboard_available() -> bool:
@@ -43,7 +42,12 @@ class TensorBoardLogger(FolderLogger):
 
     Each metric is a scalar under its logged name at the given step. Hyperparameters go to
     TensorBoard's HParams tab (nested dicts flattened to ``outer/inner``) and to
-    ``hparams.yaml`` next to the event files.
+    ``hparams.yaml`` next to the event files. In the HParams tab each run (version folder)
+    is a row: its hyperparameters, then one column per scalar holding the scalar's latest
+    value (TensorBoard reads it from the run's scalars, so it is the final metric once the
+    run ended), and the run's status: "success" once ``finalize("success")`` ran, else
+    none (TensorBoard shows the first status a folder holds, and a failed run may be resumed
+    into the same folder; the failure shows in the Trainer's error and in W&B).
 
     Creating the logger checks that ``tensorboard`` is installed, without importing it, and
     touches nothing on disk. The version folder is picked and created on first use, like
@@ -74,6 +78,8 @@ class TensorBoardLogger(FolderLogger):
         self._writer: SummaryWriter | None = None
         self._hparams: dict[str, Any] = {}
         self._hparams_in_events = False
+        # tensorboard's Summary protobuf class, imported on the first log_metrics.
+        self._summary: Any = None
         # Set by continue_run: the next writer opened hides the events from this step on.
         self._purge_step: int | None = None
 
@@ -99,10 +105,23 @@ class TensorBoardLogger(FolderLogger):
         return self._writer
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Add each metric as a scalar under its name at ``step``."""
-        writer = self.experiment
-        for name, value in metrics.items():
-            writer.add_scalar(name, value, global_step=step)
+        """Add each metric as a scalar under its name at ``step`` (one event for all of them).
+
+        What ``SummaryWriter.add_scalar`` writes (a ``simple_value`` per name), built here as
+        one summary per call: a few times cheaper than one ``add_scalar`` per metric.
+        """
+        if not metrics:
+            return
+        file_writer = self._file_writer()
+        if self._summary is None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            self._summary = Summary
+        values = [
+            self._summary.Value(tag=name, simple_value=_as_float(name, value))
+            for name, value in metrics.items()
+        ]
+        file_writer.add_summary(self._summary(value=values), global_step=step)
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         """Write ``params`` to ``hparams.yaml`` now and to the HParams tab at the next save.
@@ -122,15 +141,19 @@ class TensorBoardLogger(FolderLogger):
             self._writer.flush()
 
     def finalize(self, status: str) -> None:
-        """Record ``status`` in the HParams tab (if hparams were logged); close the writer.
+        """Record a "success" in the HParams tab (if hparams were logged); close the writer.
 
-        A later write opens a new event file in the same folder.
+        The Trainer does not call this after each ``fit`` / ``test`` (it calls ``save``): it
+        runs once, at process exit, unless you call it first. A later write opens a new
+        event file in the same folder.
         """
         self._write_hparams_summary()
         if self._writer is None:
             return
-        if self._hparams:
-            self._file_writer().add_summary(_session_end_summary(status))
+        # Only a success is written: TensorBoard keeps the first status a folder holds, and
+        # a failed or interrupted run may be resumed into the same folder and succeed.
+        if self._hparams and status == "success":
+            self._file_writer().add_summary(_session_end_summary())
         self._writer.close()
         self._writer = None
 
@@ -152,18 +175,17 @@ class TensorBoardLogger(FolderLogger):
         self._purge_step = step + 1
 
     def _write_hparams_summary(self) -> None:
-        """Write the HParams tab's summaries once per logger, when there are hparams."""
+        """Write the HParams tab's session start (the hyperparameters), once per logger."""
         if self._hparams_in_events or not self._hparams:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        # No metrics are declared: the HParams tab then lists the hyperparameters of each
-        # run, and the scalars stay in the Scalars tab. torch's session-end summary says
-        # "success" before the run has ended; finalize() writes the real status instead.
-        experiment, session_start, _ = hparams(_flatten(sanitize(self._hparams)), metric_dict={})
-        file_writer = self._file_writer()
-        file_writer.add_summary(experiment)
-        file_writer.add_summary(session_start)
+        # Only the session start: no experiment summary. TensorBoard then builds the HParams
+        # tab from every run's session start, with one metric column per scalar of the runs,
+        # showing each scalar's latest value. An experiment summary would fix the columns to
+        # those it names, and TensorBoard reads one for all runs under its --logdir.
+        _, session_start, _ = hparams(_flatten(sanitize(self._hparams)), metric_dict={})
+        self._file_writer().add_summary(session_start)
         self._hparams_in_events = True
 
     def _file_writer(self) -> Any:
@@ -189,8 +211,8 @@ def _wait_to_sort_after(folder: Path) -> None:
         time.sleep(int(now) + 1 - now)
 
 
-def _session_end_summary(status: str) -> Any:
-    """The HParams plugin's "session ended" summary with ``status`` and the time now."""
+def _session_end_summary() -> Any:
+    """The HParams plugin's "session ended" summary: a success, at the time now."""
     # Built by hand: tensorboard's own helper for it imports tensorflow.
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
     from tensorboard.plugins.hparams.api_pb2 import Status
@@ -202,7 +224,7 @@ def _session_end_summary(status: str) -> Any:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData, SessionEndInfo
 
     session_end = SessionEndInfo(
-        status=Status.Value(_SESSION_STATUS.get(status, "STATUS_UNKNOWN")),
+        status=Status.Value("STATUS_SUCCESS"),
         end_time_secs=time.time(),
     )
     content = HParamsPluginData(session_end_info=session_end, version=PLUGIN_DATA_VERSION)
@@ -212,6 +234,17 @@ def _session_end_summary(status: str) -> Any:
         )
     )
     return Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=metadata)])
+
+
+def _as_float(name: str, value: Any) -> float:
+    """``value`` (a number, one-element tensor or numpy scalar) as a float."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise MisconfigurationError(
+            f"The metric {name!r} has the value {value!r} ({type(value).__name__}); loggers "
+            "accept numbers and one-element tensors. Log a number instead."
+        ) from error
 
 
 def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -163,8 +163,10 @@ class WandbLogger(Logger):
     def finalize(self, status: str) -> None:
         """Finish the run: exit code 0 for "success", 1 otherwise (shown as failed).
 
-        Does nothing when no run was started; a later use starts a new run (after
-        ``continue_run``, resumes the checkpoint's run again).
+        The Trainer does not call this after each ``fit`` / ``test``: every call writes into
+        the same run, finished once at process exit (with "failed" when any call failed)
+        unless you call this first. Does nothing when no run was started; a later use
+        starts a new run (after ``continue_run``, resumes the checkpoint's run again).
         """
         if self._run is not None:
             self._run.finish(exit_code=0 if status == "success" else 1)

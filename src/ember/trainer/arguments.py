@@ -20,6 +20,7 @@ from ember.accelerator.strategies import Strategy, pick_device, resolve_strategy
 from ember.errors import MisconfigurationError, one_of
 from ember.hooks import Callback
 from ember.loggers.base import Logger
+from ember.loggers.lifecycle import share_run_folders
 from ember.module import TrainModule, overrides
 
 
@@ -366,4 +367,6 @@ def resolve_loggers(logger: Any, root: Path) -> list[Logger]:
         raise MisconfigurationError(
             f"`logger` must be True, False, an ember Logger or a list of them; got {', '.join(wrong)}."
         )
+    # One run folder: CSVLogger("logs") and TensorBoardLogger("logs") share version_N.
+    share_run_folders(loggers)
     return loggers

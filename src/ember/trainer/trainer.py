@@ -24,6 +24,7 @@ from ember.datamodule import DataModule
 from ember.errors import MisconfigurationError
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
+from ember.loggers.lifecycle import end_call as end_logger_call
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
 from ember.trainer import arguments, loops, preemption, run_control
@@ -547,9 +548,8 @@ class Trainer:
             context.train_metrics.close()
             context.eval_metrics.close()
             context.active_metrics = context.train_metrics
-            if self.is_global_zero:
-                for logger in self.loggers:
-                    logger.finalize(status)
+            if self.is_global_zero:  # flushed, not finished: the next call writes on
+                end_logger_call(self.loggers, status)
             try:
                 if datamodule is not None:
                     datamodule.teardown(stage)

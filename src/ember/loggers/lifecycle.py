@@ -1,0 +1,116 @@
+"""A logger's run: as long as the logger object, across Trainer calls, in one folder per run.
+
+After each ``fit`` / ``validate`` / ``test`` / ``predict`` the Trainer calls ``end_call``:
+every logger is flushed (``save()``), not finished, so the next call writes into the same run.
+Each logger is finished once, with ``finalize(status)``, when the process exits (``atexit``),
+unless the user finalized it before. The status given then is the worst of the calls that
+wrote into it: "failed" when any call failed, else "interrupted" when any was interrupted,
+else "success". A later call after a failed one does not make the run a success.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember.loggers.base import Logger
+
+# Worse statuses have higher ranks: a run keeps the worst status of its calls.
+_RANK = {"success": 0, "interrupted": 1, "failed": 2}
+
+# Every logger a Trainer call has used and nobody has finalized yet, with its run's status,
+# by id (a logger need not be hashable). Weak references: a logger the user dropped is not
+# kept alive by this (its data was flushed after each call; only the final status is lost).
+_open_runs: dict[int, tuple[weakref.ref[Logger], str]] = {}
+
+
+def end_call(loggers: Iterable[Logger], status: str) -> None:
+    """Flush ``loggers`` after a Trainer call that ended with ``status``; finish them at exit.
+
+    Every logger is flushed even when one of them raises; the first error is raised after.
+    """
+    error: BaseException | None = None
+    for logger in loggers:
+        key = id(logger)
+        previous = _open_runs[key][1] if key in _open_runs else "success"
+        worst = max(previous, status, key=lambda value: _RANK.get(value, 2))
+        _open_runs[key] = (weakref.ref(logger, _dropped(key)), worst)
+        try:
+            logger.save()
+        except Exception as exception:  # the others are still flushed
+            error = error or exception
+    # Registered again after each call: atexit runs the latest registration first, so this
+    # runs before the exit hooks of libraries imported during the call (wandb's own).
+    atexit.unregister(finish_open_runs)
+    atexit.register(finish_open_runs)
+    if error is not None:
+        raise error
+
+
+def _dropped(key: int) -> Callable[[weakref.ref[Logger]], None]:
+    """The callback that forgets the logger of id ``key`` once it is garbage."""
+
+    def callback(_: weakref.ref[Logger]) -> None:
+        _open_runs.pop(key, None)
+
+    return callback
+
+
+def run_status(logger: Logger) -> str | None:
+    """The status ``finalize`` will get at exit, or None when no call is waiting on it."""
+    entry = _open_runs.get(id(logger))
+    return entry[1] if entry is not None else None
+
+
+def forget(logger: Logger) -> None:
+    """Stop finishing ``logger`` at exit: its ``finalize`` was called (by the user)."""
+    _open_runs.pop(id(logger), None)
+
+
+def finish_open_runs() -> None:
+    """Finalize every logger still open with the worst status of its calls (run at exit)."""
+    for key, (reference, status) in list(_open_runs.items()):
+        _open_runs.pop(key, None)
+        logger = reference()
+        if logger is None:
+            continue
+        try:
+            logger.finalize(status)
+        except Exception as error:  # at exit: warn, finish the others
+            warnings.warn(
+                f"{type(logger).__name__}.finalize({status!r}) failed at exit: {error!r}",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+
+
+def share_run_folders(loggers: list[Logger]) -> None:
+    """Make the file loggers of one Trainer that write to the same ``save_dir/name`` share one
+    ``version_N`` folder, so that e.g. ``metrics.csv`` and the event files of a run sit
+    side by side.
+
+    Only loggers built with ``version=None`` are joined, and one of each class (two
+    ``CSVLogger`` would write the same ``metrics.csv``: the second keeps a folder of its
+    own). The group's folder is the one a logger of it already picked (its ``log_dir`` was
+    read), else the first's; a logger that already picked another folder keeps it (it may
+    have written there).
+    """
+    from ember.loggers._files import FolderLogger  # here: _files imports base, which imports this
+
+    groups: dict[str, list[FolderLogger]] = {}
+    for logger in loggers:
+        if isinstance(logger, FolderLogger) and not logger._folder.explicit:
+            groups.setdefault(os.path.abspath(logger._folder.root), []).append(logger)
+    for members in groups.values():
+        leader = next((m for m in members if m._folder.picked), members[0])
+        joined = {type(leader)}
+        for member in members:
+            # Two loggers of one class would write the same files: the second keeps its own.
+            if not member._folder.picked and type(member) not in joined:
+                member._folder = leader._folder
+                joined.add(type(member))
