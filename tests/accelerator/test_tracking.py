@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from ember import Accelerator, MisconfigurationError
-from ember.loggers import CSVLogger, TensorBoardLogger
+from ember.loggers import CSVLogger, Logger, TensorBoardLogger
 
 
 def _train(accelerator: Accelerator, steps: int = 3) -> list[float]:
@@ -240,8 +240,9 @@ def test_bad_values_steps_and_arguments_are_refused(tmp_path: Path) -> None:
 
 def test_wandb_tracker_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
-    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+    for variable in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(variable, str(tmp_path / variable.lower()))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     accelerator = Accelerator(cpu=True, log_with="wandb", project_dir=tmp_path / "runs")
@@ -257,6 +258,55 @@ def test_wandb_tracker_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     summary = dict(run.summary)
     accelerator.end_training()
     assert summary["loss"] == 1.0
-    assert Path(run.dir).is_relative_to(tmp_path / "runs" / "wandb")
+    assert Path(run.dir).is_relative_to(tmp_path / "runs" / "wandb")  # no dir, no WANDB_DIR
     history = (Path(run.dir).parent / f"run-{run.id}.wandb").read_bytes()
     assert b"loss" in history and b"acc" in history
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))  # wandb's variable wins
+    accelerator.init_trackers("wandb_project")
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    accelerator.end_training()
+    assert Path(run.dir).is_relative_to(tmp_path / "wandb_dir" / "wandb")
+
+
+def test_custom_loggers_are_named_by_class_and_tensorboard_takes_log_kwargs(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("tensorboard")
+
+    class MemoryLogger(Logger):
+        name = "memory"
+        version = 0
+
+        def __init__(self) -> None:
+            self.rows: list[tuple[int, dict[str, float]]] = []
+            self.statuses: list[str] = []
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.rows.append((step, metrics))
+
+        def log_hyperparams(self, params: dict[str, Any]) -> None:
+            pass
+
+        def finalize(self, status: str) -> None:
+            self.statuses.append(status)
+
+    memory = MemoryLogger()
+    accelerator = Accelerator(cpu=True, log_with=["tensorboard", memory], project_dir=tmp_path)
+    accelerator.init_trackers("custom")
+    assert accelerator.get_tracker("MemoryLogger", unwrap=True) is memory
+    accelerator.log({"x": torch.tensor(4.0)}, step=2)
+    with pytest.raises(MisconfigurationError, match="log_kwargs"):
+        accelerator.log({"x": 1.0}, log_kwargs={"MemoryLogger": {"walltime": 1.0}})
+    accelerator.log({"y": 1.0}, step=5, log_kwargs={"tensorboard": {"walltime": 1234.0}})
+    accelerator.end_training()
+    accelerator.end_training()
+    assert memory.rows == [(2, {"x": 4.0}), (5, {"y": 1.0})]
+    assert memory.statuses == ["success"]  # finished once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(tmp_path / "custom"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("x")] == [2]  # the refused call: none
+    (event,) = accumulator.Scalars("y")
+    assert (event.step, event.value, event.wall_time) == (5, 1.0, 1234.0)

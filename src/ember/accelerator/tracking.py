@@ -14,7 +14,8 @@ Accelerator's, the current directory when none was given):
 - ``"tensorboard"``: event files directly in ``<project_dir>/<project_name>/``, as in
   Accelerate (no ``version_N`` folder), with ``hparams.yaml``.
 - ``"csv"``: ``<project_dir>/<project_name>/metrics.csv`` and ``hparams.yaml``.
-- ``"wandb"``: the W&B project ``project_name``, its local files in ``<project_dir>/wandb/``.
+- ``"wandb"``: the W&B project ``project_name``; its local files in ``<dir>/wandb/``, where
+  ``dir`` is ``init_kwargs={"wandb": {"dir": ...}}``, else ``WANDB_DIR``, else project_dir.
 
 A rerun with the same project name writes into the same folder: TensorBoard adds an event
 file, CSV appends its rows (as Accelerate's TensorBoard tracker does).
@@ -26,6 +27,7 @@ given the same way and get do-nothing trackers, so one script runs everywhere.
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +81,12 @@ def _build_wandb(project_dir: Path, project_name: str, kwargs: dict[str, Any]) -
             f"`init_kwargs={{'wandb': {{'mode': {mode!r}}}}}` is not accepted; accepted: "
             '"online" or "offline" (set WANDB_MODE=disabled to turn W&B off).'
         )
+    # wandb's own order (an explicit dir, then WANDB_DIR), then project_dir, not the cwd.
+    save_dir = arguments.pop("dir", None) or os.environ.get("WANDB_DIR") or project_dir
     return WandbLogger(
         project=project_name,
         name=arguments.pop("name", None),
-        save_dir=arguments.pop("dir", project_dir),
+        save_dir=save_dir,
         offline=mode == "offline",
         **arguments,
     )
@@ -205,15 +209,19 @@ class Tracker:
     def log(self, values: dict[str, float], step: int, **kwargs: Any) -> None:
         """Record ``values`` at ``step``; ``kwargs`` go to the underlying call (W&B's
         ``run.log``, TensorBoard's ``add_scalar``)."""
+        self.check_log_kwargs(kwargs)
         if self.logger is None:
             return
-        if not kwargs:
-            self.logger.log_metrics(values, step)
-        elif self._kind is not None and self._kind.log_with_kwargs is not None:
+        if kwargs and self._kind is not None and self._kind.log_with_kwargs is not None:
             self._kind.log_with_kwargs(self.logger, values, step, kwargs)
         else:
+            self.logger.log_metrics(values, step)
+
+    def check_log_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise ``MisconfigurationError`` when this tracker takes no ``log_kwargs``."""
+        if kwargs and (self._kind is None or self._kind.log_with_kwargs is None):
             raise MisconfigurationError(
-                f"`log_kwargs={{{self.name!r}: {kwargs!r}}}` is not accepted: only the "
+                f"`log_kwargs={{{self.name!r}: {dict(kwargs)!r}}}` is not accepted: only the "
                 '"tensorboard" and "wandb" trackers take log_kwargs.'
             )
 
@@ -292,7 +300,7 @@ class Trackers:
             kwargs = dict(init_kwargs.get(name, {}))
             kind = _KINDS.get(item) if isinstance(item, str) else None
             if not self.is_main_process:
-                trackers.append(Tracker(name, None))
+                trackers.append(Tracker(name, None, kind))
             elif isinstance(item, Logger):
                 _refuse_unknown(name, kwargs, set())
                 trackers.append(Tracker(name, item))
@@ -328,6 +336,8 @@ class Trackers:
                 f"`log_kwargs` names {unknown}, which are not among the active trackers: "
                 f"{self.names}."
             )
+        for tracker in self.active:  # every tracker's kwargs checked before anyone writes
+            tracker.check_log_kwargs(log_kwargs.get(tracker.name, {}))
         for tracker in self.active:
             tracker.log(numbers, step, **log_kwargs.get(tracker.name, {}))
         self.next_step = step + 1
