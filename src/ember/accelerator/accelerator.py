@@ -611,16 +611,7 @@ class Accelerator:
         """Write the module's full weights to ``save_directory/model.safetensors`` (from the
         main process; under FSDP consolidated from every shard, so call it on every process).
         Plain ``safetensors.torch.load_file`` reads it back."""
-        from ember.serialization import save_safetensors
-
-        directory = Path(save_directory)
-        path = directory / "model.safetensors"
-        state_dict = self.strategy.full_state_dict(model)
-        if self.is_main_process:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_safetensors(state_dict, path)
-        self.wait_for_everyone()
-        return path
+        return checkpointing.save_model(self, model, save_directory)
 
 
 def _is_scheduler(obj: Any) -> bool:
