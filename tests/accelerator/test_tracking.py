@@ -292,7 +292,8 @@ def test_custom_loggers_are_named_by_class_and_tensorboard_takes_log_kwargs(
             self.statuses.append(status)
 
     memory = MemoryLogger()
-    accelerator = Accelerator(cpu=True, log_with=["tensorboard", memory], project_dir=tmp_path)
+    board = TensorBoardLogger(tmp_path, name="", version="custom")  # an object takes them too
+    accelerator = Accelerator(cpu=True, log_with=[board, memory])
     accelerator.init_trackers("custom")
     assert accelerator.get_tracker("MemoryLogger", unwrap=True) is memory
     accelerator.log({"x": torch.tensor(4.0)}, step=2)

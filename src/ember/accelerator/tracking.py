@@ -43,7 +43,7 @@ class _Kind:
     """One tracker name of ``log_with``: the package it needs and how its logger is built."""
 
     package: str | None
-    logger: str
+    logger: type[Logger]
     build: Callable[[Path, str, dict[str, Any]], Logger]
     # What ``log_kwargs`` may pass, and how: (logger, values, step, kwargs) -> None.
     log_with_kwargs: Callable[[Logger, dict[str, float], int, dict[str, Any]], None] | None
@@ -105,15 +105,10 @@ def _wandb_log(logger: Logger, values: dict[str, float], step: int, kwargs: dict
 
 
 _KINDS: dict[str, _Kind] = {
-    "csv": _Kind(None, "CSVLogger", _build_csv, None),
-    "tensorboard": _Kind("tensorboard", "TensorBoardLogger", _build_tensorboard, _tensorboard_log),
-    "wandb": _Kind("wandb", "WandbLogger", _build_wandb, _wandb_log),
+    "csv": _Kind(None, CSVLogger, _build_csv, None),
+    "tensorboard": _Kind("tensorboard", TensorBoardLogger, _build_tensorboard, _tensorboard_log),
+    "wandb": _Kind("wandb", WandbLogger, _build_wandb, _wandb_log),
 }
-_LOGGER_NAMES: tuple[tuple[type[Logger], str], ...] = (
-    (CSVLogger, "csv"),
-    (TensorBoardLogger, "tensorboard"),
-    (WandbLogger, "wandb"),
-)
 
 
 def _refuse_unknown(name: str, kwargs: Mapping[str, Any], accepted: set[str]) -> None:
@@ -134,8 +129,8 @@ def _underlying(logger: Logger) -> Any:
 def tracker_name(logger: Logger) -> str:
     """The name ``get_tracker`` knows a logger object by: "csv", "tensorboard", "wandb" for
     ember's (and their subclasses), else the class name."""
-    for cls, name in _LOGGER_NAMES:
-        if isinstance(logger, cls):
+    for name, kind in _KINDS.items():
+        if isinstance(logger, kind.logger):
             return name
     return type(logger).__name__
 
@@ -166,7 +161,7 @@ def resolve_log_with(log_with: Any) -> list[str | Logger]:
         elif isinstance(item, str) and item in _KINDS:
             kind = _KINDS[item]
             if kind.package is not None:
-                require(kind.package, kind.package, kind.logger)
+                require(kind.package, kind.package, kind.logger.__name__)
             resolved.append(item)
         else:
             raise MisconfigurationError(
@@ -298,12 +293,13 @@ class Trackers:
         trackers = []
         for item, name in zip(self.requested, self.names, strict=True):
             kwargs = dict(init_kwargs.get(name, {}))
-            kind = _KINDS.get(item) if isinstance(item, str) else None
+            kind = _KINDS.get(name)  # ember's logger objects too: their log_kwargs work
+            if isinstance(item, Logger):
+                _refuse_unknown(name, kwargs, set())  # built already: checked everywhere
             if not self.is_main_process:
                 trackers.append(Tracker(name, None, kind))
             elif isinstance(item, Logger):
-                _refuse_unknown(name, kwargs, set())
-                trackers.append(Tracker(name, item))
+                trackers.append(Tracker(name, item, kind))
             else:
                 assert kind is not None
                 trackers.append(Tracker(name, kind.build(project_dir, project_name, kwargs), kind))
