@@ -235,6 +235,25 @@ def trainer_stops_together() -> dict[str, Any]:
     }
 
 
+def trackers_write_on_rank_zero(output: Path) -> dict[str, Any]:
+    """``log_with="csv"`` on two processes, each with its own ``project_dir``: only rank 0's
+    is created and written; rank 1's tracker is blank, and both check the same values (a bad
+    one fails everywhere)."""
+    rank = distributed.global_rank()
+    project_dir = output.parent / f"tracking_rank{rank}"
+    accelerator = Accelerator(cpu=True, log_with="csv", project_dir=project_dir)
+    accelerator.init_trackers("two_ranks", config={"rank": rank})
+    accelerator.log({"rank": torch.tensor(float(rank))}, step=0)
+    accelerator.get_tracker("csv", unwrap=True).save()  # blank on rank 1: does nothing
+    try:
+        accelerator.log({"bad": torch.ones(2)})
+        refused = ""
+    except Exception as error:
+        refused = f"{type(error).__name__}: {error}"
+    accelerator.end_training()
+    return {"exists": project_dir.exists(), "refused": refused, "folder": str(project_dir)}
+
+
 def main(output: Path) -> None:
     results = {
         "collectives": collectives(),
@@ -244,6 +263,7 @@ def main(output: Path) -> None:
         "no_sync_and_scheduler": no_sync_and_scheduler(),
         "even_batches_gather": even_batches_gather(),
         "trainer_stops_together": trainer_stops_together(),
+        "trackers_write_on_rank_zero": trackers_write_on_rank_zero(output),
     }
     every_rank = distributed.all_gather_object(results)
     if distributed.global_rank() == 0:

@@ -109,6 +109,21 @@ def test_an_unpadded_training_loader_is_refused_under_several_processes(
         assert "even_batches=False" in refused and "every optimizer step" in refused
 
 
+def test_only_rank_zero_tracks(ranks: list[dict[str, Any]]) -> None:
+    """SPEC §5: log() writes on the main process only; rank 1 creates nothing and its
+    values are checked the same way."""
+    scenarios = [result["trackers_write_on_rank_zero"] for result in ranks]
+    assert [scenario["exists"] for scenario in scenarios] == [True, False]
+    assert not Path(scenarios[1]["folder"]).exists()
+    folder = Path(scenarios[0]["folder"]) / "two_ranks"
+    assert (folder / "metrics.csv").read_text().splitlines() == ["step,rank", "0,0.0"]
+    assert "rank: 0" in (folder / "hparams.yaml").read_text()
+    for result in ranks:
+        assert result["trackers_write_on_rank_zero"]["refused"].startswith(
+            "MisconfigurationError: `log` got 'bad' = a shape (2,) value"
+        )
+
+
 TRAINER_SCRIPT = """
 import json, sys, torch
 from torch import nn

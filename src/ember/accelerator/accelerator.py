@@ -58,6 +58,7 @@ from ember.accelerator.strategies import (
     pick_device,
     resolve_strategy,
 )
+from ember.accelerator.tracking import Tracker, Trackers
 from ember.accelerator.transfer import DataLoaderConfiguration, TransferHooks
 from ember.errors import MisconfigurationError
 
@@ -78,8 +79,12 @@ class Accelerator:
             ``FSDPStrategy``); several processes come from a launcher (``ember launch``,
             ``torchrun``).
         project_dir: the default folder for files the accelerator writes (kept as
-            ``accelerator.project_dir``; ``save_state()`` writes ``checkpoints/`` there).
+            ``accelerator.project_dir``, the current directory when None): ``save_state()``
+            writes ``checkpoints/`` there, trackers write ``<project_name>/`` there.
         step_scheduler_with_optimizer: prepared schedulers step only when their optimizer did.
+        log_with: experiment trackers for ``init_trackers`` / ``log``: "tensorboard",
+            "wandb", "csv", "all" (every installed one), an ``ember.loggers.Logger``, or a
+            list of these (see ``tracking.py``).
     """
 
     def __init__(
@@ -93,6 +98,7 @@ class Accelerator:
         strategy: Any = None,
         project_dir: str | os.PathLike[str] | None = None,
         step_scheduler_with_optimizer: bool = True,
+        log_with: Any = None,
     ) -> None:
         if (
             not isinstance(gradient_accumulation_steps, int)
@@ -135,6 +141,8 @@ class Accelerator:
         self.optimizer_step = OptimizerStep(
             self.gradient_state, self.precision, self.strategy, self._optimizers
         )
+        #: ``log_with``'s trackers; only the main process creates and writes them.
+        self._trackers = Trackers(log_with, self.is_main_process)
 
     # --- facts ---------------------------------------------------------------------------------
     @property
@@ -506,10 +514,45 @@ class Accelerator:
             builtins.print(*args, **kwargs)
 
     def end_training(self) -> None:
-        """Apply a pending grad-scaler update and wait for every process; call once at the
-        end of a script."""
+        """Apply a pending grad-scaler update, finish every tracker (main process) and wait
+        for every process; call at the end of a script (a second call does nothing more)."""
         self.end_iteration()
+        self._trackers.finish()
         self.wait_for_everyone()
+
+    # --- tracking (``tracking.py``) ------------------------------------------------------------
+    def init_trackers(
+        self,
+        project_name: str,
+        config: dict[str, Any] | None = None,
+        init_kwargs: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Start the trackers of ``log_with`` under ``<project_dir>/<project_name>/`` (W&B:
+        the project ``project_name``) and log ``config`` as hyperparameters.
+        ``init_kwargs={"wandb": {...}}`` passes arguments to a tracker (``wandb.init``'s)."""
+        self._trackers.start(self.project_dir, project_name, config, init_kwargs)
+
+    def log(
+        self,
+        values: dict[str, Any],
+        step: int | None = None,
+        log_kwargs: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        """Log numbers and one-element tensors at ``step`` on the main process (None: one
+        after the last step logged, 0 first). ``log_kwargs={"wandb": {...}}`` goes to the
+        underlying call (W&B's ``run.log``, TensorBoard's ``add_scalar``)."""
+        self._trackers.log(values, step, log_kwargs)
+
+    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
+        """The active tracker ``name`` ("tensorboard", "wandb", "csv", or a custom logger's
+        class name); ``unwrap=True``: its underlying ``SummaryWriter``, W&B run or logger. On
+        other processes than the main one, a tracker on which everything does nothing."""
+        return self._trackers.get(name, unwrap)
+
+    @property
+    def trackers(self) -> list[Tracker]:
+        """The trackers ``init_trackers`` started (each with ``.tracker`` and ``.logger``)."""
+        return list(self._trackers.active)
 
     # --- models and files --------------------------------------------------------------------
     # (``checkpointing.py`` says what a state directory holds.)
@@ -568,16 +611,7 @@ class Accelerator:
         """Write the module's full weights to ``save_directory/model.safetensors`` (from the
         main process; under FSDP consolidated from every shard, so call it on every process).
         Plain ``safetensors.torch.load_file`` reads it back."""
-        from ember.serialization import save_safetensors
-
-        directory = Path(save_directory)
-        path = directory / "model.safetensors"
-        state_dict = self.strategy.full_state_dict(model)
-        if self.is_main_process:
-            directory.mkdir(parents=True, exist_ok=True)
-            save_safetensors(state_dict, path)
-        self.wait_for_everyone()
-        return path
+        return checkpointing.save_model(self, model, save_directory)
 
 
 def _is_scheduler(obj: Any) -> bool:

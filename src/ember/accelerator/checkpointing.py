@@ -1,4 +1,5 @@
-"""``Accelerator.save_state`` / ``load_state``: what a hand-written loop needs to resume.
+"""``Accelerator.save_state`` / ``load_state``: what a hand-written loop needs to resume;
+and the files of ``save``, ``save_model``.
 
 A state directory is written with ``ember.checkpoint.files`` (atomically: complete or absent;
 ``state.pt`` loads with ``torch.load(weights_only=True)``) and holds:
@@ -348,3 +349,20 @@ def save_object(obj: Any, path: str | os.PathLike[str], safe_serialization: bool
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_model(
+    accelerator: Accelerator, model: nn.Module, save_directory: str | os.PathLike[str]
+) -> Path:
+    """Write ``model``'s full weights to ``save_directory/model.safetensors`` from the main
+    process (gathered from every shard under FSDP: every process calls it); return the path."""
+    from ember.serialization import save_safetensors
+
+    directory = Path(save_directory)
+    path = directory / "model.safetensors"
+    state_dict = accelerator.strategy.full_state_dict(model)
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors(state_dict, path)
+    accelerator.wait_for_everyone()
+    return path
