@@ -34,6 +34,7 @@ if __name__ == "__main__":
 
     trainer = ember.Trainer(max_epochs=5, default_root_dir="runs/first")
     trainer.fit(Regressor(), train, val)
-    print(f"val_loss {trainer.callback_metrics['val_loss']:.4f}")
-    print("logs in", trainer.log_dir)
-    print("checkpoint", trainer.checkpoint_callback.last_model_path)
+    if trainer.is_global_zero:  # once, also when several processes run this script
+        print(f"val_loss {trainer.callback_metrics['val_loss']:.4f}")
+        print("logs in", trainer.log_dir)
+        print("checkpoint", trainer.checkpoint_callback.last_model_path)
