@@ -17,11 +17,11 @@ class Blobs(DataModule):
     def setup(self, stage):
         generator = torch.Generator().manual_seed(0)
         centers = 1.5 * torch.randn(4, 16, generator=generator)
-        labels = torch.randint(0, 4, (1200,), generator=generator)
-        points = centers[labels] + torch.randn(1200, 16, generator=generator)
+        labels = torch.randint(0, 4, (600,), generator=generator)
+        points = centers[labels] + torch.randn(600, 16, generator=generator)
         data = TensorDataset(points, labels)
         self.train_set, self.val_set, self.test_set = random_split(
-            data, [800, 200, 200], generator=generator
+            data, [400, 100, 100], generator=generator
         )
 
     def train_dataloader(self):
@@ -72,7 +72,7 @@ class Classifier(TrainModule):
 if __name__ == "__main__":
     seed_everything(0)
     trainer = Trainer(
-        max_epochs=8,
+        max_epochs=5,
         accelerator="cpu",
         precision="bf16-mixed",
         accumulate_grad_batches=2,
