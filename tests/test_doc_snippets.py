@@ -109,6 +109,7 @@ def test_first_model(
     assert set(weights) == set(result["Regressor"]().state_dict())
 
 
+@pytest.mark.filterwarnings("ignore:precision .bf16-mixed. on this CPU")
 def test_lightning_script_converted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -123,6 +124,7 @@ def test_lightning_script_converted(
     assert trainer.global_step == 5 * 7  # 13 batches in windows of 2: 7 steps an epoch
 
 
+@pytest.mark.filterwarnings("ignore:precision .bf16-mixed. on this CPU")
 def test_accelerate_loop_converted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -151,6 +153,7 @@ def test_accelerate_trackers_converted(tmp_path: Path, monkeypatch: pytest.Monke
     assert any((tmp_path / "runs/trackers_demo").rglob("events.out.tfevents.*"))
 
 
+@pytest.mark.filterwarnings("ignore:precision .16-mixed. on this CPU")
 def test_manual_optimization_gan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -161,3 +164,24 @@ def test_manual_optimization_gan(
     assert f"40 steps, d_loss {trainer.callback_metrics['d_loss']:.3f}" in capsys.readouterr().out
     opt_g, opt_d = trainer.optimizers
     assert opt_g.state and opt_d.state  # both optimizers stepped
+
+
+def test_accumulation_equals_the_big_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = run_snippet("accumulation_equals_big_batch.py", tmp_path, monkeypatch)
+    assert "optimizer steps: 12 and 12" in capsys.readouterr().out
+    accumulated, _ = result["train"](batch_size=8, accumulate_grad_batches=4)
+    # The same training written in plain PyTorch, one batch of 32 per step.
+    x = torch.randn(100, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(dim=1, keepdim=True)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        for start in range(0, 100, 32):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(layer(x[start : start + 32]), y[start : start + 32])
+            loss.backward()
+            optimizer.step()
+    assert torch.allclose(accumulated, layer.weight.detach(), atol=1e-6)
