@@ -110,6 +110,16 @@ def test_first_model(
     weights = load_file(last / "model.safetensors")
     assert set(weights) == set(result["Regressor"]().state_dict())
 
+    # "Next: resume": the page's block continues this run from its last checkpoint.
+    page = (DOCS / "getting_started.md").read_text()
+    section = page[page.index("## Next: resume") :]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)  # type: ignore[union-attr]
+    exec(compile(block, "getting_started.md", "exec"), result)
+    resumed = result["trainer"]
+    assert resumed.global_step == 140  # epochs 6 to 10, steps 71 to 140
+    assert resumed.current_epoch == 10
+    assert Path(resumed.log_dir) == Path("runs/first/ember_logs/version_0")  # the same logs
+
 
 @pytest.mark.filterwarnings("ignore:precision .bf16-mixed. on this CPU")
 def test_lightning_script_converted(
