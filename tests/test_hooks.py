@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from ember import Callback, Trainer
@@ -74,21 +77,16 @@ def _both(name: str) -> list[str]:
     return [f"Callback.{name}", name]
 
 
-def _validation(batches: int) -> list[str]:
-    order = _both("on_validation_start") + _both("on_validation_epoch_start")
-    for _ in range(batches):
-        order += _both("on_validation_batch_start")
-        order += ["validation_step"]
-        order += _both("on_validation_batch_end")
-    return order + _both("on_validation_epoch_end") + _both("on_validation_end")
-
-
-def _train_batch(closes_window: bool) -> list[str]:
-    order = _both("on_train_batch_start") + ["training_step"]
-    order += _both("on_before_backward") + _both("on_after_backward")
-    if closes_window:
-        order += _both("on_before_optimizer_step") + _both("on_before_zero_grad")
-    return order + _both("on_train_batch_end")
+def recorded_order(name: str) -> list[str]:
+    """The order in ``docs/snippets/hooks_<name>.txt``, which docs/hooks.md includes: one
+    name a line (``#`` starts a comment); an event fires on every callback, then on the
+    module (``Callback.<event>``, ``<event>``); any other name is a module method."""
+    order: list[str] = []
+    for line in (_docs_path().parent / "snippets" / f"hooks_{name}.txt").read_text().splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            order += _both(entry) if entry in EVENTS else [entry]
+    return order
 
 
 def test_fit_event_order() -> None:
@@ -101,15 +99,7 @@ def test_fit_event_order() -> None:
         **bare_trainer_kwargs(),
     )
     trainer.fit(RecordingModule(events), loader(24, batch_size=8), loader(16, batch_size=8))
-    expected = _both("setup") + ["configure_optimizers"] + _both("on_fit_start")
-    expected += _validation(batches=1)  # the sanity check
-    expected += _both("on_train_start") + _both("on_train_epoch_start")
-    # 3 batches, windows of 2: the first closes at batch 1, the short last one at batch 2.
-    expected += _train_batch(False) + _train_batch(True) + _train_batch(True)
-    expected += _validation(batches=2)
-    expected += _both("on_train_epoch_end") + _both("on_train_end") + _both("on_fit_end")
-    expected += _both("teardown")
-    assert events == expected
+    assert events == recorded_order("fit")
 
 
 def test_checkpoint_writers_run_last_and_monitors_after_the_module_at_epoch_end() -> None:
@@ -183,23 +173,49 @@ def test_validate_test_predict_event_order() -> None:
     events: list[str] = []
     trainer = Trainer(callbacks=[RecordingCallback(events)], **bare_trainer_kwargs())
     module = RecordingModule(events)
-    trainer.validate(module, loader(8, batch_size=8))
-    assert events == _both("setup") + _validation(batches=1) + _both("teardown")
+    for name, run in (
+        ("validate", trainer.validate),
+        ("test", trainer.test),
+        ("predict", trainer.predict),
+    ):
+        events.clear()
+        run(module, loader(8, batch_size=8))
+        assert events == recorded_order(name), name
 
-    events.clear()
-    trainer.test(module, loader(8, batch_size=8))
-    expected = _both("setup") + _both("on_test_start") + _both("on_test_epoch_start")
-    expected += _both("on_test_batch_start") + ["test_step"] + _both("on_test_batch_end")
-    expected += _both("on_test_epoch_end") + _both("on_test_end") + _both("teardown")
-    assert events == expected
 
-    events.clear()
-    trainer.predict(module, loader(8, batch_size=8))
-    expected = _both("setup") + _both("on_predict_start") + _both("on_predict_epoch_start")
-    expected += _both("on_predict_batch_start") + ["predict_step"]
-    expected += _both("on_predict_batch_end")
-    expected += _both("on_predict_epoch_end") + _both("on_predict_end") + _both("teardown")
-    assert events == expected
+def _pseudocode(section: str) -> list[str]:
+    """The names in the first ``text`` block under ``## <section>`` of docs/hooks.md."""
+    page = _docs_path().read_text()
+    start = page.index(f"## {section}\n")
+    block = page[
+        page.index("```text\n", start) : page.index("```\n", page.index("```text\n", start) + 8)
+    ]
+    return re.findall(r"\b((?:on_|setup|teardown|configure_optimizers|[a-z]+_step)\w*)\(?", block)
+
+
+@pytest.mark.parametrize(
+    ("section", "name"),
+    [
+        ("fit", "fit"),
+        ("validation run (inside fit, or `Trainer.validate`)", "validate"),
+        ("test (`Trainer.test`)", "test"),
+        ("predict (`Trainer.predict`)", "predict"),
+    ],
+)
+def test_the_pseudocode_of_docs_hooks_follows_the_recorded_order(section: str, name: str) -> None:
+    """The page's loop pseudocode agrees with the recorded order: of the names it writes,
+    each one written after another follows it directly somewhere in the recording (moving a
+    line of the pseudocode, or of the recording, fails here)."""
+    written = _pseudocode(section)
+    assert len(written) >= 8, written
+    recorded = [
+        event
+        for event in recorded_order(name)
+        if not event.startswith("Callback.") and event in written
+    ]
+    recorded_pairs = set(pairwise(recorded))
+    for pair in pairwise(written):
+        assert pair in recorded_pairs, f"{pair} is not the recorded order ({section})"
 
 
 def test_exception_fires_on_exception_then_teardown() -> None:
