@@ -34,3 +34,15 @@ def test_max_time_on_one_rank_stops_both_together(ranks: list[dict[str, Any]]) -
 def test_estimated_stepping_batches_counts_this_rank_share(ranks: list[dict[str, Any]]) -> None:
     # 16 batches shared by 2 ranks: 8 each, in windows of 3 (3, 3, 2) -> 3 steps x 2 epochs.
     assert [rank["estimate"] for rank in ranks] == [[6, 6], [6, 6]]
+
+
+def test_simple_profiler_prints_once_and_reports_collectives(ranks: list[dict[str, Any]]) -> None:
+    # Rank 0 prints the table, rank 1 nothing; rank 1 sleeps 30 ms per step, so the fast
+    # rank 0 waits for it: in backward (DDP's all-reduce) and at the stop vote.
+    assert [rank["profile"]["tables"] for rank in ranks] == [1, 0]
+    fast, slow = (rank["profile"]["shares"] for rank in ranks)
+    for shares in (fast, slow):
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert fast["collectives"] > 0.0
+    assert fast["collectives"] + fast["backward"] > 0.5
+    assert slow["forward"] > 0.5

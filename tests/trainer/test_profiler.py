@@ -1,0 +1,199 @@
+"""Trainer(profiler=...): where each training step's time goes, read back from the printed
+table, the loggers' files and the trace files."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from ember import Callback, MisconfigurationError, Trainer
+from ember.loggers import CSVLogger
+from ember.trainer.profiling import PART_LABELS, PART_NAMES, PyTorchProfiler, SimpleProfiler
+from tests.helpers import TinyModule, bare_trainer_kwargs, loader, regression_data
+
+BATCHES = 8  # per epoch: 64 samples, batch size 8
+
+
+class SleepyStep(TinyModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        time.sleep(0.02)
+        return super().training_step(batch, batch_idx)
+
+
+class SlowDataset(Dataset[Any]):
+    def __init__(self) -> None:
+        self.data = regression_data(64)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Any:
+        time.sleep(0.003)  # 24 ms per batch of 8
+        return self.data[index]
+
+
+class SleepAtBatchEnd(Callback):
+    def on_train_batch_end(self, *args: Any) -> None:
+        time.sleep(0.02)
+
+
+class TrainingClock(Callback):
+    """The wall time from on_train_start to on_train_end, as a user would measure it."""
+
+    def on_train_start(self, *args: Any) -> None:
+        self.began = time.perf_counter()
+
+    def on_train_end(self, *args: Any) -> None:
+        self.seconds = time.perf_counter() - self.began
+
+
+def table_of(output: str) -> dict[str, tuple[float, float, float]]:
+    """Each printed part: (mean ms per batch, total s, share)."""
+    rows = {}
+    for label in PART_LABELS:
+        line = next(line for line in output.splitlines() if line.startswith(label))
+        mean, total, share = re.findall(r"([\d.]+) (?:ms|s|%)", line.replace("%", " %"))
+        rows[label] = (float(mean), float(total), float(share) / 100)
+    return rows
+
+
+def fit(
+    module: Any, data: Any = None, callbacks: Any = None, val_loader: bool = False, **kwargs: Any
+) -> Trainer:
+    options = {"max_epochs": 1, "profiler": "simple", **bare_trainer_kwargs(), **kwargs}
+    trainer = Trainer(accelerator="cpu", callbacks=callbacks, **options)
+    trainer.fit(
+        module,
+        data if data is not None else loader(),
+        loader(samples=16) if val_loader else None,
+    )
+    return trainer
+
+
+def test_simple_prints_every_part_adding_up_to_the_training_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    clock = TrainingClock()
+    trainer = fit(SleepyStep(), callbacks=[clock], max_epochs=2)
+    output = capsys.readouterr().out
+    assert f"{2 * BATCHES} training batches" in output
+    rows = table_of(output)
+    assert set(rows) == set(PART_LABELS)
+    shares = [share for _, _, share in rows.values()]
+    assert all(0.0 <= share <= 1.0 for share in shares)
+    assert sum(shares) == pytest.approx(1.0, abs=0.01)  # rounded to 0.1% each
+    total = sum(seconds for _, seconds, _ in rows.values())
+    assert total == pytest.approx(clock.seconds, rel=0.05)
+    exact = trainer.profiler.shares()  # type: ignore[attr-defined]
+    assert sum(exact.values()) == pytest.approx(1.0, abs=1e-9)
+    # A 20 ms sleep in training_step: forward is where the time goes.
+    assert rows["forward (training_step)"][2] > 0.8
+    assert rows["forward (training_step)"][0] >= 20.0
+
+
+def test_a_slow_dataset_shows_as_waiting_for_data(capsys: pytest.CaptureFixture[str]) -> None:
+    fit(TinyModule(), DataLoader(SlowDataset(), batch_size=8))
+    rows = table_of(capsys.readouterr().out)
+    assert rows["waiting for data"][2] > 0.8
+    assert rows["waiting for data"][0] >= 24.0
+
+
+def test_a_slow_callback_shows_under_callbacks(capsys: pytest.CaptureFixture[str]) -> None:
+    fit(TinyModule(), callbacks=[SleepAtBatchEnd()])
+    rows = table_of(capsys.readouterr().out)
+    assert rows["callbacks and logging"][2] > 0.8
+    assert rows["forward (training_step)"][2] < 0.1
+
+
+def test_validation_is_its_own_line_outside_the_step(capsys: pytest.CaptureFixture[str]) -> None:
+    class SlowValidation(TinyModule):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            time.sleep(0.02)
+
+    clock = TrainingClock()
+    fit(SlowValidation(), loader(), callbacks=[clock], num_sanity_val_steps=1, val_loader=True)
+    output = capsys.readouterr().out
+    line = next(line for line in output.splitlines() if line.startswith("validation"))
+    runs, seconds = re.findall(r"([\d.]+) (?:runs|s)", line)
+    assert int(runs) == 2  # the sanity check and the end of the epoch
+    assert float(seconds) >= 0.02 * 3  # 1 sanity batch + 2 batches
+    total = sum(seconds for _, seconds, _ in table_of(output).values())
+    # The step parts are the training time less the validation inside it.
+    assert total < clock.seconds - 0.04
+
+
+def test_shares_reach_the_loggers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    logger = CSVLogger(tmp_path)
+    fit(SleepyStep(), logger=logger)
+    rows = table_of(capsys.readouterr().out)
+    lines = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    written = {
+        name: float(value)
+        for line in lines[1:]
+        for name, value in zip(header, line.split(","), strict=True)
+        if name.startswith("profiler/") and value
+    }
+    assert set(written) == {f"profiler/{name}_share" for name in PART_NAMES}
+    assert sum(written.values()) == pytest.approx(1.0, abs=1e-6)
+    assert written["profiler/forward_share"] == pytest.approx(
+        rows["forward (training_step)"][2], abs=0.001
+    )
+
+
+def test_pytorch_writes_a_bounded_chrome_trace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        profiler="pytorch",
+        default_root_dir=tmp_path,
+        **{**bare_trainer_kwargs(), "logger": CSVLogger(tmp_path)},
+    )
+    trainer.fit(TinyModule(), loader())
+    traces = list((Path(trainer.log_dir) / "profiler").glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    trace = json.loads(traces[0].read_text())
+    events = trace["traceEvents"]
+    assert events
+    # Three active steps are recorded (the schedule), not the eight of the epoch.
+    steps = {event["name"] for event in events if event.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 3
+    assert str(trainer.log_dir) in capsys.readouterr().out
+
+
+def test_a_profiler_object_is_accepted(tmp_path: Path) -> None:
+    profiler = PyTorchProfiler(dirpath=tmp_path / "traces", wait=0, warmup=1, active=2)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, profiler=profiler, **bare_trainer_kwargs())
+    trainer.fit(TinyModule(), loader())
+    assert list((tmp_path / "traces").glob("*.pt.trace.json"))
+    simple = SimpleProfiler()
+    fit(TinyModule(), profiler=simple)
+    assert simple.batches == BATCHES
+
+
+def test_disabled_prints_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fit(TinyModule(), profiler=None, default_root_dir=tmp_path)
+    assert "Profiler" not in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["advanced", True, 3])
+def test_a_wrong_profiler_names_the_argument(value: Any) -> None:
+    with pytest.raises(MisconfigurationError, match=r"profiler=.*'simple'.*'pytorch'"):
+        Trainer(profiler=value)
+
+
+def test_a_wrong_schedule_names_it() -> None:
+    with pytest.raises(MisconfigurationError, match="active=0"):
+        PyTorchProfiler(active=0)
