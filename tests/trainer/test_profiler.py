@@ -197,3 +197,44 @@ def test_a_wrong_profiler_names_the_argument(value: Any) -> None:
 def test_a_wrong_schedule_names_it() -> None:
     with pytest.raises(MisconfigurationError, match="active=0"):
         PyTorchProfiler(active=0)
+
+
+def test_a_failed_fit_closes_the_trace_and_the_next_fit_records(tmp_path: Path) -> None:
+    class Fails(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    profiler = PyTorchProfiler(dirpath=tmp_path, wait=0, warmup=1, active=3)
+    options = {"max_epochs": 1, "profiler": profiler, **bare_trainer_kwargs()}
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(accelerator="cpu", **options).fit(Fails(), loader())
+    # The profiler was stopped: the steps it recorded before the error are in a trace.
+    traces = list(tmp_path.glob("*.pt.trace.json"))
+    assert len(traces) == 1
+    traces[0].unlink()
+    Trainer(accelerator="cpu", **options).fit(TinyModule(), loader())
+    assert len(list(tmp_path.glob("*.pt.trace.json"))) == 1
+
+
+@pytest.mark.gpu
+def test_simple_on_cuda_charges_kernels_to_the_part_that_launched_them(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    class HeavyForward(TinyModule):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            square = torch.randn(4096, 4096, device=self.device)
+            for _ in range(20):  # queued kernels: seconds of device work, microseconds of host
+                square = torch.tanh(square @ square)
+            return super().training_step(batch, batch_idx) + 0 * square.mean()
+
+    clock = TrainingClock()
+    options = {"max_epochs": 1, "profiler": "simple", **bare_trainer_kwargs()}
+    Trainer(accelerator="cuda", callbacks=[clock], **options).fit(HeavyForward(), loader())
+    rows = table_of(capsys.readouterr().out)
+    assert rows["forward (training_step)"][2] > 0.8  # not the optimizer step's host read
+    total = sum(seconds for _, seconds, _ in rows.values())
+    assert total == pytest.approx(clock.seconds, rel=0.05)

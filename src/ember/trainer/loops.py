@@ -62,8 +62,12 @@ def fit(context: RunContext) -> None:
     metrics.close()
     _continue_from_checkpoint(context)
     profiler.enter(LOOP)  # the training window: every moment of it is charged to a part
-    while not fit_done(context):
-        train_epoch(context)
+    try:
+        while not fit_done(context):
+            train_epoch(context)
+    except BaseException:
+        profiler.stop()  # a torch.profiler trace is closed; nothing is reported
+        raise
     profiler.finish(context)
     # The last step's grad-scaler update would otherwise wait for a next backward.
     context.accelerator.end_iteration()

@@ -86,6 +86,9 @@ class Profiler:
     def start(self, context: RunContext) -> None:
         """A fit begins (before its sanity check); nothing is charged to a step part yet."""
 
+    def stop(self) -> None:
+        """Stop measuring without a report (fit failed or was interrupted)."""
+
     def finish(self, context: RunContext) -> None:
         """The training window ended: report (rank zero prints; every rank's loggers get
         what they write)."""
@@ -155,8 +158,11 @@ class SimpleProfiler(Profiler):
         self._current = OUTSIDE
         self._last = self._clock()
 
-    def finish(self, context: RunContext) -> None:
+    def stop(self) -> None:
         self.enter(OUTSIDE)
+
+    def finish(self, context: RunContext) -> None:
+        self.stop()
         self.batches = context.state.total_batch_idx - self._first_batch
         if self.batches == 0:
             return
@@ -255,6 +261,7 @@ class PyTorchProfiler(Profiler):
     def start(self, context: RunContext) -> None:
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
+        self.stop()  # one left running by an interrupted fit
         directory = self.dirpath
         if directory is None:
             directory = self._default_dir() if self._default_dir else Path.cwd() / "profiler"
@@ -272,11 +279,13 @@ class PyTorchProfiler(Profiler):
         )
         self._profile.__enter__()
 
+    def stop(self) -> None:
+        if self._profile is not None:
+            profile, self._profile = self._profile, None
+            profile.__exit__(None, None, None)
+
     def finish(self, context: RunContext) -> None:
-        if self._profile is None:
-            return
-        self._profile.__exit__(None, None, None)
-        self._profile = None
+        self.stop()
         if context.is_global_zero:
             print(
                 f"Profiler (pytorch): traces in {self.trace_dir} (open in TensorBoard or Perfetto)"
