@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -112,6 +113,63 @@ def test_a_slow_callback_shows_under_callbacks(capsys: pytest.CaptureFixture[str
     assert rows["forward (training_step)"][2] < 0.1
 
 
+class SlowBackward(torch.autograd.Function):
+    """The identity, whose backward takes 20 ms."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor) -> Tensor:
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, gradient: Tensor) -> Tensor:
+        time.sleep(0.02)
+        return gradient
+
+
+class SlowSGD(torch.optim.SGD):
+    def step(self, closure: Any = None) -> Any:
+        time.sleep(0.02)
+        return super().step(closure)
+
+
+class SlowBackwardModule(TinyModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        loss = SlowBackward.apply(loss)
+        if self.automatic_optimization:
+            return loss
+        self.manual_backward(loss)  # manual optimization: backward is still its own part
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+
+class SlowOptimizerModule(TinyModule):
+    def configure_optimizers(self) -> Any:
+        return SlowSGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("automatic", [True, False])
+def test_a_slow_backward_shows_as_backward(
+    automatic: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = SlowBackwardModule()
+    module.automatic_optimization = automatic
+    fit(module)
+    rows = table_of(capsys.readouterr().out)
+    assert rows["backward"][2] > 0.8
+    assert rows["backward"][0] >= 20.0
+
+
+def test_a_slow_optimizer_shows_as_the_optimizer_step(capsys: pytest.CaptureFixture[str]) -> None:
+    # Two batches per step: the optimizer's 20 ms come once per two batches.
+    fit(SlowOptimizerModule(), accumulate_grad_batches=2)
+    rows = table_of(capsys.readouterr().out)
+    assert rows["optimizer step"][2] > 0.8
+    assert rows["optimizer step"][0] == pytest.approx(10.0, rel=0.3)
+
+
 def test_validation_is_its_own_line_outside_the_step(capsys: pytest.CaptureFixture[str]) -> None:
     class SlowValidation(TinyModule):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -165,8 +223,11 @@ def test_pytorch_writes_a_bounded_chrome_trace(
     events = trace["traceEvents"]
     assert events
     # Three active steps are recorded (the schedule), not the eight of the epoch.
-    steps = {event["name"] for event in events if event.get("name", "").startswith("ProfilerStep#")}
+    names = [event.get("name", "") for event in events]
+    steps = {name for name in names if name.startswith("ProfilerStep#")}
     assert len(steps) == 3
+    # Each part of the step is a named range, as in the "simple" table.
+    assert {f"ember/{part}" for part in ("data", "forward", "backward", "optimizer")} <= set(names)
     assert str(trainer.log_dir) in capsys.readouterr().out
 
 
@@ -222,8 +283,6 @@ def test_a_failed_fit_closes_the_trace_and_the_next_fit_records(tmp_path: Path) 
 def test_simple_on_cuda_charges_kernels_to_the_part_that_launched_them(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import torch
-
     class HeavyForward(TinyModule):
         def training_step(self, batch: Any, batch_idx: int) -> Tensor:
             square = torch.randn(4096, 4096, device=self.device)

@@ -51,7 +51,7 @@ PART_LABELS = (
     "ember's loop",
     "waiting at collectives",
 )
-ACCEPTED = (None, "simple", "pytorch")
+_RANGE_NAMES = tuple(f"ember/{name}" for name in PART_NAMES) + ("ember/validation",)
 
 
 class Profiler:
@@ -94,7 +94,23 @@ class Profiler:
         what they write)."""
 
 
-class SimpleProfiler(Profiler):
+class _SwitchingProfiler(Profiler):
+    """What both profilers share: hooks, stop vote and reductions switch to their part."""
+
+    def timed(self, part: int, function: Callable[..., Any]) -> Callable[..., Any]:
+        return partial(_timed_call, self.switch, part, function)
+
+    @property
+    def timed_hooks(self) -> Callable[[Callable[..., Any]], Callable[..., Any]] | None:
+        return partial(self.timed, CALLBACKS)
+
+    def timed_agreement(self, agreement: Agreement) -> Agreement:
+        if not agreement.shared:  # one process: the vote waits for nothing
+            return agreement
+        return _TimedAgreement(agreement.device, self.switch)
+
+
+class SimpleProfiler(_SwitchingProfiler):
     """Times each part of the training steps with ``time.perf_counter``.
 
     Args:
@@ -133,18 +149,6 @@ class SimpleProfiler(Profiler):
         if part == VALIDATION:
             self.validations += 1
         return current
-
-    def timed(self, part: int, function: Callable[..., Any]) -> Callable[..., Any]:
-        return partial(_timed_call, self.switch, part, function)
-
-    @property
-    def timed_hooks(self) -> Callable[[Callable[..., Any]], Callable[..., Any]] | None:
-        return partial(self.timed, CALLBACKS)
-
-    def timed_agreement(self, agreement: Agreement) -> Agreement:
-        if not agreement.shared:  # one process: the vote waits for nothing
-            return agreement
-        return _TimedAgreement(agreement.device, self.switch)
 
     def start(self, context: RunContext) -> None:
         self.totals = [0.0] * (OUTSIDE + 1)
@@ -208,13 +212,15 @@ class SimpleProfiler(Profiler):
         return "\n".join(lines)
 
 
-class PyTorchProfiler(Profiler):
+class PyTorchProfiler(_SwitchingProfiler):
     """Records a ``torch.profiler`` trace of a few training steps: a Chrome trace JSON
     (``*.pt.trace.json``, one per process) that TensorBoard's profiler plugin and Perfetto open.
 
     A profiler step ends each time the loop starts waiting for the next batch. The schedule
     skips ``wait`` steps, warms up for ``warmup`` and records ``active`` (once), so a long run
-    records only those.
+    records only those; then the profiler stops. Each part of the step is a range named
+    ``ember/<part>`` (``ember/data``, ``ember/forward`` ... as in the "simple" table, and
+    ``ember/validation``) in the trace.
 
     Args:
         dirpath: where the traces go (default: ``<trainer.log_dir>/profiler``).
@@ -252,11 +258,43 @@ class PyTorchProfiler(Profiler):
         self.trace_dir: Path | None = None
         self._default_dir: Callable[[], Path] | None = None
         self._profile: Any = None
+        self._range: Any = None
+        self._current = OUTSIDE
+        self._steps_left = 0
 
     def switch(self, part: int) -> int:
-        if part == DATA and self._profile is not None:
+        current = self._current
+        if current >= _HELD or self._profile is None:
+            return part
+        self._close_range()
+        if part == DATA:
             self._profile.step()
-        return part
+            self._steps_left -= 1
+            if self._steps_left == 0:  # the schedule is done (its trace written): stop
+                self.stop()
+                return current
+        self._current = part
+        self._open_range(part)
+        return current
+
+    def enter(self, part: int) -> int:
+        current = self._current
+        if self._profile is None:
+            return current
+        self._close_range()
+        self._current = part
+        if part < OUTSIDE:
+            self._open_range(part)
+        return current
+
+    def _open_range(self, part: int) -> None:
+        self._range = torch.profiler.record_function(_RANGE_NAMES[part])
+        self._range.__enter__()
+
+    def _close_range(self) -> None:
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
 
     def start(self, context: RunContext) -> None:
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
@@ -278,8 +316,12 @@ class PyTorchProfiler(Profiler):
             **self.options,
         )
         self._profile.__enter__()
+        self._current = OUTSIDE
+        self._steps_left = wait + warmup + active
 
     def stop(self) -> None:
+        self._close_range()
+        self._current = OUTSIDE
         if self._profile is not None:
             profile, self._profile = self._profile, None
             profile.__exit__(None, None, None)
