@@ -486,14 +486,18 @@ def transfer_hooks(module: ModuleHooks, dataloader_idx: int) -> TransferHooks | 
 
 
 def collect_hooks(
-    callbacks: list[Callback], module: ModuleHooks, trainer: Any
+    callbacks: list[Callback],
+    module: ModuleHooks,
+    trainer: Any,
+    timed: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
 ) -> dict[str, tuple[Callable[..., Any], ...]]:
     """For each event, the overridden methods to call: callbacks first, then the module.
 
     The callbacks keep the order they were given, except that checkpoint writers come after
     all the others; at ``on_train_epoch_end`` the monitoring callbacks (and writers) come
     after the module. Methods left at their no-op default are not called at all, so an unused
-    event costs one empty loop.
+    event costs one empty loop. ``timed``: wraps each method to charge its time to the
+    profiler's "callbacks" part (``Trainer(profiler=...)``); None: the methods themselves.
     """
     # A stable sort: writers move to the end, every other order is kept.
     ordered = sorted(callbacks, key=lambda callback: _flag(callback, "writes_checkpoints"))
@@ -513,6 +517,8 @@ def collect_hooks(
             )
         if getattr(type(module), event, None) is not getattr(ModuleHooks, event):
             before.append(getattr(module, event))
+        if timed is not None:
+            before, after = [timed(hook) for hook in before], [timed(hook) for hook in after]
         if late:
             # Fired apart, so the loop can reduce what the module logged there first.
             hooks[event], hooks[monitors_of(event)] = tuple(before), tuple(after)

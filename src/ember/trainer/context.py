@@ -33,6 +33,7 @@ from ember.trainer.arguments import check_choice, check_clip_value
 from ember.trainer.epoch_sync import EpochSync
 from ember.trainer.logging import MetricStore
 from ember.trainer.optimizers import check_automatic, parse_optimizers
+from ember.trainer.profiling import BACKWARD, CALLBACKS, COLLECTIVES, Profiler
 from ember.trainer.state import LoopState
 
 if TYPE_CHECKING:
@@ -164,6 +165,8 @@ class RunContext:
         active_metrics: the store ``TrainModule.log`` writes into right now.
         logged_metrics: the latest values sent to the loggers.
         last_eval_metrics: what the last validation / test run logged.
+        profiler: times the parts of the training steps (``Trainer(profiler=...)``); a
+            do-nothing ``Profiler`` by default.
         optimizers: the prepared optimizers (one under automatic optimization).
         scheduler_configs: the prepared schedulers and when the loop steps them.
         train_loader / val_loaders: the prepared loaders of fit.
@@ -199,6 +202,7 @@ class RunContext:
         "optimizers",
         "pending_epoch_end",
         "preempted",
+        "profiler",
         "resume_batch_end",
         "resume_latest",
         "resume_metrics",
@@ -227,6 +231,7 @@ class RunContext:
         loggers: list[Logger],
         stage: str,
         previous: RunContext | None = None,
+        profiler: Profiler | None = None,
     ) -> None:
         self.module = module
         self.model: nn.Module = module
@@ -234,6 +239,7 @@ class RunContext:
         self.settings = settings
         self.loggers = loggers
         self.is_global_zero = accelerator.is_main_process
+        self.profiler = profiler if profiler is not None else Profiler()
         self.hooks: Hooks = {event: () for event in EVENTS}
         self.hooks[monitors_of("on_train_epoch_end")] = ()
         self.steps = StepFunctions.of(module, False)
@@ -263,7 +269,7 @@ class RunContext:
         #: after itself (and which a checkpoint written meanwhile records).
         self.training_rng: dict[str, Any] | None = None
         #: How the processes agree on ``should_stop`` (at once with one process).
-        self.stop_vote = accelerator.agreement()
+        self.stop_vote = self.profiler.timed_agreement(accelerator.agreement())
         self.num_val_batches: list[int | None] = []
         self.handles: list[Any] = []
         if previous is None:  # a new run
@@ -352,8 +358,10 @@ class RunContext:
         self.logged_metrics.update(metrics)
         if self.is_global_zero:
             step = self.state.global_step if step is None else step
+            resumed = self.profiler.switch(CALLBACKS)  # not per step: at each flush
             for logger in self.loggers:
                 logger.log_metrics(metrics, step)
+            self.profiler.switch(resumed)
 
     def reduce_across_processes(self, tensor: Tensor, reduction: str) -> Tensor:
         """``tensor`` reduced over every process (the metric stores' reducer)."""
@@ -363,10 +371,11 @@ class RunContext:
     @property
     def epoch_sync(self) -> EpochSync:
         """What the metric stores reduce over at epoch end: every process of the run."""
+        timed = self.profiler.timed
         return EpochSync(
             world_size=self.accelerator.num_processes,
-            all_reduce=self.reduce_across_processes,
-            all_gather_object=distributed.all_gather_object,
+            all_reduce=timed(COLLECTIVES, self.reduce_across_processes),
+            all_gather_object=timed(COLLECTIVES, distributed.all_gather_object),
             module=self.module,
         )
 
@@ -401,7 +410,9 @@ class RunContext:
         fp16 scaling), ``on_after_backward``: automatic and manual optimization alike."""
         for hook in self.hooks["on_before_backward"]:
             hook(loss)
+        resumed = self.profiler.switch(BACKWARD)
         self.accelerator.optimizer_step.backward(loss, num_items, kwargs)  # = accelerator.backward
+        self.profiler.switch(resumed)
         for hook in self.hooks["on_after_backward"]:
             hook()
 

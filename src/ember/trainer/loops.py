@@ -29,6 +29,7 @@ from ember.errors import MisconfigurationError
 from ember.hooks import monitors_of
 from ember.seed import seed_everything
 from ember.trainer import preemption
+from ember.trainer.profiling import CALLBACKS, DATA, FORWARD, LOOP, OPTIMIZER, VALIDATION
 from ember.trainer.run_control import may_stop_early
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ def fit(context: RunContext) -> None:
     max_time = context.settings.max_time
     if max_time is not None:  # the clock starts with fit
         context.deadline = time.monotonic() + max_time.total_seconds()
+    profiler = context.profiler
+    profiler.start(context)
     context.fire("on_fit_start")
     if context.settings.num_sanity_val_steps != 0 and context.validation_enabled:
         context.state.sanity_checking = True
@@ -58,8 +61,14 @@ def fit(context: RunContext) -> None:
     context.send_to_loggers(metrics.reduce_epoch(context.epoch_sync)[1])
     metrics.close()
     _continue_from_checkpoint(context)
-    while not fit_done(context):
-        train_epoch(context)
+    profiler.enter(LOOP)  # the training window: every moment of it is charged to a part
+    try:
+        while not fit_done(context):
+            train_epoch(context)
+    except BaseException:
+        profiler.stop()  # a torch.profiler trace is closed; nothing is reported
+        raise
+    profiler.finish(context)
     # The last step's grad-scaler update would otherwise wait for a next backward.
     context.accelerator.end_iteration()
     context.fire("on_train_end")
@@ -131,6 +140,7 @@ def train_epoch(context: RunContext) -> None:
     timed = context.deadline != math.inf  # max_time: one clock read per step boundary
     monotonic = time.monotonic
     log_every = settings.log_every_n_steps
+    switch = context.profiler.switch  # charges the time since its last call, then moves on
     loader.set_epoch(state.epoch)
     metrics.start(on_step=True, on_epoch=False)
     if context.resume_metrics is not None:  # an epoch resumed from a checkpoint
@@ -153,7 +163,9 @@ def train_epoch(context: RunContext) -> None:
         context.resume_batch_end = False
         if validates and validation_due(context, batch_idx):
             evaluate(context, "validation", context.val_loaders)
+    switch(DATA)
     for batch_idx, batch in enumerate(loader, start):
+        switch(LOOP)
         # state.batch_idx already equals batch_idx: it counts the batches processed so far.
         metrics.batch = batch
         for hook in batch_start:
@@ -162,8 +174,10 @@ def train_epoch(context: RunContext) -> None:
         # backward keeps its gradients local until the window's last batch.
         steps_before = optimizer_steps.steps_taken
         with accelerator.accumulate(model):
+            switch(FORWARD)
             with autocast():
                 outputs = training_step(batch, batch_idx)
+            switch(LOOP)
             if automatic:
                 loss: Tensor | None
                 if type(outputs) is Tensor and outputs.requires_grad and outputs.numel() == 1:
@@ -178,7 +192,9 @@ def train_epoch(context: RunContext) -> None:
         if gradient_state.sync_gradients:
             state.accumulation_position = 0
             if automatic:
+                switch(OPTIMIZER)
                 optimizer_step(context)
+                switch(LOOP)
             elif optimizer_steps.steps_taken != steps_before:
                 # Manual optimization: one step per batch in which any optimizer stepped,
                 # however many did (Lightning counts each optimizer's step).
@@ -194,7 +210,9 @@ def train_epoch(context: RunContext) -> None:
         # After on_train_batch_end, so what it logs goes out with the step it measured.
         if state.global_step % log_every == 0 and state.global_step != state.flushed_step:
             state.flushed_step = state.global_step
+            switch(CALLBACKS)
             context.send_to_loggers(metrics.pop_step_metrics())
+            switch(LOOP)
         if validates and validation_due(context, batch_idx):
             evaluate(context, "validation", context.val_loaders)
         # Stop only between windows, so no half-accumulated gradient is left behind. Every
@@ -214,6 +232,8 @@ def train_epoch(context: RunContext) -> None:
                 if state.global_step >= max_steps or may_stop_early(context):
                     finished = batch_idx + 1 == context.num_training_batches
                     break
+        switch(DATA)  # the step is over: waiting for the next batch begins
+    switch(LOOP)
     preemption.act_on(context, stop_vote.settle())  # a stop voted at the epoch's last step
     if state.accumulation_position != 0:
         # The loader ended before the length it announced: close the open window (its
@@ -221,7 +241,9 @@ def train_epoch(context: RunContext) -> None:
         gradient_state.sync_gradients = True
         state.accumulation_position = 0
         if automatic:
+            switch(OPTIMIZER)
             optimizer_step(context)
+            switch(LOOP)
     if batch_idx < 0:
         raise MisconfigurationError(
             "The training loader produced no batch. Check that its dataset is not empty and "
@@ -251,8 +273,10 @@ def train_epoch(context: RunContext) -> None:
     metrics.close()
     if finished:
         _finish_epoch(context)
+    switch(CALLBACKS)
     for logger in context.loggers if context.is_global_zero else ():
         logger.save()
+    switch(LOOP)
 
 
 def validation_due(context: RunContext, batch_idx: int) -> bool:
@@ -419,6 +443,8 @@ def evaluate(
     context.training_rng = random_state  # what a checkpoint written meanwhile records
     context.validation_incomplete = stage == "validation" and not sanity
     module.eval()
+    # Validation inside fit is its own line of the profile, hooks included: not a step part.
+    resumed = context.profiler.enter(VALIDATION)
     try:
         metrics.start(on_step=False, on_epoch=True)  # on_<stage>_start may log epoch values
         context.fire(f"on_{stage}_start")
@@ -460,6 +486,7 @@ def evaluate(
             context.send_to_loggers({**metrics.pop_step_metrics(), **for_loggers})
         context.fire(f"on_{stage}_end")
     finally:
+        context.profiler.enter(resumed)
         context.active_metrics = previous_metrics
         context.training_rng = None
         context.validation_incomplete = False

@@ -27,7 +27,7 @@ from ember.loggers.base import Logger
 from ember.loggers.lifecycle import end_call as end_logger_call
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
-from ember.trainer import arguments, loops, preemption, run_control
+from ember.trainer import arguments, loops, preemption, profiling, run_control
 from ember.trainer import checkpoint as trainer_checkpoint
 from ember.trainer.context import LoopSettings, RunContext
 from ember.trainer.loaders import (
@@ -95,6 +95,10 @@ class Trainer:
             training loader, unshuffled, and validate on those same batches (0: off).
         enable_model_summary: add a ``ModelSummary`` (a table of layers and parameter counts
             printed at fit start) unless one is given.
+        profiler: None, "simple" (a table of where each training step's time goes, printed
+            at the end of fit and logged as ``profiler/<part>_share``), "pytorch" (a
+            ``torch.profiler`` trace of a few steps in ``<log_dir>/profiler``) or a
+            ``SimpleProfiler`` / ``PyTorchProfiler``; see ``docs/profiling.md``.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class Trainer:
         fast_dev_run: bool | int = False,
         overfit_batches: int | float = 0.0,
         enable_model_summary: bool = True,
+        profiler: str | profiling.Profiler | None = None,
     ) -> None:
         self.max_epochs = arguments.check_count("max_epochs", max_epochs, allow_none=True)
         self.max_steps = arguments.check_count("max_steps", max_steps)
@@ -216,6 +221,7 @@ class Trainer:
         if self.fast_dev_run:  # nothing written: no loggers, checkpoints or early stopping
             self.loggers = []
             self.callbacks = run_control.without_writers(self.callbacks)
+        self.profiler = profiling.resolve(profiler, lambda: Path(self.log_dir) / "profiler")
 
         #: The current or last run; None before the first fit / validate / test / predict.
         self._context: RunContext | None = None
@@ -522,6 +528,7 @@ class Trainer:
             loggers=self.loggers,
             stage=stage,
             previous=None if new_run else self._context,
+            profiler=self.profiler,
         )
         self._context = context
         self._datamodule = datamodule
@@ -529,7 +536,7 @@ class Trainer:
         self.callbacks = arguments.merge_module_callbacks(self.callbacks, module)
         if self.fast_dev_run:  # the module's own writers are left out too
             self.callbacks = run_control.without_writers(self.callbacks)
-        context.hooks = collect_hooks(self.callbacks, module, self)
+        context.hooks = collect_hooks(self.callbacks, module, self, self.profiler.timed_hooks)
         status = "success"
         try:
             if datamodule is not None:
