@@ -168,7 +168,7 @@ def run_config(args: argparse.Namespace) -> int:
 
 # --- ember env -------------------------------------------------------------------------------
 def _installed_version(distribution: str) -> str:
-    # Reads package metadata only, so `ember env` never imports tensorboard or wandb.
+    # Reads package metadata only, so `ember env` never imports tensorboard, wandb, matplotlib.
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -194,7 +194,7 @@ def run_env(args: argparse.Namespace) -> int:
         f"- platform: {platform.platform()}",
         *(
             f"- {name} version: {_installed_version(name)}"
-            for name in ("numpy", "torchmetrics", "tensorboard", "wandb")
+            for name in ("numpy", "torchmetrics", "tensorboard", "wandb", "matplotlib")
         ),
     ]
     path = config_path()

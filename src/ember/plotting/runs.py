@@ -81,13 +81,13 @@ def find_run(path: str | os.PathLike[str]) -> Run:
     found = _run_in(given)
     if found is not None:
         return Run(given, found[1], found[0], (given,))
-    below = [child for child in _folders_below(given) if _run_in(child) is not None]
-    if not below:
+    runs = {child: run for child in _folders_below(given) if (run := _run_in(child)) is not None}
+    if not runs:
         raise RunNotFoundError(f"{str(given)!r} holds no run. Expected {_LOOKED_FOR}.")
-    below.sort(key=_age_key)
-    newest = below[-1]
-    kind, source = _run_in(newest)  # type: ignore[misc]  # checked non-None just above
-    return Run(newest, source, kind, tuple(below))
+    oldest_first = sorted(runs, key=_age_key)
+    newest = oldest_first[-1]
+    kind, source = runs[newest]
+    return Run(newest, source, kind, tuple(oldest_first))
 
 
 def read_run(run: Run) -> dict[str, Curve]:
