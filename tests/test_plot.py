@@ -304,6 +304,10 @@ def test_plot_curves_writes_at_fit_end_with_every_logged_row(
 
     assert callback.path == Path(trainer.log_dir) / "curves.png"
     assert png_size(callback.path) == (1280, 380)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert callback.path.stat().st_mode & 0o777 == 0o666 & ~umask  # not a private temp file
+    assert [path.name for path in callback.path.parent.iterdir() if path.name.startswith(".")] == []
     (curves,) = drawn
     assert curves["train_loss"].steps == [step for step, _ in memory.values("train_loss")]
     assert curves["train_loss"].steps[-1] == 10
