@@ -11,6 +11,7 @@ Run it (about a minute on two CPU cores)::
     python examples/char_transformer.py
     python examples/char_transformer.py --max-steps 5000 --precision bf16-mixed
     tensorboard --logdir runs/char_transformer
+    ember plot runs/char_transformer   # the curves as a PNG (PlotCurves also writes one)
 
 The data and model pieces are importable without training; ``accelerator_loop.py`` trains
 the same model with a hand-written loop on ``ember.Accelerator``.
@@ -32,6 +33,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from ember import Trainer, TrainModule
+from ember.callbacks import PlotCurves
 
 # --- data ------------------------------------------------------------------------------------
 
@@ -328,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         default_root_dir=args.default_root_dir,
         compile=args.compile,
         seed=args.seed,
+        callbacks=[PlotCurves()],  # <log dir>/curves.png when fit ends
     )
 
     text = load_stdlib_text(args.max_chars)

@@ -177,7 +177,7 @@ def test_env_prints_versions_and_the_config(capsys: pytest.CaptureFixture[str]) 
     assert "mixed_precision: 'no'" in out or "mixed_precision: no" in out
 
 
-def test_python_m_ember_env_does_not_import_tensorboard_or_wandb(tmp_path: Path) -> None:
+def test_python_m_ember_env_does_not_import_optional_packages(tmp_path: Path) -> None:
     (tmp_path / "ember_config.yaml").write_text("mixed_precision: bf16\n")
     result = subprocess.run(
         [sys.executable, "-m", "ember", "env"],
@@ -191,7 +191,8 @@ def test_python_m_ember_env_does_not_import_tensorboard_or_wandb(tmp_path: Path)
     assert "mixed_precision: bf16" in result.stdout
     check = (
         "import sys; from ember.cli import main; main(['env']); "
-        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in ('tensorboard', 'wandb') "
+        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorboard', 'wandb', 'matplotlib') "
         "or m == 'torch.utils.tensorboard'))"
     )
     result = subprocess.run(

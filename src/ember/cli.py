@@ -1,8 +1,9 @@
-"""The ``ember`` command: ``ember config``, ``ember env`` and ``ember launch``.
+"""The ``ember`` command: ``ember config``, ``ember env``, ``ember launch`` and ``ember plot``.
 
 Every command returns an exit code instead of exiting, so ``main([...])`` can be called (and
 tested) in-process: 0 on success, 2 for a usage error (as argparse does); for ``launch``, the
-script's own code with one process, torchrun's (0, or 1 when a worker failed) with several.
+script's own code with one process, torchrun's (0, or 1 when a worker failed) with several;
+for ``plot``, 1 when an optional package it needs is missing.
 ``ember`` with no command prints the help and returns 2, since a command is required.
 """
 
@@ -167,7 +168,7 @@ def run_config(args: argparse.Namespace) -> int:
 
 # --- ember env -------------------------------------------------------------------------------
 def _installed_version(distribution: str) -> str:
-    # Reads package metadata only, so `ember env` never imports tensorboard or wandb.
+    # Reads package metadata only, so `ember env` never imports tensorboard, wandb, matplotlib.
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -193,7 +194,7 @@ def run_env(args: argparse.Namespace) -> int:
         f"- platform: {platform.platform()}",
         *(
             f"- {name} version: {_installed_version(name)}"
-            for name in ("numpy", "torchmetrics", "tensorboard", "wandb")
+            for name in ("numpy", "torchmetrics", "tensorboard", "wandb", "matplotlib")
         ),
     ]
     path = config_path()
@@ -347,11 +348,36 @@ def run_launch(args: argparse.Namespace) -> int:
     return code
 
 
+# --- ember plot ------------------------------------------------------------------------------
+def run_plot(args: argparse.Namespace) -> int:
+    """Draw a run's curves into a PNG (the drawing lives in ``ember.plotting``)."""
+    from ember.plotting import DEFAULT_SMOOTHING, RunNotFoundError, check_image_path, plot_run
+
+    if args.out is not None:
+        check_image_path(args.out, "--out")
+    smoothing = DEFAULT_SMOOTHING if args.smoothing is None else args.smoothing
+    try:
+        result = plot_run(args.run_dir, args.out, smoothing=smoothing)
+    except RunNotFoundError as error:
+        raise UsageError(str(error)) from None
+    except ModuleNotFoundError as error:
+        if error.name not in ("matplotlib", "tensorboard"):
+            raise
+        print(f"ember plot: error: {error}", file=sys.stderr)
+        return 1
+    run = result.run
+    if len(run.candidates) > 1:
+        print(f"{len(run.candidates)} runs under {args.run_dir}: plotting the newest, {run.folder}")
+    panels = [axes.get_title() for axes in result.figure.axes]
+    print(f"{result.path} ({len(panels)} panels: {', '.join(panels)}; from {run.source})")
+    return 0
+
+
 # --- the parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ember`` argument parser with its three commands."""
+    """The ``ember`` argument parser with its four commands."""
     parser = argparse.ArgumentParser(prog="ember", description="ember: a PyTorch training library.")
-    commands = parser.add_subparsers(dest="command", metavar="{config,env,launch}")
+    commands = parser.add_subparsers(dest="command", metavar="{config,env,launch,plot}")
 
     config = commands.add_parser("config", help="write the config file (asks, or takes defaults)")
     config.add_argument("--default", action="store_true", help="take every default without asking")
@@ -387,6 +413,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("script", nargs=argparse.REMAINDER, help="script.py and its arguments")
     launch.set_defaults(run=run_launch)
+
+    plot = commands.add_parser(
+        "plot", help="draw a run's curves (metrics.csv or TensorBoard events) into a PNG"
+    )
+    plot.add_argument(
+        "run_dir", help="a run folder (logs/ember/version_0), or a folder of runs: the newest"
+    )
+    plot.add_argument("--out", default=None, help="the image to write (default: RUN/curves.png)")
+    plot.add_argument(
+        "--smoothing",
+        type=float,
+        default=None,
+        help="moving-average weight over the training loss, in [0, 1) (default 0.6, as "
+        "TensorBoard)",
+    )
+    plot.set_defaults(run=run_plot)
     return parser
 
 
