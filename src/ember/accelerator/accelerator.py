@@ -85,6 +85,37 @@ class Accelerator:
         log_with: experiment trackers for ``init_trackers`` / ``log``: "tensorboard",
             "wandb", "csv", "all" (every installed one), an ``ember.loggers.Logger``, or a
             list of these (see ``tracking.py``).
+
+    Examples:
+        A loop that steps every two batches and logs the loss to ``demo/metrics.csv``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> accelerator = ember.Accelerator(cpu=True, gradient_accumulation_steps=2, log_with="csv")
+        >>> model = nn.Linear(3, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> loader = DataLoader(TensorDataset(torch.randn(32, 3), torch.randn(32, 1)), batch_size=8)
+        >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        >>> accelerator.init_trackers("demo", config={"lr": 0.1})
+        >>> step = 0
+        >>> for x, y in loader:  # 4 batches: 2 windows of 2
+        ...     with accelerator.accumulate(model):
+        ...         loss = nn.functional.mse_loss(model(x), y)
+        ...         accelerator.backward(loss)
+        ...         optimizer.step()  # steps on the window's last batch only
+        ...         optimizer.zero_grad()
+        ...     if accelerator.sync_gradients:
+        ...         accelerator.log({"loss": loss}, step=step)
+        ...         step += 1
+        >>> accelerator.end_training()
+        >>> step, [tracker.name for tracker in accelerator.trackers]
+        (2, ['csv'])
+        >>> print(open("demo/metrics.csv").read())  # doctest: +ELLIPSIS
+        step,loss
+        0,...
+        1,...
     """
 
     def __init__(

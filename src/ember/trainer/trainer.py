@@ -67,8 +67,10 @@ class Trainer:
         val_check_interval: validate after this fraction of the epoch (float) or every this
             many training batches (int).
         check_val_every_n_epoch: validate in every n-th epoch (None: count batches over epochs).
-        limit_train_batches / limit_val_batches / limit_test_batches: use only this many
-            batches (int) or this fraction (float) of each loader.
+        limit_train_batches: use only this many batches (int) or this fraction (float) of
+            the training loader, in every epoch.
+        limit_val_batches: the same for each validation loader (0: no validation).
+        limit_test_batches: the same for each test loader.
         num_sanity_val_steps: validation batches run before training (-1: all, 0: none).
         log_every_n_steps: send step metrics to the loggers every n optimizer steps.
         callbacks: a ``Callback`` or a list of them.
@@ -84,9 +86,10 @@ class Trainer:
             ``test_step``, ``predict_step``): True, or a dict of ``torch.compile`` arguments.
         on_nonfinite_loss: "raise" (stop, naming the step and batch) or "skip" (drop the
             update, counted in the logged metric ``skipped_steps``).
-        min_epochs / min_steps: a stop asked through ``should_stop`` (EarlyStopping,
-            ``max_time``) before both are reached waits until they are; ``max_epochs`` /
-            ``max_steps`` still end fit.
+        min_epochs: a stop asked through ``should_stop`` (EarlyStopping, ``max_time``)
+            before this many epochs have run waits until they have (as it does for
+            ``min_steps``: until both are reached); ``max_epochs`` / ``max_steps`` still end fit.
+        min_steps: the same for optimizer steps.
         max_time: stop at the first step boundary after this much time since fit started:
             "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
         fast_dev_run: True (1) or n: run n batches of train, val, test and predict, once,
@@ -98,7 +101,39 @@ class Trainer:
         profiler: None, "simple" (a table of where each training step's time goes, printed
             at the end of fit and logged as ``profiler/<part>_share``), "pytorch" (a
             ``torch.profiler`` trace of a few steps in ``<log_dir>/profiler``) or a
-            ``SimpleProfiler`` / ``PyTorchProfiler``; see ``docs/profiling.md``.
+            ``ember.profilers.SimpleProfiler`` / ``PyTorchProfiler``; see
+            [Profiling](../profiling.md).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return nn.functional.mse_loss(self.layer(x), y)
+        ...
+        ...     def validation_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         self.log("val_loss", nn.functional.mse_loss(self.layer(x), y))
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 3)
+        >>> data = TensorDataset(x, x.sum(dim=1, keepdim=True))
+        >>> trainer = ember.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
+        ...                         enable_model_summary=False)  # checkpoints/ in the cwd
+        >>> module = Regression()
+        >>> trainer.fit(module, DataLoader(data, batch_size=16), DataLoader(data, batch_size=64))
+        >>> trainer.global_step, trainer.current_epoch  # 3 epochs of 4 batches
+        (12, 3)
+        >>> [sorted(metrics) for metrics in trainer.validate(module, DataLoader(data))]
+        [['val_loss']]
     """
 
     def __init__(
