@@ -16,11 +16,11 @@ import pytest
 import ember
 import ember.callbacks
 import ember.loggers
+import ember.profilers
 
 ROOT = Path(__file__).resolve().parents[1]
 API_DIR = ROOT / "docs" / "api"
-PUBLIC_PACKAGES = (ember, ember.callbacks, ember.loggers)
-
+PUBLIC_PACKAGES = (ember, ember.callbacks, ember.loggers, ember.profilers)
 
 
 def public_names() -> list[str]:
@@ -77,6 +77,15 @@ def test_every_public_name_has_an_example() -> None:
     assert not lacking, (
         f"public names whose docstring has no `Examples:` section (Google style, plural): {lacking}"
     )
+
+
+def test_the_api_reference_keeps_every_docstring_check() -> None:
+    """``mkdocs build --strict`` fails on a docstring whose Args do not match the signature;
+    no page may switch those checks off (one entry per argument instead)."""
+    for page in sorted(API_DIR.glob("*.md")):
+        text = page.read_text()
+        for check in ("warn_unknown_params", "warn_missing_types", "docstring_options"):
+            assert check not in text, f"{page.name} turns off a docstring check: {check}"
 
 
 def ember_modules() -> list[str]:
