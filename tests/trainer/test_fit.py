@@ -530,7 +530,7 @@ def test_second_fit_on_one_trainer_is_a_fresh_correct_run() -> None:
     torch.testing.assert_close(second, fresh, rtol=0, atol=0)
     torch.testing.assert_close(first, fresh, rtol=0, atol=0)
     assert reused.global_step == 1 and reused.current_epoch == 1
-    assert len(reused.accelerator._optimizers) == 1
+    assert len(reused.accelerator._tracked.optimizers) == 1
 
 
 class LyingLength:

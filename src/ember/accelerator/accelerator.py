@@ -15,18 +15,19 @@ A loop in the style of Hugging Face Accelerate::
             optimizer.zero_grad()
 
 The composed pieces: a strategy (``strategies.py``: placement, process group), a precision
-plugin (``precision.py``), a ``GradientState`` (``optim.py``) and prepared loaders (``data.py``);
-the collectives behind ``gather``, ``reduce`` and the rest are in ``across_processes.py``.
+plugin (``precision.py``), a ``GradientState`` (``optim.py``) and prepared loaders (``data.py``).
+The methods here are the public surface; the work is done where their comments point:
+preparing objects and the record of them in ``preparing.py``, the optimizer step in
+``step.py``, the collectives behind ``gather``, ``reduce`` and the rest in
+``across_processes.py``, trackers in ``tracking.py``, state directories in ``checkpointing.py``.
 """
 
 from __future__ import annotations
 
 import builtins
-import gc
 import os
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ember.accelerator import across_processes, checkpointing, distributed
-from ember.accelerator.data import (
-    PreparedDataLoader,
-    is_data_loader,
-    prepare_loader,
-    skip_first_batches,
-)
+from ember.accelerator import across_processes, checkpointing, distributed, preparing
+from ember.accelerator.data import PreparedDataLoader, skip_first_batches
 from ember.accelerator.distributed import Agreement
 from ember.accelerator.optim import AcceleratedOptimizer, AcceleratedScheduler, GradientState
 from ember.accelerator.precision import (
@@ -49,12 +45,11 @@ from ember.accelerator.precision import (
     create_precision,
     resolve_mixed_precision,
 )
-from ember.accelerator.sharding import ProcessGroupCollectives
+from ember.accelerator.preparing import Preparer
 from ember.accelerator.step import OptimizerStep
 from ember.accelerator.strategies import (
     AcceleratorState,
     DistributedType,
-    StepDispatcher,
     pick_device,
     resolve_strategy,
 )
@@ -85,6 +80,37 @@ class Accelerator:
         log_with: experiment trackers for ``init_trackers`` / ``log``: "tensorboard",
             "wandb", "csv", "all" (every installed one), an ``ember.loggers.Logger``, or a
             list of these (see ``tracking.py``).
+
+    Examples:
+        A loop that steps every two batches and logs the loss to ``demo/metrics.csv``:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> accelerator = ember.Accelerator(cpu=True, gradient_accumulation_steps=2, log_with="csv")
+        >>> model = nn.Linear(3, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> loader = DataLoader(TensorDataset(torch.randn(32, 3), torch.randn(32, 1)), batch_size=8)
+        >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        >>> accelerator.init_trackers("demo", config={"lr": 0.1})
+        >>> step = 0
+        >>> for x, y in loader:  # 4 batches: 2 windows of 2
+        ...     with accelerator.accumulate(model):
+        ...         loss = nn.functional.mse_loss(model(x), y)
+        ...         accelerator.backward(loss)
+        ...         optimizer.step()  # steps on the window's last batch only
+        ...         optimizer.zero_grad()
+        ...     if accelerator.sync_gradients:
+        ...         accelerator.log({"loss": loss}, step=step)
+        ...         step += 1
+        >>> accelerator.end_training()
+        >>> step, [tracker.name for tracker in accelerator.trackers]
+        (2, ['csv'])
+        >>> print(open("demo/metrics.csv").read())  # doctest: +ELLIPSIS
+        step,loss
+        0,...
+        1,...
     """
 
     def __init__(
@@ -131,15 +157,15 @@ class Accelerator:
         self.dataloader_config = dataloader_config or DataLoaderConfiguration()
         self.project_dir = Path(project_dir) if project_dir is not None else Path.cwd()
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
-        self._models: list[nn.Module] = []
-        self._optimizers: list[AcceleratedOptimizer] = []
-        self._schedulers: list[AcceleratedScheduler] = []
-        self._dataloaders: list[PreparedDataLoader] = []
-        #: What ``register_for_checkpointing`` added to the state ``save_state`` saves.
-        self._custom_objects: list[Any] = []
+        #: What was prepared and registered, in order: what ``save_state`` saves.
+        self._tracked = checkpointing.Tracked([], [], [], [], [])
         #: The one place gradients are unscaled, normalised, clipped and stepped (``step.py``).
         self.optimizer_step = OptimizerStep(
-            self.gradient_state, self.precision, self.strategy, self._optimizers
+            self.gradient_state, self.precision, self.strategy, self._tracked.optimizers
+        )
+        #: How each kind of object is prepared (``preparing.py``).
+        self._preparer = Preparer(
+            self.strategy, self.precision, self.gradient_state, self.optimizer_step, self._tracked
         )
         #: ``log_with``'s trackers; only the main process creates and writes them.
         self._trackers = Trackers(log_with, self.is_main_process)
@@ -213,33 +239,13 @@ class Accelerator:
     @property
     def optimizer_step_was_skipped(self) -> bool:
         """Whether the last optimizer step was skipped (fp16 found inf/NaN gradients)."""
-        return any(optimizer.step_was_skipped for optimizer in self._optimizers)
+        return any(optimizer.step_was_skipped for optimizer in self._tracked.optimizers)
 
-    # --- prepare ---------------------------------------------------------------------------------
+    # --- prepare (``preparing.py``) ------------------------------------------------------------
     def prepare(self, *objects: Any) -> Any:
         """Prepare modules, optimizers, schedulers and data loaders; returned in the same order
         (a single object comes back alone, not in a tuple)."""
-        prepared: list[Any] = list(objects)
-        # Schedulers last: they must find the wrapped optimizer of their raw optimizer.
-        for index, obj in enumerate(objects):
-            if isinstance(obj, nn.Module):
-                prepared[index] = self.prepare_model(obj)
-            elif isinstance(obj, Optimizer):
-                prepared[index] = self.prepare_optimizer(obj)
-            elif is_data_loader(obj):
-                prepared[index] = self.prepare_data_loader(obj)
-        for index, obj in enumerate(objects):
-            if _is_scheduler(obj):
-                prepared[index] = self.prepare_scheduler(obj)
-            elif prepared[index] is obj and not isinstance(
-                obj, (nn.Module, Optimizer, PreparedDataLoader)
-            ):
-                raise MisconfigurationError(
-                    f"`prepare` got an object of type {type(obj).__name__}; it accepts "
-                    "torch.nn.Module, torch.optim.Optimizer, an LR scheduler and "
-                    "torch.utils.data.DataLoader."
-                )
-        return prepared[0] if len(prepared) == 1 else tuple(prepared)
+        return preparing.prepare_in_order(self, objects)
 
     def prepare_model(self, model: nn.Module, *, autocast_forward: bool = True) -> nn.Module:
         """Cast the weights for the precision and place (and later wrap) the module.
@@ -250,17 +256,9 @@ class Accelerator:
                 low-precision float outputs as float32, as Accelerate does (mixed precision
                 only). The Trainer passes False: it runs whole steps under autocast.
         """
-        model = self.precision.convert_module(model)
-        if autocast_forward:
-            self.precision.wrap_forward(model)
-        if self.device_placement:
-            model = self.strategy.setup_module(model)
-            # FSDP replaced the parameters: optimizers prepared before follow them.
-            for optimizer in self._optimizers:
-                self.strategy.update_optimizer(optimizer.optimizer)
-        if not any(known is model for known in self._models):
-            self._models.append(model)
-        return model
+        return self._preparer.model(
+            model, autocast_forward=autocast_forward, place=self.device_placement
+        )
 
     def prepare_steps(
         self, module: nn.Module, names: tuple[str, ...]
@@ -272,58 +270,19 @@ class Accelerator:
         the module's own bound method. Nothing is autocast here: the loops run whole steps
         under ``autocast()``.
         """
-        strategy = self.strategy
-        through = {
-            name
-            for name in names
-            if strategy.wraps_module
-            and (name == "training_step" or strategy.evaluates_through_wrapper)
-        }
-        if not through:
-            # One device; or DDP evaluating on the bare module: placed, no wrapper to build.
-            if strategy.wraps_module:
-                model = self.precision.convert_module(module).to(self.device)
-            else:
-                model = self.prepare_model(module, autocast_forward=False)
-            return model, {name: getattr(module, name) for name in names}
-        model = self.prepare_model(StepDispatcher(module), autocast_forward=False)
-        steps = {}
-        for name in names:
-            steps[name] = partial(model, name) if name in through else getattr(module, name)
-        return model, steps
+        return self._preparer.steps(module, names, place=self.device_placement)
 
     def prepare_optimizer(self, optimizer: Optimizer) -> AcceleratedOptimizer:
         """Wrap ``optimizer`` so it steps at the end of each accumulation window."""
-        if isinstance(optimizer, AcceleratedOptimizer):
-            return optimizer
-        # Built over the module before FSDP sharded it: point it at the sharded parameters.
-        self.strategy.update_optimizer(optimizer)
-        for known in self._optimizers:  # prepared again (a re-run notebook cell): the same
-            if known.optimizer is optimizer:
-                return known
-        wrapped = AcceleratedOptimizer(optimizer, self.optimizer_step)
-        self._optimizers.append(wrapped)
-        return wrapped
+        return self._preparer.optimizer(optimizer)
 
     def prepare_scheduler(self, scheduler: Any) -> AcceleratedScheduler:
         """Wrap ``scheduler`` so it steps only when its optimizer really stepped."""
-        if isinstance(scheduler, AcceleratedScheduler):
-            return scheduler
-        owners = [
-            optimizer
-            for optimizer in self._optimizers
-            if optimizer.optimizer is scheduler.optimizer or optimizer is scheduler.optimizer
-        ]
-        wrapped = AcceleratedScheduler(
+        return self._preparer.scheduler(
             scheduler,
-            owners or list(self._optimizers),
-            self.gradient_state,
             step_with_optimizer=self.step_scheduler_with_optimizer,
-            # Accelerate's convention: each process's loader is num_processes times shorter.
-            steps_per_call=1 if self.dataloader_config.split_batches else self.num_processes,
+            split_batches=self.dataloader_config.split_batches,
         )
-        self._schedulers.append(wrapped)
-        return wrapped
 
     def prepare_data_loader(
         self,
@@ -349,25 +308,15 @@ class Accelerator:
                 move (the Trainer passes its module's ``on_before_batch_transfer``,
                 ``transfer_batch_to_device``, ``on_after_batch_transfer``).
         """
-        collectives = None
-        if self.num_processes > 1:
-            collectives = ProcessGroupCollectives(
-                self.process_index, self.num_processes, self.device
-            )
-        prepared = prepare_loader(
+        return self._preparer.data_loader(
             data_loader,
-            self.gradient_state,
-            self.device if self.device_placement else None,
-            self.precision,
             self.dataloader_config,
             max_batches,
-            collectives=collectives,
+            place=self.device_placement,
             even_batches=even_batches,
+            remember=remember,
             transfer_hooks=transfer_hooks,
         )
-        if remember:
-            self._dataloaders.append(prepared)  # save_state records where each one stands
-        return prepared
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         """A loader that starts after the first ``num_batches`` batches (for resuming).
@@ -495,17 +444,7 @@ class Accelerator:
         Returns a ``None`` for each object passed, so ``model, opt = accelerator.free_memory(
         model, opt)`` drops your references too.
         """
-        self.optimizer_step.end_iteration()
-        for optimizer in self._optimizers:
-            optimizer.release()
-        self._models.clear()
-        self._optimizers.clear()
-        self._schedulers.clear()
-        self._dataloaders.clear()
-        self.gradient_state.reset()
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._preparer.forget()
         return [None for _ in objects]
 
     def print(self, *args: Any, **kwargs: Any) -> None:
@@ -562,29 +501,20 @@ class Accelerator:
         schedulers and loaders, the grad scaler, every process's RNG states, registered
         objects. None: ``<project_dir>/checkpoints/checkpoint_<n>``, the next free ``n``.
         Returns the directory."""
-        return checkpointing.save_state(self, self._tracked(), output_dir)
+        return checkpointing.save_state(self, self._tracked, output_dir)
 
     def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> Path:
         """Restore what ``save_state`` wrote into the objects prepared and registered in the
         same order (None: the newest ``checkpoints/checkpoint_<n>``); everything is checked
         first (``CheckpointError``). Each loader's next pass replays the saved epoch: give
         ``skip_first_batches(loader, consumed)`` to continue it. Returns the directory."""
-        return checkpointing.load_state(self, self._tracked(), input_dir)
-
-    def _tracked(self) -> checkpointing.Tracked:
-        return checkpointing.Tracked(
-            self._models,
-            self._optimizers,
-            self._schedulers,
-            self._dataloaders,
-            self._custom_objects,
-        )
+        return checkpointing.load_state(self, self._tracked, input_dir)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Add objects with ``state_dict()`` and ``load_state_dict()`` to what ``save_state``
         saves and ``load_state`` restores (in the order registered)."""
         checkpointing.check_registrable(objects)
-        self._custom_objects.extend(objects)
+        self._tracked.objects.extend(objects)
 
     def save(
         self, obj: Any, path: str | os.PathLike[str], safe_serialization: bool = False
@@ -612,9 +542,3 @@ class Accelerator:
         main process; under FSDP consolidated from every shard, so call it on every process).
         Plain ``safetensors.torch.load_file`` reads it back."""
         return checkpointing.save_model(self, model, save_directory)
-
-
-def _is_scheduler(obj: Any) -> bool:
-    return isinstance(
-        obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    )

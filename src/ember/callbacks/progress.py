@@ -76,6 +76,40 @@ class ProgressBar(Callback):
         refresh_rate: redraw at most every this many batches (0 hides the bars and lines).
         stream: where to write (default ``sys.stdout``; a notebook's widgets are used only
             with the default).
+
+    Examples:
+        Written to a file-like object, the bar is one line per epoch:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return nn.functional.mse_loss(self.layer(x), y)
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 3)
+        >>> loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=16)
+        >>> import io
+        >>> from ember.callbacks import ProgressBar
+        >>> output = io.StringIO()
+        >>> trainer = ember.Trainer(max_epochs=2, callbacks=[ProgressBar(stream=output)],
+        ...                         logger=False, enable_checkpointing=False,
+        ...                         enable_model_summary=False)
+        >>> trainer.fit(Regression(), loader)
+        >>> print(output.getvalue())  # doctest: +ELLIPSIS
+        Epoch 1/2: 4 batches in ...s (... steps/s), loss=...
+        Epoch 2/2: 4 batches in ...s (... steps/s), loss=...
+
+        ``enable_progress_bar=True`` (the default) adds ``ProgressBar()`` when no
+        ``callbacks`` entry is one; ``ProgressBar(refresh_rate=0)`` hides it.
     """
 
     def __init__(self, refresh_rate: int = 1, stream: TextIO | None = None) -> None:

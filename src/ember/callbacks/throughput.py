@@ -67,6 +67,41 @@ class ThroughputMonitor(Callback):
     Args:
         flops_per_sample: FLOPs of one sample's forward and backward; None counts them.
         peak_flops: dense peak FLOP/s of one device; None looks the device up.
+
+    Examples:
+        On a CPU, whose peak is not known, give ``peak_flops`` to log the MFU:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return nn.functional.mse_loss(self.layer(x), y)
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 3)
+        >>> loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=16)
+        >>> from ember.callbacks import ThroughputMonitor
+        >>> from ember.loggers import CSVLogger
+        >>> monitor = ThroughputMonitor(peak_flops=1e12)
+        >>> trainer = ember.Trainer(max_epochs=2, log_every_n_steps=2, callbacks=[monitor],
+        ...                         logger=CSVLogger("logs"),
+        ...                         enable_progress_bar=False, enable_checkpointing=False,
+        ...                         enable_model_summary=False)
+        >>> trainer.fit(Regression(), loader)
+        >>> monitor.flops_per_sample  # counted on the first batch (Linear(3, 1), both passes)
+        12.0
+        >>> sorted(trainer.logged_metrics)
+        ['throughput/flops_per_sec', 'throughput/mfu', 'throughput/samples_per_sec']
+        >>> print(trainer.logger.metrics_file.read_text().splitlines()[0])
+        step,throughput/samples_per_sec,throughput/flops_per_sec,throughput/mfu
     """
 
     def __init__(self, flops_per_sample: float | None = None, peak_flops: float | None = None):

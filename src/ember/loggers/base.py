@@ -28,6 +28,32 @@ class Logger(ABC):
     process exit, unless you call it first; call ``self.save()`` there if you buffer).
     Override ``checkpoint_state`` and ``continue_run`` to continue the same run when a fit
     resumes from a checkpoint.
+
+    Examples:
+        A logger that prints, passed to ``Trainer(logger=...)``:
+
+        >>> import ember
+        >>> from ember.loggers import Logger
+        >>> class PrintLogger(Logger):
+        ...     @property
+        ...     def name(self) -> str:
+        ...         return "print"
+        ...
+        ...     @property
+        ...     def version(self) -> int:
+        ...         return 0
+        ...
+        ...     def log_metrics(self, metrics, step):
+        ...         print(f"step {step}: {metrics}")
+        ...
+        ...     def log_hyperparams(self, params):
+        ...         print(f"hparams: {params}")
+        >>> logger = PrintLogger()
+        >>> logger.log_metrics({"loss": 0.25}, step=10)
+        step 10: {'loss': 0.25}
+        >>> trainer = ember.Trainer(logger=logger)
+        >>> trainer.logger is logger, trainer.log_dir == str(trainer.default_root_dir)
+        (True, True)
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -55,8 +55,22 @@ class CSVLogger(FolderLogger):
         flush_every: write the rows once this many are waiting (1, the default: every row
             is written when logged).
 
-    Example:
+    Examples:
+        >>> from ember.loggers import CSVLogger
         >>> logger = CSVLogger("logs")  # logs/ember/version_0/metrics.csv on first use
+        >>> logger.log_metrics({"loss": 0.5}, step=1)
+        >>> logger.log_metrics({"val_loss": 0.75}, step=2)  # a new column: the header grows
+        >>> logger.finalize("success")
+        >>> print(logger.metrics_file.read_text())
+        step,loss,val_loss
+        1,0.5,
+        2,,0.75
+        >>> from pathlib import Path
+        >>> Path(logger.log_dir).as_posix()
+        'logs/ember/version_0'
+
+        With the Trainer: ``Trainer(logger=CSVLogger("logs", name="mnist"))``; once that
+        run has written, the next ``CSVLogger("logs", name="mnist")`` writes to ``version_1``.
     """
 
     def __init__(

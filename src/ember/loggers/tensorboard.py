@@ -65,6 +65,19 @@ class TensorBoardLogger(FolderLogger):
     Raises:
         ModuleNotFoundError: ``tensorboard`` is not installed; the message names the
             ``pip install`` to run.
+
+    Examples:
+        ```python
+        import ember
+        from ember.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger("tb_logs", name="mnist")  # tb_logs/mnist/version_0
+        trainer = ember.Trainer(max_epochs=10, logger=logger)
+        trainer.fit(module, train_loader, val_loader)
+        logger.experiment.add_histogram("weights", module.layer.weight, trainer.global_step)
+        ```
+
+        Then ``tensorboard --logdir tb_logs`` shows every version of every experiment.
     """
 
     def __init__(

@@ -42,6 +42,20 @@ class WandbLogger(Logger):
     Raises:
         ModuleNotFoundError: ``wandb`` is not installed; the message names the
             ``pip install`` to run.
+
+    Examples:
+        ```python
+        import ember
+        from ember.loggers import WandbLogger
+
+        logger = WandbLogger(project="mnist", name="baseline", tags=["cnn"])
+        trainer = ember.Trainer(max_epochs=10, logger=logger)
+        trainer.fit(module, train_loader, val_loader)
+        logger.experiment.summary["best_val_loss"] = 0.12  # the wandb run itself
+        ```
+
+        Without a network, ``WandbLogger(project="mnist", offline=True)`` writes the run
+        under ``./wandb/``; ``wandb sync`` uploads it later.
     """
 
     def __init__(

@@ -118,6 +118,38 @@ class SimpleProfiler(_SwitchingProfiler):
             charged to the part that launched it (without it, queued kernels are charged to
             whatever next waits for the device, usually the optimizer step's loss check).
             Costs a few microseconds per switch, about eight switches per step.
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> from ember.profilers import SimpleProfiler
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return nn.functional.mse_loss(self.layer(x), y)
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 3)
+        >>> loader = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=16)
+        >>> profiler = SimpleProfiler()
+        >>> trainer = ember.Trainer(max_epochs=2, profiler=profiler, logger=False,
+        ...                         enable_progress_bar=False, enable_checkpointing=False,
+        ...                         enable_model_summary=False)
+        >>> trainer.fit(Regression(), loader)  # doctest: +ELLIPSIS
+        Profiler (simple): 8 training batches in ... s
+        part                          mean/batch       total    share
+        waiting for data              ...
+        >>> list(profiler.shares())  # each logged as profiler/<part>_share
+        ['data', 'forward', 'backward', 'optimizer', 'callbacks', 'loop', 'collectives']
+        >>> round(sum(profiler.shares().values()), 6)
+        1.0
     """
 
     def __init__(self, synchronize: bool = True) -> None:
@@ -224,8 +256,25 @@ class PyTorchProfiler(_SwitchingProfiler):
 
     Args:
         dirpath: where the traces go (default: ``<trainer.log_dir>/profiler``).
-        wait / warmup / active: the schedule, in steps.
-        record_shapes / profile_memory / with_stack: passed to ``torch.profiler.profile``.
+        wait: steps skipped first.
+        warmup: steps profiled but not recorded next (the profiler's own start-up).
+        active: steps recorded then.
+        record_shapes: passed to ``torch.profiler.profile``.
+        profile_memory: passed to ``torch.profiler.profile``.
+        with_stack: passed to ``torch.profiler.profile``.
+
+    Examples:
+        ```python
+        import ember
+        from ember.profilers import PyTorchProfiler
+
+        profiler = PyTorchProfiler(dirpath="traces", wait=5, warmup=1, active=3)
+        trainer = ember.Trainer(max_epochs=1, profiler=profiler)
+        trainer.fit(module, train_loader)
+        print(profiler.trace_dir)  # traces/: one *.pt.trace.json per process
+        ```
+
+        Open the trace in TensorBoard (``tensorboard --logdir traces``) or Perfetto.
     """
 
     def __init__(
@@ -350,7 +399,7 @@ def resolve(profiler: Any, default_dir: Callable[[], Path]) -> Profiler:
     else:
         raise MisconfigurationError(
             f"`profiler={profiler!r}` is not supported. Accepted values: None, 'simple', "
-            "'pytorch', or an ember.trainer.profiling.SimpleProfiler / PyTorchProfiler."
+            "'pytorch', or an ember.profilers.SimpleProfiler / PyTorchProfiler."
         )
     if isinstance(chosen, PyTorchProfiler):
         chosen._default_dir = default_dir

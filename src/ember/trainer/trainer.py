@@ -1,22 +1,18 @@
 """``Trainer``: takes a ``TrainModule`` and data loaders and runs fit / validate / test / predict.
 
 The Trainer checks its arguments, owns the ``Accelerator`` (device, precision, accumulation),
-the callbacks and the loggers, and hands the loop itself to ``loops.py``.
+the callbacks and the loggers, and keeps the current run, which its read-only properties
+read. Each call's set-up and tear-down are in ``runs.py``; the loop itself is in ``loops.py``.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable
-from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ember.accelerator import distributed
 from ember.accelerator.accelerator import Accelerator, resolve_mixed_precision
-from ember.accelerator.data import PreparedDataLoader
 from ember.accelerator.optim import AcceleratedOptimizer
 from ember.accelerator.precision import canonical_precision
 from ember.accelerator.transfer import DataLoaderConfiguration
@@ -24,20 +20,11 @@ from ember.datamodule import DataModule
 from ember.errors import MisconfigurationError
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
-from ember.loggers.lifecycle import end_call as end_logger_call
-from ember.module import TrainModule, overrides
+from ember.module import TrainModule
 from ember.seed import seed_everything
-from ember.trainer import arguments, loops, preemption, profiling, run_control
+from ember.trainer import arguments, profiling, run_control, runs
 from ember.trainer import checkpoint as trainer_checkpoint
-from ember.trainer.context import LoopSettings, RunContext
-from ember.trainer.loaders import (
-    datamodule_of,
-    eval_loaders,
-    fit_loaders,
-    prepare_eval_loaders,
-    prepare_train_loader,
-    start_datamodule,
-)
+from ember.trainer.context import RunContext
 from ember.trainer.logging import MetricStore
 from ember.trainer.optimizers import SchedulerConfig
 from ember.trainer.state import LoopState
@@ -67,8 +54,10 @@ class Trainer:
         val_check_interval: validate after this fraction of the epoch (float) or every this
             many training batches (int).
         check_val_every_n_epoch: validate in every n-th epoch (None: count batches over epochs).
-        limit_train_batches / limit_val_batches / limit_test_batches: use only this many
-            batches (int) or this fraction (float) of each loader.
+        limit_train_batches: use only this many batches (int) or this fraction (float) of
+            the training loader, in every epoch.
+        limit_val_batches: the same for each validation loader (0: no validation).
+        limit_test_batches: the same for each test loader.
         num_sanity_val_steps: validation batches run before training (-1: all, 0: none).
         log_every_n_steps: send step metrics to the loggers every n optimizer steps.
         callbacks: a ``Callback`` or a list of them.
@@ -84,9 +73,10 @@ class Trainer:
             ``test_step``, ``predict_step``): True, or a dict of ``torch.compile`` arguments.
         on_nonfinite_loss: "raise" (stop, naming the step and batch) or "skip" (drop the
             update, counted in the logged metric ``skipped_steps``).
-        min_epochs / min_steps: a stop asked through ``should_stop`` (EarlyStopping,
-            ``max_time``) before both are reached waits until they are; ``max_epochs`` /
-            ``max_steps`` still end fit.
+        min_epochs: a stop asked through ``should_stop`` (EarlyStopping, ``max_time``)
+            before this many epochs have run waits until they have (as it does for
+            ``min_steps``: until both are reached); ``max_epochs`` / ``max_steps`` still end fit.
+        min_steps: the same for optimizer steps.
         max_time: stop at the first step boundary after this much time since fit started:
             "DD:HH:MM:SS", a ``timedelta`` or a dict of ``timedelta`` arguments.
         fast_dev_run: True (1) or n: run n batches of train, val, test and predict, once,
@@ -98,7 +88,39 @@ class Trainer:
         profiler: None, "simple" (a table of where each training step's time goes, printed
             at the end of fit and logged as ``profiler/<part>_share``), "pytorch" (a
             ``torch.profiler`` trace of a few steps in ``<log_dir>/profiler``) or a
-            ``SimpleProfiler`` / ``PyTorchProfiler``; see ``docs/profiling.md``.
+            ``ember.profilers.SimpleProfiler`` / ``PyTorchProfiler``; see
+            [Profiling](../profiling.md).
+
+    Examples:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> import ember
+        >>> class Regression(ember.TrainModule):
+        ...     def __init__(self) -> None:
+        ...         super().__init__()
+        ...         self.layer = nn.Linear(3, 1)
+        ...
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return nn.functional.mse_loss(self.layer(x), y)
+        ...
+        ...     def validation_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         self.log("val_loss", nn.functional.mse_loss(self.layer(x), y))
+        ...
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> x = torch.randn(64, 3)
+        >>> data = TensorDataset(x, x.sum(dim=1, keepdim=True))
+        >>> trainer = ember.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
+        ...                         enable_model_summary=False)  # checkpoints/ in the cwd
+        >>> module = Regression()
+        >>> trainer.fit(module, DataLoader(data, batch_size=16), DataLoader(data, batch_size=64))
+        >>> trainer.global_step, trainer.current_epoch  # 3 epochs of 4 batches
+        (12, 3)
+        >>> [sorted(metrics) for metrics in trainer.validate(module, DataLoader(data))]
+        [['val_loss']]
     """
 
     def __init__(
@@ -396,7 +418,7 @@ class Trainer:
         """The prepared schedulers of the last fit and when the loop steps them."""
         return list(self._context.scheduler_configs) if self._context is not None else []
 
-    # --- entry points ------------------------------------------------------------------------
+    # --- entry points (``runs.py`` sets up and tears down each run) ---------------------------
     def fit(
         self,
         module: TrainModule,
@@ -414,23 +436,10 @@ class Trainer:
         where it was written. A process restarted by torchrun (``TORCHELASTIC_RESTART_COUNT``
         > 0) given None continues from ``"last"``.
         """
-        arguments.check_fit_module(module)
-        arguments.check_ckpt_path(ckpt_path)
-        if ckpt_path is None and distributed.restart_count() > 0:
-            ckpt_path = "last"  # a restarted group continues from its newest checkpoint
-        datamodule, (train_dataloaders, val_dataloaders) = datamodule_of(
-            "fit", datamodule, train_dataloaders=train_dataloaders, val_dataloaders=val_dataloaders
+        body, datamodule = runs.fit_body(
+            self, module, train_dataloaders, val_dataloaders, datamodule, ckpt_path
         )
-        if datamodule is None:  # a DataModule's loaders come after its setup, in _fit
-            train_dataloaders, val_dataloaders = fit_loaders(
-                module, train_dataloaders, val_dataloaders
-            )
-
-        def run(context: RunContext) -> None:
-            with preemption.signals_stop(context):
-                self._fit(context, train_dataloaders, val_dataloaders, ckpt_path)
-
-        self._run("fit", module, run, new_run=True, datamodule=datamodule)
+        self._run("fit", module, body, new_run=True, datamodule=datamodule)
 
     def validate(
         self,
@@ -464,30 +473,9 @@ class Trainer:
         """Run ``predict_step`` over ``dataloaders`` (or those of ``datamodule``) and return
         its outputs in order."""
         module = module if module is not None else self._last_module()
-        arguments.check_module(module)
-        assert module is not None
-        arguments.check_ckpt_path(ckpt_path)
-        datamodule, (dataloaders,) = datamodule_of("predict", datamodule, dataloaders=dataloaders)
-        limit = self.fast_dev_run or None
-
-        def prepare() -> list[PreparedDataLoader]:
-            source = eval_loaders(
-                "predict", "predict", datamodule if datamodule is not None else module, dataloaders
-            )
-            return prepare_eval_loaders(self.accelerator, source, limit, "predict", module=module)[
-                0
-            ]
-
-        # Given loaders are checked before the run; a DataModule's come after its setup.
-        prepared = prepare() if datamodule is None else None
-        self._load_weights(module, ckpt_path)
-
-        def run(context: RunContext) -> list[Any]:
-            loaders = prepared if prepared is not None else prepare()
-            context.prepare_module(self.compile, ("predict_step",))
-            return loops.predict(context, loaders)
-
-        result: list[Any] = self._run("predict", module, run, new_run=False, datamodule=datamodule)
+        body, datamodule = runs.predict_body(self, module, dataloaders, ckpt_path, datamodule)
+        assert module is not None  # checked by predict_body
+        result: list[Any] = self._run("predict", module, body, new_run=False, datamodule=datamodule)
         return result
 
     def save_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
@@ -506,30 +494,18 @@ class Trainer:
             )
         return trainer_checkpoint.save(self, self._context, path, bool(weights_only))
 
-    # --- building and running a RunContext ------------------------------------------------------
+    # --- the current run ------------------------------------------------------------------------
     def _run(
         self,
         stage: str,
         module: TrainModule,
-        body: Callable[[RunContext], Any],
+        body: runs.Body,
         new_run: bool,
         datamodule: DataModule | None = None,
     ) -> Any:
-        """Build the run's context, fire setup, run ``body``, and always tear down
-        (on_exception on errors). ``new_run``: fit starts afresh; evaluation continues.
-        ``datamodule``: prepared and set up before every other setup hook, torn down before
-        every other teardown hook (Lightning's order)."""
-        # Every LoopSettings field is the Trainer attribute of the same name.
-        settings = LoopSettings(**{f.name: getattr(self, f.name) for f in fields(LoopSettings)})
-        context = RunContext(
-            module=module,
-            accelerator=self.accelerator,
-            settings=settings,
-            loggers=self.loggers,
-            stage=stage,
-            previous=None if new_run else self._context,
-            profiler=self.profiler,
-        )
+        """Make a new run of ``module`` the current one and run ``body`` in it (``runs.run``:
+        setup, teardown). ``new_run``: fit starts afresh; evaluation continues the last run."""
+        context = runs.new_context(self, module, stage, None if new_run else self._context)
         self._context = context
         self._datamodule = datamodule
         object.__setattr__(module, "_trainer", self)
@@ -537,116 +513,10 @@ class Trainer:
         if self.fast_dev_run:  # the module's own writers are left out too
             self.callbacks = run_control.without_writers(self.callbacks)
         context.hooks = collect_hooks(self.callbacks, module, self, self.profiler.timed_hooks)
-        status = "success"
-        try:
-            if datamodule is not None:
-                datamodule.trainer = self
-                start_datamodule(self.accelerator, datamodule, stage)
-            context.fire("setup", stage)
-            return body(context)
-        except BaseException as exception:
-            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
-            for callback in self.callbacks:
-                callback.on_exception(self, module, exception)
-            module.on_exception(exception)
-            raise
-        finally:
-            context.release()
-            context.train_metrics.close()
-            context.eval_metrics.close()
-            context.active_metrics = context.train_metrics
-            if self.is_global_zero:  # flushed, not finished: the next call writes on
-                end_logger_call(self.loggers, status)
-            try:
-                if datamodule is not None:
-                    datamodule.teardown(stage)
-                context.fire("teardown", stage)
-            finally:
-                context.state.stage = None
-
-    def _resolve_checkpoint(self, ckpt_path: Any) -> Path | None:
-        """``ckpt_path`` as a path (rank 0's answer for "last" / "best", so every process
-        loads the same checkpoint even when their folders differ)."""
-        path = trainer_checkpoint.resolve(self, ckpt_path)
-        if self.world_size > 1 and ckpt_path is not None:
-            path = self.accelerator.broadcast(path)
-        return path
-
-    def _load_weights(self, module: TrainModule, ckpt_path: Any) -> None:
-        """Load the weights of ``ckpt_path`` (a path, "last" or "best") into ``module`` for
-        validate / test / predict, checked before anything changes."""
-        path = self._resolve_checkpoint(ckpt_path)
-        if path is None:
-            return
-        weights = trainer_checkpoint.read_weights_for(module, path)
-        self.accelerator.strategy.load_full_state_dict(module, weights)
+        return runs.run(self, context, stage, body, datamodule)
 
     def _last_module(self) -> TrainModule | None:
         return self._context.module if self._context is not None else None
-
-    def _fit(
-        self, context: RunContext, train_dataloaders: Any, val_dataloaders: Any, ckpt_path: Any
-    ) -> None:
-        module = context.module
-        # The checkpoint is read and checked before anything changes (after setup, which
-        # tells the checkpoint callback its folder).
-        path = self._resolve_checkpoint(ckpt_path)
-        checkpoint = trainer_checkpoint.read_for_fit(self, module, path) if path else None
-        datamodule = self._datamodule
-        if datamodule is not None:  # its state first: it may decide the loaders it builds
-            trainer_checkpoint.restore_datamodule(datamodule, checkpoint)
-            train_dataloaders, val_dataloaders = fit_loaders(datamodule, None, None)
-        if self.overfit_batches:
-            train_dataloaders, val_dataloaders = run_control.overfit_loaders(
-                train_dataloaders, val_dataloaders, overrides(module, "validation_step")
-            )
-        # Nothing left of an earlier fit's optimizer in the accelerator.
-        self.accelerator.free_memory()
-        context.prepare_module(self.compile, ("training_step", "validation_step"))
-        context.train_loader, context.num_training_batches = prepare_train_loader(
-            self.accelerator,
-            train_dataloaders,
-            self.limit_train_batches,
-            self.val_check_interval,
-            self.check_val_every_n_epoch,
-            validates=val_dataloaders is not None
-            and overrides(module, "validation_step")
-            and self.limit_val_batches != 0,
-            module=module,
-        )
-        if val_dataloaders is not None:
-            context.val_loaders, context.num_val_batches = prepare_eval_loaders(
-                self.accelerator,
-                val_dataloaders,
-                self.limit_val_batches,
-                "validation",
-                module=module,
-            )
-        if context.val_loaders and not overrides(module, "validation_step"):
-            warnings.warn(
-                f"fit() got validation loaders but {type(module).__name__} has no "
-                "validation_step: validation is skipped. Define validation_step(batch, batch_idx) "
-                "to validate.",
-                UserWarning,
-                stacklevel=3,
-            )
-        # After the loaders: configure_optimizers may read estimated_stepping_batches.
-        context.prepare_optimizers()
-        # Gradients left on the parameters before fit would be added into the first step;
-        # a checkpoint written mid-window puts its window's gradient back just below.
-        module.zero_grad(set_to_none=True)
-        for optimizer in context.optimizers:
-            optimizer.optimizer.zero_grad(set_to_none=True)
-        if checkpoint is not None:
-            trainer_checkpoint.restore(self, context, checkpoint)
-        hparams = {**(datamodule.hparams if datamodule is not None else {}), **module.hparams}
-        if hparams and self.is_global_zero:
-            for logger in self.loggers:
-                logger.log_hyperparams(hparams)
-        try:
-            loops.fit(context)
-        except preemption.Preempted as stop:
-            preemption.save_and_exit(self, context, stop.signal)
 
     def _evaluate(
         self,
@@ -658,34 +528,11 @@ class Trainer:
         datamodule: DataModule | None = None,
     ) -> list[dict[str, float]]:
         module = module if module is not None else self._last_module()
-        arguments.check_module(module)
-        assert module is not None
-        arguments.check_ckpt_path(ckpt_path)
-        if not overrides(module, f"{stage}_step"):
-            raise MisconfigurationError(
-                f"Trainer.{entry}() needs {type(module).__name__}.{stage}_step(batch, batch_idx)."
-            )
-        datamodule, (dataloaders,) = datamodule_of(entry, datamodule, dataloaders=dataloaders)
-        limit = self.limit_val_batches if stage == "validation" else self.limit_test_batches
-
-        def prepare() -> tuple[list[PreparedDataLoader], list[int | None]]:
-            source = eval_loaders(
-                entry, stage, datamodule if datamodule is not None else module, dataloaders
-            )
-            return prepare_eval_loaders(self.accelerator, source, limit, stage, module=module)
-
-        # Given loaders are checked before the run; a DataModule's come after its setup.
-        prepared = prepare() if datamodule is None else None
-        self._load_weights(module, ckpt_path)
-
-        def run(context: RunContext) -> list[dict[str, float]]:
-            loaders, lengths = prepared if prepared is not None else prepare()
-            if stage == "validation":
-                context.num_val_batches = lengths
-            context.prepare_module(self.compile, (f"{stage}_step",))
-            return loops.evaluate(context, stage, loaders)
-
+        body, datamodule = runs.evaluation_body(
+            self, entry, stage, module, dataloaders, ckpt_path, datamodule
+        )
+        assert module is not None  # checked by evaluation_body
         result: list[dict[str, float]] = self._run(
-            entry, module, run, new_run=False, datamodule=datamodule
+            entry, module, body, new_run=False, datamodule=datamodule
         )
         return result
