@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
+import os
 import re
 import subprocess
 import sys
@@ -240,3 +242,95 @@ def test_gan_data_and_metrics() -> None:
     assert distance == pytest.approx(gan.STD * math.sqrt(math.pi / 2), rel=0.15)
     # Points at the centre are one radius from every mode, and close to none.
     assert gan.mode_metrics(torch.zeros(10, 2)) == (pytest.approx(gan.RADIUS), 0)
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the Hugging Face example -------------------------------------------------------------------
+
+HF_TINY = [
+    "--epochs", "1", "--samples", "600", "--batch-size", "32", "--max-length", "16",
+    "--vocab-size", "300", "--hidden-size", "32", "--layers", "1", "--accelerator", "cpu",
+]  # fmt: skip
+
+
+def test_hf_example_names_the_extra_when_transformers_is_missing(tmp_path: Path) -> None:
+    # A None entry in sys.modules makes `import transformers` fail as if it were not installed.
+    code = (
+        "import runpy, sys; sys.modules['transformers'] = None; "
+        f"sys.argv = ['hf_text_classification.py']; "
+        f"runpy.run_path({str(EXAMPLES / 'hf_text_classification.py')!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert "pip install 'ember[examples]'" in result.stderr, result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_hf_labelled_lines() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    hf = load_example("hf_text_classification")
+    source = 'def f(x):\n    """Return x plus one, always.\n\n    More words here.\n    """\n    return x + 1\n'
+    assert hf.docstring_lines(ast.parse(source)) == {2, 3, 4, 5}
+    lines = hf.labelled_lines(400, seed=0)
+    assert len(lines) == 400 and sum(label for _, label in lines) == 200
+    assert lines == hf.labelled_lines(400, seed=0)
+    assert all(len(text) >= 12 and not text.startswith("#") for text, _ in lines)
+    tokenizer = hf.train_tokenizer([text for text, _ in lines], vocab_size=300, max_length=16)
+    encoded = hf.encode(tokenizer, lines[:5])
+    ids, mask, labels = encoded.tensors
+    assert ids.shape == mask.shape == (5, 16)
+    assert labels.tolist() == [label for _, label in lines[:5]]
+    assert bool((ids[:, 0] == tokenizer.token_to_id("[CLS]")).all())
+    assert bool((ids[mask == 0] == tokenizer.token_to_id("[PAD]")).all())
+
+
+def test_hf_text_classification_script(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from transformers import AutoModelForSequenceClassification
+
+    root = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "hf_text_classification.py"),
+            *HF_TINY,
+            "--root",
+            str(root),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    # 540 training lines in batches of 32: 17 steps.
+    assert "540 training and 60 validation lines" in output
+    assert "17 steps in" in output
+    found = re.search(r"validation accuracy: (\S+) untrained, (\S+) trained", output)
+    assert found is not None, output
+    assert 0.0 <= float(found.group(1)) <= 1.0 and 0.0 <= float(found.group(2)) <= 1.0
+    assert re.search(r"^ +(code|docstring) [01]\.\d\d  ", output, re.MULTILINE), output
+    # The saved Hugging Face model loads back offline, with the weights ember trained.
+    saved = root / "hf_model"
+    model = AutoModelForSequenceClassification.from_pretrained(saved, local_files_only=True)
+    assert model.config.num_labels == 2 and model.config.id2label == {0: "code", 1: "docstring"}
+    last = next((root / "checkpoints").glob("last-step=*"))
+    weights = load_file(str(last / "model.safetensors"))
+    state = model.state_dict()
+    for name, tensor in weights.items():
+        assert torch.equal(state[name.removeprefix("model.")], tensor), name
+    assert (saved / "tokenizer.json").is_file()
