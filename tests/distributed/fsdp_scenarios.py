@@ -277,6 +277,12 @@ def run(out: Path) -> dict[str, Any]:
     results["trainer_distributed_type"] = str(trainer.accelerator.distributed_type)
     results["trainer_val_loss"] = float(trainer.callback_metrics["val_loss"])
     full = trainer.accelerator.get_state_dict(module)
+    # validate() after fit() on the same, already sharded module: the same sharded root
+    # again (sharding it twice raised inside torch), the same weights, the same value.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        [again] = trainer.validate(module, DataLoader(data(10), batch_size=BATCH))
+    results["trainer_validate_after_fit"] = again["val_loss"]
     if rank == 0:
         expected, _ = reference(fresh(), 64, 2 * BATCH * WORLD, clip=0.5)
         results["trainer_diff"] = max_diff(

@@ -106,6 +106,8 @@ def test_trainer_fit_under_fsdp(results: dict[str, Any]) -> None:
     # accumulate_grad_batches=2 and gradient_clip_val=0.5, against one process.
     assert results["trainer_diff"] < 1e-6
     assert math.isfinite(results["trainer_val_loss"])  # validation ran through the sharded root
+    # validate() after fit() on the same sharded module (it used to shard it twice and fail).
+    assert results["trainer_validate_after_fit"] == results["trainer_val_loss"]
     [warning] = results["trainer_warnings"]
     assert "10 samples" in warning and "= 8" in warning
 

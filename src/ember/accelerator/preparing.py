@@ -115,7 +115,17 @@ class Preparer:
             else:
                 model = self.model(module, autocast_forward=False, place=place)
             return model, {name: getattr(module, name) for name in names}
-        model = self.model(StepDispatcher(module), autocast_forward=False, place=place)
+        # A dispatcher sharded by an earlier call (FSDP: fit, then validate) is the model
+        # again: its parameters belong to it, and sharding them twice is refused by torch.
+        known = [
+            model
+            for model in self.tracked.models
+            if isinstance(model, StepDispatcher) and model.module is module
+        ]
+        if known:
+            model = known[0]
+        else:
+            model = self.model(StepDispatcher(module), autocast_forward=False, place=place)
         steps = {}
         for name in names:
             steps[name] = partial(model, name) if name in through else getattr(module, name)
