@@ -243,7 +243,7 @@ class Trainer:
         if self.fast_dev_run:  # nothing written: no loggers, checkpoints or early stopping
             self.loggers = []
             self.callbacks = run_control.without_writers(self.callbacks)
-        self.profiler = profiling.resolve(profiler, lambda: Path(self.log_dir) / "profiler")
+        self.profiler = profiling.resolve(profiler)
 
         #: The current or last run; None before the first fit / validate / test / predict.
         self._context: RunContext | None = None
