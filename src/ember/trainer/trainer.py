@@ -346,6 +346,11 @@ class Trainer:
         return self._context.num_val_batches if self._context is not None else []
 
     @property
+    def num_test_batches(self) -> list[int | None]:
+        """Batches of each test loader (None: unknown)."""
+        return self._context.num_test_batches if self._context is not None else []
+
+    @property
     def estimated_stepping_batches(self) -> int | float:
         """The optimizer steps the whole fit will take (for warm-up and one-cycle schedules;
         usable in ``configure_optimizers``): this process's training batches per epoch (after
