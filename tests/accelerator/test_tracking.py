@@ -162,14 +162,14 @@ def test_logger_objects_and_names_mix_and_get_tracker_unwraps(tmp_path: Path) ->
     assert yaml.safe_load((Path(own.log_dir) / "hparams.yaml").read_text()) == {"seed": 3}
 
 
-def test_end_training_finishes_the_trackers_and_log_then_asks_for_init(tmp_path: Path) -> None:
+def test_end_training_finishes_the_trackers_and_log_then_warns_once(tmp_path: Path) -> None:
     accelerator = Accelerator(cpu=True, log_with="csv", project_dir=tmp_path)
     accelerator.init_trackers("ended")
     accelerator.log({"x": 1.0})
     accelerator.end_training()  # the buffered row is written now
     assert _csv_rows(tmp_path / "ended" / "metrics.csv") == [{"step": "0", "x": "1.0"}]
-    with pytest.raises(MisconfigurationError, match="init_trackers"):
-        accelerator.log({"x": 2.0})
+    with pytest.warns(UserWarning, match=r"no trackers running.*init_trackers"):
+        accelerator.log({"x": 2.0})  # nothing to write to: recorded nowhere, as in Accelerate
     accelerator.init_trackers("ended")  # a rerun appends to the same file
     accelerator.log({"x": 3.0})
     accelerator.end_training()
@@ -181,10 +181,33 @@ def test_without_log_with_log_does_nothing(tmp_path: Path, monkeypatch: pytest.M
     accelerator = Accelerator(cpu=True)
     accelerator.log({"x": 1.0})
     accelerator.end_training()
+    accelerator.init_trackers("nothing", config={"lr": 1.0})  # as in Accelerate: nothing
+    accelerator.log({"x": 1.0})
     assert accelerator.trackers == []
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(MisconfigurationError, match="log_with"):
-        accelerator.init_trackers("nothing")
+
+
+def test_log_and_get_tracker_before_init_trackers_behave_as_in_accelerate(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """What a process that started no trackers sees (the diffusers scripts call
+    ``init_trackers`` on the main process only): ``log`` records nothing (warning once, on
+    the main process, since the values are lost), ``get_tracker`` returns a blank tracker."""
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=tmp_path)
+    for step in range(3):
+        accelerator.log({"loss": torch.tensor(0.5)}, step=step)
+    warned = [str(w.message) for w in recwarn if "no trackers running" in str(w.message)]
+    assert len(warned) == 1 and "['tensorboard']" in warned[0]
+    blank = accelerator.get_tracker("tensorboard")
+    assert blank.logger is None and blank.name == "tensorboard"
+    blank.log({"x": 1.0}, step=0)
+    blank.tracker.add_scalar("x", 1.0)  # accepts any call
+    accelerator.get_tracker("tensorboard", unwrap=True).add_histogram("w", torch.ones(2))
+    assert list(tmp_path.iterdir()) == []  # nothing was created
+    accelerator.init_trackers("late")  # then the same calls write
+    accelerator.log({"loss": 0.25}, step=3)
+    accelerator.end_training()
+    assert _scalars(tmp_path / "late") == {"loss": [(3, 0.25)]}
 
 
 def test_project_dir_defaults_to_the_current_directory(
@@ -213,8 +236,8 @@ def test_bad_log_with_is_refused(log_with: Any, match: str) -> None:
 
 def test_bad_values_steps_and_arguments_are_refused(tmp_path: Path) -> None:
     accelerator = Accelerator(cpu=True, log_with="csv", project_dir=tmp_path)
-    with pytest.raises(MisconfigurationError, match="init_trackers"):
-        accelerator.log({"x": 1.0})  # not started yet
+    with pytest.warns(UserWarning, match="init_trackers"):
+        accelerator.log({"x": 1.0})  # not started yet: nothing recorded
     with pytest.raises(MisconfigurationError, match="project_name"):
         accelerator.init_trackers("")
     with pytest.raises(MisconfigurationError, match=r"init_kwargs.*\['wandb'\].*\['csv'\]"):

@@ -322,3 +322,51 @@ def test_notebook_detection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("ember.callbacks.progress.importlib.util", has_widgets)
     shell.config = {}  # IPython in a terminal
     assert not in_notebook()
+
+
+def test_the_test_bar_shows_its_total_as_validation_does() -> None:
+    stream = FakeTerminal()
+    trainer = Trainer(logger=False, callbacks=[ProgressBar(stream=stream)])
+    trainer.validate(TinyModule(), loader(24))  # 3 batches of 8
+    trainer.test(TinyModule(), [loader(24), loader(16)])  # 3 + 2 batches
+    output = stream.getvalue()
+    assert trainer.num_test_batches == [3, 2]
+    assert re.search(r"Validation: +0%\|[^|]*\| 0/3 ", output)  # x/N, as validation's
+    assert re.search(r"Testing: +0%\|[^|]*\| 0/5 ", output)  # was "Testing: 0it"
+    assert "Testing: 0it" not in output
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_resuming_after_an_epochs_last_validation_shows_no_stale_epoch(
+    tmp_path: Any, terminal: bool
+) -> None:
+    """A checkpoint written by the validation at an epoch's last batch (ModelCheckpoint's
+    default with a validation loader) resumes with that epoch's end only: no line (or bar)
+    for it, since the run that wrote the checkpoint showed it already."""
+    from ember.callbacks import ModelCheckpoint
+
+    def fit(epochs: int, stream: io.StringIO, ckpt_path: str | None) -> None:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        trainer = Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+            callbacks=[checkpoint, ProgressBar(stream=stream)],
+        )
+        trainer.fit(TinyModule(), loader(32), loader(16), ckpt_path=ckpt_path)
+
+    first = FakeTerminal() if terminal else io.StringIO()
+    fit(2, first, None)
+    resumed = FakeTerminal() if terminal else io.StringIO()
+    fit(4, resumed, "last")
+    assert "Epoch 2/" in first.getvalue()
+    output = resumed.getvalue()
+    assert "Epoch 2/4" not in output  # the stale "Epoch 2/4: 4 batches in 0.0s (0 steps/s)"
+    assert "Epoch 3/4" in output and "Epoch 4/4" in output
+    if not terminal:
+        assert [line.split(":")[0] for line in output.strip().splitlines()] == [
+            "Epoch 3/4",
+            "Epoch 4/4",
+        ]

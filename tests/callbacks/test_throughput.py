@@ -244,11 +244,12 @@ class Noisy(TinyModule):
         return torch.nn.functional.mse_loss(self(noisy), y)
 
 
-def test_counting_flops_leaves_training_unchanged() -> None:
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])  # fp16: CPU GradScaler too
+def test_counting_flops_leaves_training_unchanged(precision: str) -> None:
     def train(callbacks: list[Any]) -> TinyModule:
         torch.manual_seed(1)
         module = Noisy(hidden=8)
-        options = {**bare_trainer_kwargs(), "log_every_n_steps": 1}
+        options = {**bare_trainer_kwargs(), "log_every_n_steps": 1, "precision": precision}
         Trainer(max_epochs=2, callbacks=callbacks, **options).fit(module, loader(48, batch_size=8))
         return module
 
@@ -390,3 +391,51 @@ def test_the_counted_batch_is_not_timed(clock: Clock) -> None:
     ]
     flops = [value for _, name, value in module.logged if name == FLOPS]
     assert flops == [pytest.approx(16.0 * monitor.flops_per_sample)] * 3
+
+
+def _train_compiled(callbacks: list[Any], compile: Any, steps: int = 4) -> TinyModule:
+    torch.manual_seed(1)
+    module = TinyModule(hidden=8)
+    options = {**bare_trainer_kwargs(), "log_every_n_steps": 2, "compile": compile}
+    trainer = Trainer(max_steps=steps, callbacks=callbacks, accelerator="cpu", **options)
+    trainer.fit(module, loader(48, batch_size=8))
+    return module
+
+
+@pytest.mark.slow  # inductor compiles on the CPU (tens of seconds the first time)
+def test_a_compiled_model_trains_bitwise_as_without_the_monitor(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    plain = _train_compiled([], compile=True)
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    watched = _train_compiled([monitor], compile=True)
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters(), strict=True):
+        assert torch.equal(a, b), name  # counting the first step changed the last bits
+    assert monitor.flops_per_sample is None
+    assert any("the model is compiled" in str(w.message) for w in recwarn)
+
+
+def test_a_compiled_model_is_not_counted_and_says_so(recwarn: pytest.WarningsRecorder) -> None:
+    logger = MemoryLogger()
+    monitor = ThroughputMonitor(peak_flops=1e12)
+    torch.manual_seed(1)
+    module = TinyModule(hidden=8)
+    options = {**bare_trainer_kwargs(), "logger": logger, "log_every_n_steps": 2}
+    for _ in range(2):  # a second fit with the same monitor: the warning is not repeated
+        trainer = Trainer(max_steps=4, callbacks=[monitor], compile={"backend": "eager"}, **options)
+        trainer.fit(module, loader(48, batch_size=8))
+    assert monitor.flops_per_sample is None
+    logged = {name for metrics in logger.metrics for name in metrics[1]}
+    assert "throughput/samples_per_sec" in logged
+    assert not {"throughput/flops_per_sec", "throughput/mfu"} & logged
+    warned = [w for w in recwarn if "the model is compiled" in str(w.message)]
+    assert len(warned) == 1 and "flops_per_sample" in str(warned[0].message)
+    # A torch.compile'd submodule is a compiled model too; a given number is used as it is.
+    module.net = torch.compile(module.net, backend="eager")  # type: ignore[assignment]
+    with pytest.warns(UserWarning, match="the model is compiled"):
+        Trainer(max_steps=2, callbacks=[ThroughputMonitor()], **options).fit(
+            module, loader(48, batch_size=8)
+        )
+    given = ThroughputMonitor(flops_per_sample=5.0, peak_flops=1e12)
+    Trainer(max_steps=2, callbacks=[given], **options).fit(module, loader(48, batch_size=8))
+    assert given.flops_per_sample == 5.0

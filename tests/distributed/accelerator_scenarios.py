@@ -251,7 +251,21 @@ def trackers_write_on_rank_zero(output: Path) -> dict[str, Any]:
     except Exception as error:
         refused = f"{type(error).__name__}: {error}"
     accelerator.end_training()
-    return {"exists": project_dir.exists(), "refused": refused, "folder": str(project_dir)}
+    # As the diffusers scripts do: init_trackers on the main process only; log and
+    # get_tracker on every process, where rank 1 has no trackers at all.
+    main_only = Accelerator(cpu=True, log_with="csv", project_dir=project_dir)
+    if main_only.is_main_process:
+        main_only.init_trackers("main_only")
+    for step in range(2):
+        main_only.log({"loss": torch.tensor(0.5 * (step + 1))}, step=step)
+    main_only.get_tracker("csv", unwrap=True).save()
+    main_only.end_training()
+    return {
+        "exists": project_dir.exists(),
+        "refused": refused,
+        "folder": str(project_dir),
+        "main_only_trackers": len(main_only.trackers),
+    }
 
 
 def main(output: Path) -> None:

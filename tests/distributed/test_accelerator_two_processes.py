@@ -118,6 +118,9 @@ def test_only_rank_zero_tracks(ranks: list[dict[str, Any]]) -> None:
     folder = Path(scenarios[0]["folder"]) / "two_ranks"
     assert (folder / "metrics.csv").read_text().splitlines() == ["step,rank", "0,0.0"]
     assert "rank: 0" in (folder / "hparams.yaml").read_text()
+    main_only = Path(scenarios[0]["folder"]) / "main_only" / "metrics.csv"
+    assert main_only.read_text().splitlines() == ["step,loss", "0,0.5", "1,1.0"]
+    assert [scenario["main_only_trackers"] for scenario in scenarios] == [1, 0]
     for result in ranks:
         assert result["trackers_write_on_rank_zero"]["refused"].startswith(
             "MisconfigurationError: `log` got 'bad' = a shape (2,) value"

@@ -16,7 +16,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ember import Callback, MisconfigurationError, Trainer
 from ember.loggers import CSVLogger
-from ember.trainer.profiling import PART_LABELS, PART_NAMES, PyTorchProfiler, SimpleProfiler
+from ember.trainer.profiling import (
+    PART_LABELS,
+    PART_NAMES,
+    VALIDATION,
+    PyTorchProfiler,
+    SimpleProfiler,
+)
+from tests.distributed.launching import run_two_processes
 from tests.helpers import TinyModule, bare_trainer_kwargs, loader, regression_data
 
 BATCHES = 8  # per epoch: 64 samples, batch size 8
@@ -277,6 +284,98 @@ def test_a_failed_fit_closes_the_trace_and_the_next_fit_records(tmp_path: Path) 
     traces[0].unlink()
     Trainer(accelerator="cpu", **options).fit(TinyModule(), loader())
     assert len(list(tmp_path.glob("*.pt.trace.json"))) == 1
+
+
+class FailsAt(TinyModule):
+    """Raises in the hook (or step) it is given."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.where = where
+
+    def on_fit_start(self) -> None:
+        if self.where == "on_fit_start":
+            raise RuntimeError("boom")
+
+    def on_train_start(self) -> None:
+        if self.where == "on_train_start":
+            raise RuntimeError("boom")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.where == "sanity check":
+            raise RuntimeError("boom")
+        super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.filterwarnings("ignore:Profiler won't be using warmup")
+@pytest.mark.parametrize("where", ["on_fit_start", "sanity check", "on_train_start"])
+def test_a_fit_failing_before_training_stops_the_torch_profiler(where: str, tmp_path: Path) -> None:
+    # No wait nor warmup: torch.profiler records from the moment the fit starts it.
+    profiler = PyTorchProfiler(dirpath=tmp_path, wait=0, warmup=0, active=2)
+    trainer = Trainer(accelerator="cpu", max_epochs=1, profiler=profiler, **bare_trainer_kwargs())
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(FailsAt(where), loader(), loader(samples=16))
+    assert not torch.autograd.profiler._is_profiler_enabled  # left recording before the fix
+    assert len(list(tmp_path.glob("rank0*.pt.trace.json"))) == 1  # stopped: trace written
+
+
+@pytest.mark.filterwarnings("ignore:Profiler won't be using warmup")
+def test_limit_train_batches_0_stops_the_torch_profiler(tmp_path: Path) -> None:
+    profiler = PyTorchProfiler(dirpath=tmp_path, wait=0, warmup=0, active=2)
+    options = {"max_epochs": 1, "limit_train_batches": 0, **bare_trainer_kwargs()}
+    Trainer(accelerator="cpu", profiler=profiler, **options).fit(
+        TinyModule(), loader(), loader(samples=16)
+    )
+    assert not torch.autograd.profiler._is_profiler_enabled
+    assert len(list(tmp_path.glob("rank0*.pt.trace.json"))) == 1
+
+
+def test_standalone_validate_and_test_leave_the_fit_table_alone(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    trainer = fit(TinyModule(), val_loader=True, max_epochs=2)
+    profiler = trainer.profiler
+    assert isinstance(profiler, SimpleProfiler)
+    table = profiler.table()
+    assert profiler.validations == 3  # the sanity check and one per epoch
+    validation_seconds = profiler.totals[VALIDATION]
+    trainer.validate(TinyModule(), loader(samples=16))
+    trainer.test(TinyModule(), loader(samples=16))
+    assert profiler.validations == 3
+    assert profiler.totals[VALIDATION] == validation_seconds
+    assert profiler.table() == table
+
+
+TWO_RANKS_SCRIPT = """
+import json, sys
+from pathlib import Path
+from ember import Trainer
+from ember.loggers import CSVLogger
+from tests.helpers import TinyModule, loader
+
+root = Path(sys.argv[1])
+trainer = Trainer(accelerator="cpu", devices=2, max_steps=6, profiler="pytorch",
+                  default_root_dir=root, logger=CSVLogger(root), enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(TinyModule(), loader())
+(root / f"trace_dir{trainer.global_rank}.json").write_text(json.dumps(
+    str(trainer.profiler.trace_dir)))
+"""
+
+
+def test_two_processes_write_their_traces_into_rank_zeros_one_folder(tmp_path: Path) -> None:
+    """``profiler="pytorch"`` under ``devices=2``: rank 0 alone reads its loggers for the
+    folder (rank 1 reading a CSVLogger's folder would claim ``version_1``); each rank writes
+    its own ``rank<N>`` trace into that one folder."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS_SCRIPT)
+    root = tmp_path / "root"
+    run_two_processes(script, str(root))
+    folders = {json.loads((root / f"trace_dir{rank}.json").read_text()) for rank in (0, 1)}
+    assert folders == {str(root / "ember" / "version_0" / "profiler")}
+    assert sorted(path.name for path in (root / "ember").iterdir()) == ["version_0"]
+    traces = sorted(path.name.split(".")[0] for path in Path(folders.pop()).iterdir())
+    assert traces == ["rank0", "rank1"]
 
 
 @pytest.mark.gpu

@@ -22,12 +22,21 @@ file, CSV appends its rows (as Accelerate's TensorBoard tracker does).
 
 Only the main process creates loggers and writes; the other processes check what they are
 given the same way and get do-nothing trackers, so one script runs everywhere.
+
+As in Accelerate, ``init_trackers`` may be called on the main process only (``if
+accelerator.is_main_process: accelerator.init_trackers(...)``, as the diffusers scripts do):
+``log`` then does nothing on the processes that started no trackers, and ``get_tracker``
+there returns a blank tracker. ``init_trackers`` without ``log_with`` does nothing. On the
+main process, ``log`` with ``log_with`` given but no trackers running (before
+``init_trackers``, after ``end_training``) records nothing and warns once, since those values
+are lost (Accelerate is silent there).
 """
 
 from __future__ import annotations
 
 import operator
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +260,7 @@ class Trackers:
         self.active: list[Tracker] = []
         #: The step a ``log(step=None)`` uses: one after the last step logged.
         self.next_step = 0
+        self._warned_not_started = False
 
     @property
     def names(self) -> list[str]:
@@ -286,10 +296,7 @@ class Trackers:
                 "new trackers."
             )
         if not self.requested:
-            raise MisconfigurationError(
-                "`init_trackers` has no tracker to start: pass `log_with` to the Accelerator "
-                f"({_accepted()})."
-            )
+            return  # no log_with: Accelerate's init_trackers does nothing either
         trackers = []
         for item, name in zip(self.requested, self.names, strict=True):
             kwargs = dict(init_kwargs.get(name, {}))
@@ -319,10 +326,18 @@ class Trackers:
         if not self.requested:
             return  # no log_with: Accelerate's log() does nothing either
         if not self.active or all(tracker.finished for tracker in self.active):
-            raise MisconfigurationError(
-                "`log` needs started trackers: call `accelerator.init_trackers(project_name)` "
-                "first (again after `end_training()`)."
-            )
+            # As in Accelerate: nothing to write to, nothing written. The other processes
+            # often start no trackers at all (`if is_main_process: init_trackers(...)`).
+            if self.is_main_process and not self._warned_not_started:
+                self._warned_not_started = True
+                warnings.warn(
+                    "`accelerator.log` was called with no trackers running, so nothing was "
+                    f"recorded (log_with={self.names}): call "
+                    "`accelerator.init_trackers(project_name)` first (again after "
+                    "`end_training()`). This warning is shown once.",
+                    stacklevel=3,
+                )
+            return
         numbers = _as_numbers(values, convert=self.is_main_process)
         step = self.next_step if step is None else _as_step(step)
         log_kwargs = dict(log_kwargs or {})
@@ -339,15 +354,17 @@ class Trackers:
         self.next_step = step + 1
 
     def get(self, name: str, unwrap: bool) -> Any:
-        """The tracker called ``name`` (its underlying object with ``unwrap``)."""
+        """The tracker called ``name`` (its underlying object with ``unwrap``); with no
+        trackers started on this process, a blank one (as Accelerate's)."""
+        if not self.active:
+            blank = Tracker(name, None, _KINDS.get(name))
+            return blank.tracker if unwrap else blank
         for tracker in self.active:
             if tracker.name == name:
                 return tracker.tracker if unwrap else tracker
         raise MisconfigurationError(
             f"`get_tracker({name!r})`: no such tracker; the active ones are "
-            f"{[tracker.name for tracker in self.active]}"
-            + ("" if self.active else " (call `init_trackers` first)")
-            + "."
+            f"{[tracker.name for tracker in self.active]}."
         )
 
     def finish(self) -> None:

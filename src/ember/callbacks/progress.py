@@ -124,6 +124,7 @@ class ProgressBar(Callback):
         self._eval_bar: tqdm[Any] | None = None
         self._epoch_started = 0.0
         self._epoch_first_step = 0
+        self._epoch_first_batch = 0  # where the epoch started: > 0 when resumed mid-epoch
         self._next_draw = 0.0
         self._outputs: Any = None  # the last training_step output that was not None
         self._validated = False  # whether a validation ran in the current training epoch
@@ -173,9 +174,10 @@ class ProgressBar(Callback):
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._epoch_started = time.perf_counter()
         self._epoch_first_step = trainer.global_step
+        self._epoch_first_batch = trainer.state.batch_idx
         self._validated = False
         self._next_draw = 0.0
-        if self._enabled(trainer) and self.draws_bars:
+        if self._enabled(trainer) and self.draws_bars and not self._nothing_left(trainer):
             # It draws whenever asked: on_train_batch_end keeps the time itself.
             self._train_bar = self._bar(
                 trainer.num_training_batches,
@@ -184,6 +186,14 @@ class ProgressBar(Callback):
                 mininterval=0,
                 miniters=1,
             )
+
+    def _nothing_left(self, trainer: Trainer) -> bool:
+        """A resumed epoch whose batches all ran before its checkpoint was written (at the
+        validation of its last batch): only its end-of-epoch bookkeeping is left, already
+        shown by the run that wrote the checkpoint."""
+        total = trainer.num_training_batches
+        first = self._epoch_first_batch
+        return first > 0 and total is not None and first >= total
 
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
@@ -203,7 +213,7 @@ class ProgressBar(Callback):
         bar.update(batch_idx + 1 - bar.n)
 
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if not self._enabled(trainer):
+        if not self._enabled(trainer) or self._nothing_left(trainer):
             return
         metrics = self.metrics(trainer)
         if not self._validated:  # results of an earlier epoch's validation are not this one's
@@ -298,7 +308,7 @@ class ProgressBar(Callback):
         self._eval_end(trainer, "Validation", standalone=trainer.state.stage == "validate")
 
     def on_test_start(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_start(trainer, "Testing", [None])
+        self._eval_start(trainer, "Testing", trainer.num_test_batches)
 
     def on_test_batch_end(
         self,

@@ -51,9 +51,12 @@ class ThroughputMonitor(Callback):
     FLOPs per sample: with ``flops_per_sample=None`` they are counted on the first training
     batch with ``torch.utils.flop_counter.FlopCounterMode`` (matrix products, convolutions,
     attention of the real forward and backward; nothing runs twice and training is unchanged)
-    and divided by its batch size. That batch is left out of the timing. Give the number
-    yourself when the count is not what you want (a compiled model, a step whose work varies
-    with the batch; for a transformer about ``6 * parameters * tokens_per_sample``).
+    and divided by its batch size. That batch is left out of the timing. A compiled model
+    (``Trainer(compile=...)`` or a ``torch.compile``d submodule) is not counted: the counting
+    mode makes that step run differently (the weights would differ in the last bits), so
+    FLOP/s and MFU are not logged and a warning asks for ``flops_per_sample``. Give the number
+    yourself when the count is not what you want (a step whose work varies with the batch; for
+    a transformer about ``6 * parameters * tokens_per_sample``).
 
     Validation time is left out, and the clock restarts at each training epoch. The clock is
     the host's: nothing here waits for the device (``num_items`` tensors are summed on the
@@ -115,6 +118,8 @@ class ThroughputMonitor(Callback):
         #: dense peak FLOP/s of one device in use (None: MFU is not logged)
         self.peak_flops: float | None = peak_flops
         self._counter: FlopCounterMode | None = None
+        self._may_count = True  # False for a compiled model (decided at each fit's start)
+        self._warned_compiled = False
         self._window_start = 0.0
         self._paused_since: float | None = None
         self._paused = 0.0  # validation time inside the current window
@@ -138,6 +143,17 @@ class ThroughputMonitor(Callback):
         self._reset(trainer)
         self.flops_per_sample = self._given_flops  # counted again for each fit
         self.peak_flops = self._given_peak
+        self._may_count = not _is_compiled(trainer, module)
+        uncounted = self.flops_per_sample is None and not self._may_count
+        if uncounted and trainer.is_global_zero and not self._warned_compiled:
+            self._warned_compiled = True
+            warnings.warn(
+                "ThroughputMonitor: the model is compiled, so its FLOPs are not counted "
+                "(counting would change how the compiled step runs, and the weights), and "
+                "throughput/flops_per_sec and throughput/mfu are not logged. Pass "
+                "ThroughputMonitor(flops_per_sample=...) to log them.",
+                stacklevel=2,
+            )
         if self.peak_flops is None:
             accelerator = trainer.accelerator
             self.peak_flops = device_peak_flops(accelerator.device, accelerator.mixed_precision)
@@ -156,7 +172,7 @@ class ThroughputMonitor(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.flops_per_sample is None and self._counter is None:
+        if self.flops_per_sample is None and self._may_count and self._counter is None:
             # Counts what runs until on_train_batch_end: the step's forward and backward.
             self._counter = FlopCounterMode(display=False)
             self._counter.__enter__()
@@ -241,6 +257,16 @@ class ThroughputMonitor(Callback):
 
 def _log(module: TrainModule, name: str, value: Any, prog_bar: bool) -> None:
     module.log(name, value, on_step=True, on_epoch=False, prog_bar=prog_bar, logger=True)
+
+
+def _is_compiled(trainer: Trainer, module: TrainModule) -> bool:
+    """Whether the steps run compiled: ``Trainer(compile=...)``, or a ``torch.compile``d
+    module inside ``module``."""
+    if trainer.compile is not False:
+        return True
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(child, OptimizedModule) for child in module.modules())
 
 
 def _device_name(device: torch.device) -> str:

@@ -171,7 +171,8 @@ class RunContext:
         scheduler_configs: the prepared schedulers and when the loop steps them.
         train_loader / val_loaders: the prepared loaders of fit.
         num_training_batches: training batches per epoch, when the loader's length is exact.
-        num_val_batches: batches of each validation loader (None: unknown).
+        num_val_batches / num_test_batches: batches of each validation / test loader (None:
+            unknown).
         window_losses: (batch_idx, loss) of the open accumulation window.
         should_stop: set (by callbacks, through ``Trainer.should_stop``) to end fit after the
             current step.
@@ -197,6 +198,7 @@ class RunContext:
         "loggers",
         "model",
         "module",
+        "num_test_batches",
         "num_training_batches",
         "num_val_batches",
         "optimizers",
@@ -271,6 +273,7 @@ class RunContext:
         #: How the processes agree on ``should_stop`` (at once with one process).
         self.stop_vote = self.profiler.timed_agreement(accelerator.agreement())
         self.num_val_batches: list[int | None] = []
+        self.num_test_batches: list[int | None] = []
         self.handles: list[Any] = []
         if previous is None:  # a new run
             self.state = LoopState()

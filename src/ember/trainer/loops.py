@@ -42,8 +42,15 @@ def fit(context: RunContext) -> None:
     max_time = context.settings.max_time
     if max_time is not None:  # the clock starts with fit
         context.deadline = time.monotonic() + max_time.total_seconds()
+    context.profiler.start(context)
+    try:
+        _fit_started(context)
+    finally:  # every exit (an error, limit_train_batches=0): a torch.profiler trace is closed
+        context.profiler.stop()
+
+
+def _fit_started(context: RunContext) -> None:
     profiler = context.profiler
-    profiler.start(context)
     context.fire("on_fit_start")
     if context.settings.num_sanity_val_steps != 0 and context.validation_enabled:
         context.state.sanity_checking = True
@@ -62,12 +69,8 @@ def fit(context: RunContext) -> None:
     metrics.close()
     _continue_from_checkpoint(context)
     profiler.enter(LOOP)  # the training window: every moment of it is charged to a part
-    try:
-        while not fit_done(context):
-            train_epoch(context)
-    except BaseException:
-        profiler.stop()  # a torch.profiler trace is closed; nothing is reported
-        raise
+    while not fit_done(context):
+        train_epoch(context)
     profiler.finish(context)
     # The last step's grad-scaler update would otherwise wait for a next backward.
     context.accelerator.end_iteration()

@@ -161,6 +161,7 @@ class SimpleProfiler(_SwitchingProfiler):
         self._last = time.perf_counter()
         self._first_batch = 0
         self._clock: Callable[[], float] = time.perf_counter
+        self._running = False  # between a fit's start and stop: outside, nothing is counted
 
     def switch(self, part: int) -> int:
         now = self._clock()
@@ -173,6 +174,8 @@ class SimpleProfiler(_SwitchingProfiler):
         return current
 
     def enter(self, part: int) -> int:
+        if not self._running:  # a standalone validate()/test(): not part of the fit's table
+            return part
         now = self._clock()
         current = self._current
         self.totals[current] += now - self._last
@@ -193,9 +196,11 @@ class SimpleProfiler(_SwitchingProfiler):
             self._clock = time.perf_counter
         self._current = OUTSIDE
         self._last = self._clock()
+        self._running = True
 
     def stop(self) -> None:
         self.enter(OUTSIDE)
+        self._running = False
 
     def finish(self, context: RunContext) -> None:
         self.stop()
@@ -305,7 +310,6 @@ class PyTorchProfiler(_SwitchingProfiler):
         }
         #: Where the traces went (set by the fit that wrote them).
         self.trace_dir: Path | None = None
-        self._default_dir: Callable[[], Path] | None = None
         self._profile: Any = None
         self._range: Any = None
         self._current = OUTSIDE
@@ -351,7 +355,10 @@ class PyTorchProfiler(_SwitchingProfiler):
         self.stop()  # one left running by an interrupted fit
         directory = self.dirpath
         if directory is None:
-            directory = self._default_dir() if self._default_dir else Path.cwd() / "profiler"
+            # Rank 0 alone reads its loggers (reading a logger's folder may create it, or
+            # start a W&B run); every rank starts here, so the broadcast is met by all.
+            chosen = str(_default_trace_dir(context)) if context.is_global_zero else None
+            directory = Path(context.accelerator.broadcast(chosen))
         self.trace_dir = directory
         activities = [ProfilerActivity.CPU]
         if context.accelerator.device.type == "cuda":
@@ -383,27 +390,29 @@ class PyTorchProfiler(_SwitchingProfiler):
             )
 
 
-def resolve(profiler: Any, default_dir: Callable[[], Path]) -> Profiler:
-    """``Trainer(profiler=...)`` as a ``Profiler``: None, "simple", "pytorch" or an instance.
-
-    ``default_dir``: the folder of ``"pytorch"`` traces when none is given (asked at fit).
-    """
+def resolve(profiler: Any) -> Profiler:
+    """``Trainer(profiler=...)`` as a ``Profiler``: None, "simple", "pytorch" or an instance."""
     if isinstance(profiler, Profiler):
-        chosen = profiler
-    elif profiler is None:
+        return profiler
+    if profiler is None:
         return Profiler()
-    elif profiler == "simple":
-        chosen = SimpleProfiler()
-    elif profiler == "pytorch":
-        chosen = PyTorchProfiler()
-    else:
-        raise MisconfigurationError(
-            f"`profiler={profiler!r}` is not supported. Accepted values: None, 'simple', "
-            "'pytorch', or an ember.profilers.SimpleProfiler / PyTorchProfiler."
-        )
-    if isinstance(chosen, PyTorchProfiler):
-        chosen._default_dir = default_dir
-    return chosen
+    if profiler == "simple":
+        return SimpleProfiler()
+    if profiler == "pytorch":
+        return PyTorchProfiler()
+    raise MisconfigurationError(
+        f"`profiler={profiler!r}` is not supported. Accepted values: None, 'simple', "
+        "'pytorch', or an ember.profilers.SimpleProfiler / PyTorchProfiler."
+    )
+
+
+def _default_trace_dir(context: RunContext) -> Path:
+    """``<trainer.log_dir>/profiler``: the first logger's folder, else the root directory
+    (the accelerator's ``project_dir``, which is ``default_root_dir``). Rank 0 only."""
+    for logger in context.loggers:
+        if logger.log_dir is not None:
+            return Path(logger.log_dir) / "profiler"
+    return context.accelerator.project_dir / "profiler"
 
 
 def _timed_call(

@@ -252,6 +252,8 @@ def evaluation_body(
         loaders, lengths = prepared if prepared is not None else prepare()
         if stage == "validation":
             context.num_val_batches = lengths
+        else:
+            context.num_test_batches = lengths
         context.prepare_module(trainer.compile, (f"{stage}_step",))
         return loops.evaluate(context, stage, loaders)
 

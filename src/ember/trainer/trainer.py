@@ -243,7 +243,7 @@ class Trainer:
         if self.fast_dev_run:  # nothing written: no loggers, checkpoints or early stopping
             self.loggers = []
             self.callbacks = run_control.without_writers(self.callbacks)
-        self.profiler = profiling.resolve(profiler, lambda: Path(self.log_dir) / "profiler")
+        self.profiler = profiling.resolve(profiler)
 
         #: The current or last run; None before the first fit / validate / test / predict.
         self._context: RunContext | None = None
@@ -344,6 +344,11 @@ class Trainer:
     def num_val_batches(self) -> list[int | None]:
         """Batches of each validation loader (None: unknown)."""
         return self._context.num_val_batches if self._context is not None else []
+
+    @property
+    def num_test_batches(self) -> list[int | None]:
+        """Batches of each test loader (None: unknown)."""
+        return self._context.num_test_batches if self._context is not None else []
 
     @property
     def estimated_stepping_batches(self) -> int | float:
