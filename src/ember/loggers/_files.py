@@ -248,11 +248,14 @@ def write_hparams_yaml(folder: Path, params: Mapping[str, Any]) -> Path:
 def open_atomically(path: Path) -> Iterator[TextIO]:
     """A text file that replaces ``path`` on success, so no reader sees a half-written file.
 
-    On an error the old ``path`` is left untouched and the temporary file is removed.
+    The file gets the mode a plain ``open`` would give it (``0o666`` less the umask, e.g.
+    ``0o644``), not ``mkstemp``'s ``0o600``. On an error the old ``path`` is left untouched
+    and the temporary file is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(handle, 0o666 & ~_umask())
         # newline="" because the csv module writes its own line endings.
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
             yield file
@@ -260,6 +263,13 @@ def open_atomically(path: Path) -> Iterator[TextIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def missing_extra_message(package: str, extra: str, logger: str) -> str:

@@ -3,7 +3,8 @@
 The Trainer calls loggers only on the global-zero process, so a logger never checks ranks:
 ``log_hyperparams`` once when fit starts, ``log_metrics`` every ``log_every_n_steps`` steps and
 at each epoch end, ``save`` after each epoch and at the end of every Trainer call, and
-``finalize`` once, when the process exits (see ``ember.loggers.lifecycle``).
+``finalize`` once, when the process exits or the logger is garbage-collected (see
+``ember.loggers.lifecycle``).
 
 A logger's run lasts as long as the logger object: every Trainer call writes into it, and a
 fit resumed from a checkpoint continues it: the checkpoint keeps ``checkpoint_state()``, and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from ember.loggers.lifecycle import forget
@@ -79,6 +81,16 @@ class Logger(ABC):
         """
         forget(self)
         self.save()
+
+    def finalizer(self) -> Callable[[str], None] | None:
+        """A function that ends the run like ``finalize`` but holds no reference to the logger.
+
+        The Trainer asks for it after each call and runs it with the run's status if the
+        logger is garbage-collected before the process exits (a sweep that builds a new
+        logger per trial), since ``finalize`` cannot run on a collected object. Return None
+        (the default) when nothing needs closing: the data was flushed by ``save()``.
+        """
+        return None
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint keeps to continue this run (default: nothing, ``{}``).

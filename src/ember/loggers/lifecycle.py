@@ -3,7 +3,9 @@
 After each ``fit`` / ``validate`` / ``test`` / ``predict`` the Trainer calls ``end_call``:
 every logger is flushed (``save()``), not finished, so the next call writes into the same run.
 Each logger is finished once, with ``finalize(status)``, when the process exits (``atexit``),
-unless the user finalized it before. The status given then is the worst of the calls that
+unless the user finalized it before; a logger garbage-collected before exit (a sweep that
+makes a logger per trial) is finished then, by the function its ``finalizer()`` returned
+after its last call (``finalize`` cannot run on a collected object). The status given then is the worst of the calls that
 wrote into it: "failed" when any call failed, else "interrupted" when any was interrupted,
 else "success". A later call after a failed one does not make the run a success.
 """
@@ -23,10 +25,10 @@ if TYPE_CHECKING:
 # Worse statuses have higher ranks: a run keeps the worst status of its calls.
 _RANK = {"success": 0, "interrupted": 1, "failed": 2}
 
-# Every logger a Trainer call has used and nobody has finalized yet, with its run's status,
-# by id (a logger need not be hashable). Weak references: a logger the user dropped is not
-# kept alive by this (its data was flushed after each call; only the final status is lost).
-_open_runs: dict[int, tuple[weakref.ref[Logger], str]] = {}
+# Every logger a Trainer call has used and nobody has finalized yet, with its run's status
+# and its ``finalizer()``, by id (a logger need not be hashable). Weak references: a logger
+# the user dropped is not kept alive by this; its finalizer ends its run when it is collected.
+_open_runs: dict[int, tuple[weakref.ref[Logger], str, Callable[[str], None] | None]] = {}
 
 
 def end_call(loggers: Iterable[Logger], status: str) -> None:
@@ -39,11 +41,13 @@ def end_call(loggers: Iterable[Logger], status: str) -> None:
         key = id(logger)
         previous = _open_runs[key][1] if key in _open_runs else "success"
         worst = max(previous, status, key=lambda value: _RANK.get(value, 2))
-        _open_runs[key] = (weakref.ref(logger, _dropped(key)), worst)
         try:
             logger.save()
+            finalizer = logger.finalizer()
         except Exception as exception:  # the others are still flushed
             error = error or exception
+            finalizer = None
+        _open_runs[key] = (weakref.ref(logger, _dropped(key)), worst, finalizer)
     # Registered again after each call: atexit runs the latest registration first, so this
     # runs before the exit hooks of libraries imported during the call (wandb's own).
     atexit.unregister(finish_open_runs)
@@ -53,10 +57,16 @@ def end_call(loggers: Iterable[Logger], status: str) -> None:
 
 
 def _dropped(key: int) -> Callable[[weakref.ref[Logger]], None]:
-    """The callback that forgets the logger of id ``key`` once it is garbage."""
+    """The callback that ends the run of the logger of id ``key`` once it is garbage."""
 
-    def callback(_: weakref.ref[Logger]) -> None:
+    def callback(reference: weakref.ref[Logger]) -> None:
+        entry = _open_runs.get(key)
+        if entry is None or entry[0] is not reference:
+            return  # finalized already, or the id was reused by a newer logger
         _open_runs.pop(key, None)
+        _, status, finalizer = entry
+        if finalizer is not None:
+            _run_finalizer(finalizer, status, "a garbage-collected logger's finalizer")
 
     return callback
 
@@ -74,19 +84,19 @@ def forget(logger: Logger) -> None:
 
 def finish_open_runs() -> None:
     """Finalize every logger still open with the worst status of its calls (run at exit)."""
-    for key, (reference, status) in list(_open_runs.items()):
+    for key, (reference, status, _) in list(_open_runs.items()):
         _open_runs.pop(key, None)
         logger = reference()
-        if logger is None:
-            continue
-        try:
-            logger.finalize(status)
-        except Exception as error:  # at exit: warn, finish the others
-            warnings.warn(
-                f"{type(logger).__name__}.finalize({status!r}) failed at exit: {error!r}",
-                RuntimeWarning,
-                stacklevel=1,
-            )
+        if logger is not None:
+            _run_finalizer(logger.finalize, status, f"{type(logger).__name__}.finalize")
+
+
+def _run_finalizer(finalizer: Callable[[str], None], status: str, what: str) -> None:
+    """``finalizer(status)``; an error is a warning (at exit or in gc: nobody to raise to)."""
+    try:
+        finalizer(status)
+    except Exception as error:
+        warnings.warn(f"{what}({status!r}) failed: {error!r}", RuntimeWarning, stacklevel=1)
 
 
 def share_run_folders(loggers: list[Logger]) -> None:
