@@ -13,7 +13,7 @@ import pytest
 
 from ember import Trainer
 from ember.loggers import CSVLogger, TensorBoardLogger, WandbLogger
-from tests.helpers import TinyModule, loader
+from tests.helpers import MemoryLogger, TinyModule, loader
 from tests.loggers.readback import csv_values, hparams_tab, wandb_run
 
 pytest.importorskip("tensorboard")
@@ -46,6 +46,11 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         monkeypatch.setenv(variable, str(settings))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     return tmp_path
+
+
+def assert_points(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    assert [value for _, value in got] == pytest.approx([value for _, value in expected])
 
 
 # --- 1. a sweep in one process: one run per logger, each with its real status ----------------
@@ -133,3 +138,72 @@ def test_metrics_and_hparams_files_respect_the_umask(tmp_path: Path, umask: int)
     assert csv_values(folder / "metrics.csv")["new_name"] == [(1, 1.0)]
     for name in ("metrics.csv", "hparams.yaml"):
         assert stat.S_IMODE((folder / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+# --- 2. steps within one run only increase ----------------------------------------------------
+
+
+def test_a_second_fresh_fit_goes_on_after_the_steps_of_the_first(offline_wandb: Path) -> None:
+    csv_logger = CSVLogger(offline_wandb / "logs")
+    wandb_logger = WandbLogger(project="p", save_dir=offline_wandb)
+    memory = MemoryLogger()
+    trainer = quiet_trainer(max_steps=4, logger=[csv_logger, wandb_logger, memory])
+    trainer.fit(Swept(0.1), loader())
+    first = memory.values("train_loss")
+    trainer.fit(Swept(0.01), loader())  # starts again at step 0
+    assert trainer.global_step == 4
+    trainer.test(Swept(0.01), loader())  # at the second fit's step 4 too: 8 in the run
+    second = memory.values("train_loss")[len(first) :]
+    assert [step for step, _ in first] == [2, 4]
+    assert [step for step, _ in second] == [6, 8]
+    assert [step for step, _ in memory.values("test_loss")] == [8]
+    wandb_logger.finalize("success")
+    assert_points(
+        csv_values(Path(csv_logger.log_dir) / "metrics.csv")["train_loss"], first + second
+    )
+    (run_folder,) = (offline_wandb / "wandb").glob("offline-run-*")
+    history = wandb_run(run_folder).values()
+    # W&B drops a step lower than one it has: every value of both fits arrived.
+    assert_points(history["train_loss"], first + second)
+    assert_points(history["test_loss"], memory.values("test_loss"))
+
+
+def test_a_fit_resumed_from_a_later_fit_keeps_its_offset(tmp_path: Path) -> None:
+    memory = MemoryLogger()
+    trainer = quiet_trainer(max_steps=4, logger=memory, default_root_dir=tmp_path)
+    trainer.fit(Swept(), loader())
+    module = Swept()
+    trainer.fit(module, loader())  # logged at 6, 8
+    trainer.save_checkpoint(tmp_path / "at4")
+    resumed = MemoryLogger()  # a new process's logger, say
+    quiet_trainer(max_steps=8, logger=resumed, default_root_dir=tmp_path).fit(
+        Swept(), loader(), ckpt_path=tmp_path / "at4"
+    )
+    # The checkpoint's step 4 is the run's 8: the resumed fit goes on at 10, 12.
+    assert [step for step, _ in resumed.values("train_loss")] == [10, 12]
+
+
+# --- 4. every stage logs the hyperparameters, once per run -------------------------------------
+
+
+def test_test_from_a_checkpoint_logs_the_hyperparameters(offline_wandb: Path) -> None:
+    trainer = quiet_trainer(max_steps=2, logger=False, default_root_dir=offline_wandb)
+    trainer.fit(Swept(0.02), loader())
+    trainer.save_checkpoint(offline_wandb / "trained")
+    calls: list[dict[str, Any]] = []
+
+    class Calls(MemoryLogger):
+        def log_hyperparams(self, params: dict[str, Any]) -> None:
+            calls.append(dict(params))
+
+    wandb_logger, memory = WandbLogger(save_dir=offline_wandb), Calls()
+    tester = quiet_trainer(logger=[wandb_logger, memory])
+    module = Swept(0.02)
+    tester.test(module, loader(), ckpt_path=offline_wandb / "trained")
+    tester.validate(module, loader())  # the same hyperparameters: not logged again
+    module.hparams["lr"] = 0.5
+    tester.predict(module, loader())  # changed: logged again
+    assert calls == [{"lr": 0.02}, {"lr": 0.5}]
+    wandb_logger.finalize("success")
+    (run_folder,) = (offline_wandb / "wandb").glob("offline-run-*")
+    assert wandb_run(run_folder).config == {"lr": 0.5}

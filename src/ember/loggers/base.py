@@ -18,7 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from ember.loggers.lifecycle import forget
+from ember.loggers import _steps
+from ember.loggers.lifecycle import forget, note_hyperparams
 
 
 class Logger(ABC):
@@ -33,19 +34,12 @@ class Logger(ABC):
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Wrap a subclass's own ``finalize`` so that any call of it (yours, or the exit
-        hook's) tells the exit hook that this run is finished: it is not finalized twice."""
+        """Wrap a subclass's methods with what every logger shares (see ``_shared``)."""
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("finalize")
-        if own is not None and not getattr(own, "_forgets", False):
-
-            @functools.wraps(own)
-            def finalize(self: Logger, status: str) -> None:
-                forget(self)
-                own(self, status)
-
-            finalize._forgets = True  # type: ignore[attr-defined]
-            cls.finalize = finalize  # type: ignore[method-assign]
+        for name in _WRAPPERS:
+            method = getattr(cls, name)
+            if not getattr(method, "_shared", False):
+                setattr(cls, name, _shared(name, method))
 
     @property
     @abstractmethod
@@ -79,7 +73,6 @@ class Logger(ABC):
         Called once per run: by you, or at process exit with the worst status of the Trainer
         calls that wrote into it. Default: ``save()``.
         """
-        forget(self)
         self.save()
 
     def finalizer(self) -> Callable[[str], None] | None:
@@ -108,3 +101,77 @@ class Logger(ABC):
         fit resumes at, so what was logged after it is logged again. Called on global rank
         zero only, before the resumed fit logs anything. Default: nothing.
         """
+
+
+# What every logger's methods share, around a subclass's own (or the defaults above):
+# - finalize: tells the exit hook that this run is finished (it is not finalized twice);
+# - log_hyperparams: remembers them, so a later Trainer call of the run does not repeat them;
+# - log_metrics, checkpoint_state, continue_run: steps within a run only increase (_steps).
+# Only the outermost call does it: an override calling super().log_metrics(...) gets the
+# step it passes, not offset twice.
+Method = Callable[..., Any]
+
+
+def _finalize(own: Method, self: Logger, status: str) -> None:
+    forget(self)
+    own(self, status)
+
+
+def _log_hyperparams(own: Method, self: Logger, params: dict[str, Any]) -> None:
+    own(self, params)
+    note_hyperparams(self, params)
+
+
+def _log_metrics(own: Method, self: Logger, metrics: dict[str, float], step: int) -> None:
+    own(self, metrics, _steps.run_step(self, step))
+
+
+def _checkpoint_state(own: Method, self: Logger) -> dict[str, Any]:
+    return _steps.with_offset(self, own(self))
+
+
+def _continue_run(own: Method, self: Logger, state: dict[str, Any], step: int) -> None:
+    own(self, *_steps.resume(self, state, step))
+
+
+_WRAPPERS: dict[str, Callable[..., Any]] = {
+    "finalize": _finalize,
+    "log_hyperparams": _log_hyperparams,
+    "log_metrics": _log_metrics,
+    "checkpoint_state": _checkpoint_state,
+    "continue_run": _continue_run,
+}
+_PARAMETERS = {
+    "finalize": ("status",),
+    "log_hyperparams": ("params",),
+    "log_metrics": ("metrics", "step"),
+    "checkpoint_state": (),
+    "continue_run": ("state", "step"),
+}
+# (id of the logger, method name) of the shared calls in progress.
+_in_progress: set[tuple[int, str]] = set()
+
+
+def _shared(name: str, own: Method) -> Method:
+    """``own`` with ``_WRAPPERS[name]`` around its outermost call."""
+    around = _WRAPPERS[name]
+
+    parameters = _PARAMETERS[name]
+
+    @functools.wraps(own)
+    def method(self: Logger, *args: Any, **kwargs: Any) -> Any:
+        # The arguments in order, wherever they were given by name.
+        args = (*args, *(kwargs.pop(p) for p in parameters[len(args) :] if p in kwargs))
+        if kwargs or len(args) != len(parameters):
+            raise TypeError(f"{name}() takes the arguments {parameters}, got {args} {kwargs}")
+        key = (id(self), name)
+        if key in _in_progress:
+            return own(self, *args)
+        _in_progress.add(key)
+        try:
+            return around(own, self, *args)
+        finally:
+            _in_progress.discard(key)
+
+    method._shared = True  # type: ignore[attr-defined]
+    return method

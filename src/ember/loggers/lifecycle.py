@@ -1,5 +1,10 @@
 """A logger's run: as long as the logger object, across Trainer calls, in one folder per run.
 
+At the start of each ``fit`` / ``validate`` / ``test`` / ``predict`` the Trainer calls
+``start_call``: an evaluation or prediction logs the hyperparameters of the module (and
+datamodule) when the run does not have them yet, or they changed (``fit`` logs them itself,
+after resuming the checkpoint's run).
+
 After each ``fit`` / ``validate`` / ``test`` / ``predict`` the Trainer calls ``end_call``:
 every logger is flushed (``save()``), not finished, so the next call writes into the same run.
 Each logger is finished once, with ``finalize(status)``, when the process exits (``atexit``),
@@ -17,10 +22,15 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from ember.loggers import _steps
 
 if TYPE_CHECKING:
+    from ember.accelerator import Accelerator
+    from ember.datamodule import DataModule
     from ember.loggers.base import Logger
+    from ember.module import TrainModule
 
 # Worse statuses have higher ranks: a run keeps the worst status of its calls.
 _RANK = {"success": 0, "interrupted": 1, "failed": 2}
@@ -29,6 +39,58 @@ _RANK = {"success": 0, "interrupted": 1, "failed": 2}
 # and its ``finalizer()``, by id (a logger need not be hashable). Weak references: a logger
 # the user dropped is not kept alive by this; its finalizer ends its run when it is collected.
 _open_runs: dict[int, tuple[weakref.ref[Logger], str, Callable[[str], None] | None]] = {}
+
+
+# The hyperparameters each logger's run holds (merged over its log_hyperparams calls), by id,
+# with a weak reference to tell a reused id from the logger that logged them.
+_logged_hparams: dict[int, tuple[weakref.ref[Logger], dict[str, Any]]] = {}
+
+
+def start_call(
+    loggers: list[Logger],
+    accelerator: Accelerator,
+    stage: str,
+    module: TrainModule,
+    datamodule: DataModule | None,
+) -> None:
+    """Prepare ``loggers`` for a Trainer call of ``stage``, on every process.
+
+    On global rank zero, for ``validate`` / ``test`` / ``predict``: log the hyperparameters
+    of ``datamodule`` and ``module`` (the module's win, as in ``fit``) to each logger whose
+    run does not hold them already. ``fit`` logs them itself once the checkpoint's run, if
+    any, is resumed: logging before would pick a folder or start a run too early.
+    """
+    if not accelerator.is_main_process:
+        return
+    if stage == "fit":
+        for logger in loggers:
+            _steps.start_fit(logger)
+        return
+    hparams = {**(datamodule.hparams if datamodule is not None else {}), **module.hparams}
+    if not hparams:
+        return
+    for logger in loggers:
+        entry = _logged_hparams.get(id(logger))
+        held = entry[1] if entry is not None and entry[0]() is logger else {}
+        if any(key not in held or not _same(held[key], value) for key, value in hparams.items()):
+            logger.log_hyperparams(hparams)
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Whether a hyperparameter kept its value (tensors and arrays compared as a whole)."""
+    if old is new:
+        return True
+    try:
+        return bool(old == new)
+    except Exception:  # an array's == is elementwise, or the types refuse to compare
+        return False
+
+
+def note_hyperparams(logger: Logger, params: dict[str, Any]) -> None:
+    """Remember that ``logger``'s run holds ``params`` (called by every ``log_hyperparams``)."""
+    entry = _logged_hparams.get(id(logger))
+    held = entry[1] if entry is not None and entry[0]() is logger else {}
+    _logged_hparams[id(logger)] = (weakref.ref(logger), {**held, **params})
 
 
 def end_call(loggers: Iterable[Logger], status: str) -> None:
@@ -78,8 +140,10 @@ def run_status(logger: Logger) -> str | None:
 
 
 def forget(logger: Logger) -> None:
-    """Stop finishing ``logger`` at exit: its ``finalize`` was called (by the user)."""
+    """Stop finishing ``logger`` at exit: its ``finalize`` was called (by the user). Its next
+    run starts without hyperparameters."""
     _open_runs.pop(id(logger), None)
+    _logged_hparams.pop(id(logger), None)
 
 
 def finish_open_runs() -> None:

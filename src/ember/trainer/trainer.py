@@ -25,6 +25,7 @@ from ember.errors import MisconfigurationError
 from ember.hooks import Callback, collect_hooks
 from ember.loggers.base import Logger
 from ember.loggers.lifecycle import end_call as end_logger_call
+from ember.loggers.lifecycle import start_call as start_logger_call
 from ember.module import TrainModule, overrides
 from ember.seed import seed_everything
 from ember.trainer import arguments, loops, preemption, profiling, run_control
@@ -543,6 +544,7 @@ class Trainer:
                 datamodule.trainer = self
                 start_datamodule(self.accelerator, datamodule, stage)
             context.fire("setup", stage)
+            start_logger_call(self.loggers, self.accelerator, stage, module, datamodule)
             return body(context)
         except BaseException as exception:
             status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
