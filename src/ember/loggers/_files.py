@@ -84,6 +84,10 @@ class VersionedFolder:
         """``save_dir/name/<version folder>``; it exists once this has been read."""
         return self.root / self.folder
 
+    def follow(self, folder: str) -> None:
+        """Name ``folder`` (picked by global rank zero) without creating or claiming it."""
+        self._folder = folder
+
     def adopt(self, version: int | str) -> bool:
         """Use ``version`` (a saved run's) instead of the next free one; return whether it is.
 
@@ -317,6 +321,15 @@ class FolderLogger(Logger):
     def log_dir(self) -> str:
         """The version folder, ``save_dir/name/version_N``; created on first read."""
         return str(self._folder.path)
+
+    def shared_run(self) -> dict[str, Any]:
+        """``{"folder": "version_N"}``: the folder, picked (and created) now if it was not."""
+        return {"folder": self._folder.folder}
+
+    def follow_run(self, shared: dict[str, Any]) -> None:
+        """Name rank zero's folder from ``log_dir`` / ``version``; nothing is created."""
+        if "folder" in shared:
+            self._folder.follow(str(shared["folder"]))
 
     def checkpoint_state(self) -> dict[str, Any]:
         """``{"version": N}`` (or the str folder name); reading it picks the folder if unpicked.

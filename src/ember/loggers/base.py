@@ -1,7 +1,9 @@
 """The ``Logger`` interface the Trainer writes to.
 
-The Trainer calls loggers only on the global-zero process, so a logger never checks ranks:
-``log_hyperparams`` once when fit starts, ``log_metrics`` every ``log_every_n_steps`` steps and
+The Trainer calls loggers only on the global-zero process, so a logger never checks ranks
+(the other ranks only get ``follow_run`` at the start of each call): ``log_hyperparams``
+when fit starts, and when validate / test / predict start with hyperparameters the run does
+not hold yet, ``log_metrics`` every ``log_every_n_steps`` steps and
 at each epoch end, ``save`` after each epoch and at the end of every Trainer call, and
 ``finalize`` once, when the process exits or the logger is garbage-collected (see
 ``ember.loggers.lifecycle``).
@@ -84,6 +86,17 @@ class Logger(ABC):
         (the default) when nothing needs closing: the data was flushed by ``save()``.
         """
         return None
+
+    def shared_run(self) -> dict[str, Any]:
+        """What the other processes of a multi-process run need to name this run (global rank
+        zero only; default ``{}``). Plain values: it is broadcast at the start of each Trainer
+        call, and handed to the other ranks' ``follow_run``."""
+        return {}
+
+    def follow_run(self, shared: dict[str, Any]) -> None:  # noqa: B027  (no-op: nothing to name)
+        """On a process other than global rank zero: answer ``version`` and ``log_dir`` from
+        rank zero's ``shared_run()``, without creating a folder or starting a run. Default:
+        nothing."""
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint keeps to continue this run (default: nothing, ``{}``).

@@ -55,11 +55,20 @@ def start_call(
 ) -> None:
     """Prepare ``loggers`` for a Trainer call of ``stage``, on every process.
 
-    On global rank zero, for ``validate`` / ``test`` / ``predict``: log the hyperparameters
+    In a multi-process run, global rank zero's runs (``shared_run()``: version folders, W&B
+    ids) are broadcast, and every other rank's loggers follow them (``follow_run``): there
+    ``log_dir`` and ``version`` name rank zero's folder and nothing is created or started.
+    Then, on global rank zero, for ``validate`` / ``test`` / ``predict``: log the hyperparameters
     of ``datamodule`` and ``module`` (the module's win, as in ``fit``) to each logger whose
     run does not hold them already. ``fit`` logs them itself once the checkpoint's run, if
     any, is resumed: logging before would pick a folder or start a run too early.
     """
+    if accelerator.num_processes > 1 and loggers:
+        shared = [logger.shared_run() for logger in loggers] if accelerator.is_main_process else []
+        shared = accelerator.broadcast(shared)
+        if not accelerator.is_main_process:
+            for logger, run in zip(loggers, shared, strict=False):
+                logger.follow_run(run)
     if not accelerator.is_main_process:
         return
     if stage == "fit":

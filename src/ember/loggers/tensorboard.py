@@ -162,7 +162,7 @@ class TensorBoardLogger(FolderLogger):
         """Record the status and close the writer once this logger is garbage-collected."""
         if self._writer is None:
             return None
-        return functools.partial(_end_session, self._writer, self._hparams_in_events)
+        return functools.partial(_end_collected, self._writer, self._hparams_in_events)
 
     def continue_run(self, state: dict[str, Any], step: int) -> None:
         """Continue the checkpoint's version folder, hiding its events of steps after ``step``.
@@ -223,6 +223,13 @@ def _end_session(writer: SummaryWriter, has_hparams: bool, status: str) -> None:
     if has_hparams and status == "success":
         writer.file_writer.add_summary(_session_end_summary())  # type: ignore[attr-defined]
     writer.close()
+
+
+def _end_collected(writer: SummaryWriter, has_hparams: bool, status: str) -> None:
+    """``_end_session`` for a collected logger, unless its folder was removed meanwhile
+    (nothing to record there, and the writer's flush would fail in its thread)."""
+    if Path(writer.log_dir).is_dir():
+        _end_session(writer, has_hparams, status)
 
 
 def _session_end_summary() -> Any:

@@ -66,6 +66,8 @@ class WandbLogger(Logger):
         self._offline = offline
         self._init_kwargs = init_kwargs
         self._run: Any = None
+        # On a rank other than global zero: rank zero's run ({} before it started one).
+        self._followed: dict[str, Any] | None = None
         # The run finalize() finished last: name, version and log_dir still describe it.
         self._finished: Any = None
         # The id of the last run this logger used; it stays known after finalize().
@@ -105,18 +107,40 @@ class WandbLogger(Logger):
     @property
     def name(self) -> str:
         """The run's name (its id when wandb gave it none, as offline runs may be)."""
+        if self._followed is not None:
+            return str(self._followed.get("name", self._name or ""))
         run = self._current_or_last_run()
         return str(run.name or run.id)
 
     @property
-    def version(self) -> str:
-        """The run's id (after ``finalize``, the finished run's: reading it starts nothing)."""
+    def version(self) -> str | None:
+        """The run's id (after ``finalize``, the finished run's: reading it starts nothing).
+
+        On a process other than global rank zero: rank zero's run id, as it was at the start
+        of the current Trainer call (None when rank zero had not started its run then).
+        """
+        if self._followed is not None:
+            return self._followed.get("id")
         return str(self._current_or_last_run().id)
 
     @property
-    def log_dir(self) -> str:
-        """The run's local files folder (``run.dir``)."""
+    def log_dir(self) -> str | None:
+        """The run's local files folder (``run.dir``; rank zero's on the other ranks)."""
+        if self._followed is not None:
+            return self._followed.get("dir")
         return str(self._current_or_last_run().dir)
+
+    def shared_run(self) -> dict[str, Any]:
+        """The run's id, name and folder once it started; ``{}`` before (nothing is started:
+        a fit may still resume the checkpoint's run)."""
+        run = self._run if self._run is not None else self._finished
+        if run is None:
+            return {}
+        return {"id": str(run.id), "name": str(run.name or run.id), "dir": str(run.dir)}
+
+    def follow_run(self, shared: dict[str, Any]) -> None:
+        """Answer ``name``, ``version`` and ``log_dir`` from rank zero's run; start none."""
+        self._followed = dict(shared)
 
     def _current_or_last_run(self) -> Any:
         """The active run, else the one ``finalize`` finished, else a new one (started)."""

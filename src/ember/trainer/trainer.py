@@ -540,11 +540,11 @@ class Trainer:
         context.hooks = collect_hooks(self.callbacks, module, self, self.profiler.timed_hooks)
         status = "success"
         try:
+            start_logger_call(self.loggers, self.accelerator, stage, module, datamodule)
             if datamodule is not None:
                 datamodule.trainer = self
                 start_datamodule(self.accelerator, datamodule, stage)
             context.fire("setup", stage)
-            start_logger_call(self.loggers, self.accelerator, stage, module, datamodule)
             return body(context)
         except BaseException as exception:
             status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
