@@ -83,6 +83,9 @@ def test_a_run_the_user_started_is_used_not_finished(offline_wandb: Path) -> Non
         first.log_metrics({"a": 1.0}, step=0)
         second.log_metrics({"b": 1.0}, step=1)
         assert first.experiment is second.experiment is mine
+        quiet_trainer(max_steps=2, logger=first).fit(Swept(), loader())
+        del first, second
+        gc.collect()  # a collected logger does not finish the user's run either
         assert wandb.run is mine
     finally:
         mine.finish()

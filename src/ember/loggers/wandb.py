@@ -202,8 +202,11 @@ class WandbLogger(Logger):
         return arguments
 
     def finalizer(self) -> Callable[[str], None] | None:
-        """Finish this logger's run once the logger is garbage-collected (if still active)."""
-        if self._run is None:
+        """Finish this logger's run once the logger is garbage-collected (if still active).
+
+        None for a run you started with ``wandb.init``: other loggers may still log into it.
+        """
+        if self._run is None or id(self._run) not in _runs_of_loggers:
             return None
         return functools.partial(_finish, self._run)
 
