@@ -171,6 +171,19 @@ def test_a_second_fresh_fit_goes_on_after_the_steps_of_the_first(offline_wandb: 
     assert_points(history["test_loss"], memory.values("test_loss"))
 
 
+def test_an_override_calling_super_is_offset_once(tmp_path: Path) -> None:
+    class Scaled(CSVLogger):
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            super().log_metrics({f"{k}_x2": 2 * v for k, v in metrics.items()}, step=step)
+
+    logger = Scaled(tmp_path)
+    trainer = quiet_trainer(max_steps=4, logger=logger)
+    trainer.fit(Swept(), loader())
+    trainer.fit(Swept(), loader())
+    rows = csv_values(Path(logger.log_dir) / "metrics.csv")["train_loss_x2"]
+    assert [step for step, _ in rows] == [2, 4, 6, 8]
+
+
 def test_a_fit_resumed_from_a_later_fit_keeps_its_offset(tmp_path: Path) -> None:
     memory = MemoryLogger()
     trainer = quiet_trainer(max_steps=4, logger=memory, default_root_dir=tmp_path)

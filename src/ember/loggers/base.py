@@ -167,9 +167,7 @@ _in_progress: set[tuple[int, str]] = set()
 
 def _shared(name: str, own: Method) -> Method:
     """``own`` with ``_WRAPPERS[name]`` around its outermost call."""
-    around = _WRAPPERS[name]
-
-    parameters = _PARAMETERS[name]
+    around, parameters = _WRAPPERS[name], _PARAMETERS[name]
 
     @functools.wraps(own)
     def method(self: Logger, *args: Any, **kwargs: Any) -> Any:

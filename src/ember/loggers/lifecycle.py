@@ -10,9 +10,10 @@ every logger is flushed (``save()``), not finished, so the next call writes into
 Each logger is finished once, with ``finalize(status)``, when the process exits (``atexit``),
 unless the user finalized it before; a logger garbage-collected before exit (a sweep that
 makes a logger per trial) is finished then, by the function its ``finalizer()`` returned
-after its last call (``finalize`` cannot run on a collected object). The status given then is the worst of the calls that
-wrote into it: "failed" when any call failed, else "interrupted" when any was interrupted,
-else "success". A later call after a failed one does not make the run a success.
+after its last call (``finalize`` cannot run on a collected object). The status given then
+is the worst of the calls that wrote into it: "failed" when any call failed, else
+"interrupted" when any was interrupted, else "success". A later call after a failed one does
+not make the run a success.
 """
 
 from __future__ import annotations
@@ -99,7 +100,12 @@ def note_hyperparams(logger: Logger, params: dict[str, Any]) -> None:
     """Remember that ``logger``'s run holds ``params`` (called by every ``log_hyperparams``)."""
     entry = _logged_hparams.get(id(logger))
     held = entry[1] if entry is not None and entry[0]() is logger else {}
-    _logged_hparams[id(logger)] = (weakref.ref(logger), {**held, **params})
+    key = id(logger)
+
+    def collected(_: weakref.ref[Logger]) -> None:
+        _logged_hparams.pop(key, None)
+
+    _logged_hparams[key] = (weakref.ref(logger, collected), {**held, **params})
 
 
 def end_call(loggers: Iterable[Logger], status: str) -> None:
