@@ -269,6 +269,10 @@ def test_rank_zero_alone_writes_one_run_per_logger(ranks: list[dict[str, Any]], 
     pytest.importorskip("tensorboard")
     first, second = (rank["file_loggers"] for rank in ranks)
     assert first["val_loss"] == second["val_loss"]  # synced: the same on both ranks
+    # Rank 1 reads trainer.log_dir and the last logger's version: rank 0's, created by none.
+    assert second["seen"] == first["seen"]
+    assert set(first["seen"]) == {str(out / "logs" / "ember" / "version_0")}
+    assert second["last_version"] == first["last_version"]
     # One version folder (rank 1 made none), shared by the CSV and TensorBoard loggers.
     assert [p.name for p in (out / "logs" / "ember").iterdir()] == ["version_0"]
     folder = out / "logs" / "ember" / "version_0"
@@ -279,6 +283,8 @@ def test_rank_zero_alone_writes_one_run_per_logger(ranks: list[dict[str, Any]], 
         run = wandb_run(run_folder)
         assert run.exit_code == 0
         written["wandb"] = run.values()
+        # W&B started on rank 0 during the fit: rank 1 knows its id from the validate call on.
+        assert first["last_version"] == run.run_id
     for name, values in written.items():
         # The fit's last validation and the validate call, in order, at the last step (W&B
         # keeps one value per name and step: the validate call's).

@@ -24,7 +24,7 @@ import torchmetrics
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ember import DataModule, Trainer, TrainModule
+from ember import Callback, DataModule, Trainer, TrainModule
 from ember.accelerator import distributed
 from ember.callbacks import EarlyStopping, ProgressBar
 from ember.errors import MisconfigurationError
@@ -415,10 +415,12 @@ def scenario_file_loggers() -> dict[str, Any]:
         loggers.append(TensorBoardLogger(root))
     if os.environ.get("WANDB_MODE") == "offline":
         loggers.append(WandbLogger(project="ember-ddp", save_dir=root))
+    seen = LogDirProbe()
     fit = Trainer(
         accelerator="cpu",
         max_epochs=2,
         logger=loggers,
+        callbacks=[seen],
         log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -433,8 +435,25 @@ def scenario_file_loggers() -> dict[str, Any]:
             "val_loss": [after_fit, validated["val_loss"]],
             "global_step": fit.global_step,
             "loggers": [type(logger).__name__ for logger in loggers],
+            "seen": seen.seen,
+            # Rank 0's run (W&B: started during the fit) as the validate call shared it.
+            "last_version": loggers[-1].version,
         }
     }
+
+
+class LogDirProbe(Callback):
+    """Reads ``trainer.log_dir`` on every rank, as a user's print or a profiler would: rank 1
+    must get rank 0's folder, without creating anything."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self.seen.append(trainer.log_dir)
+
+    def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self.seen.append(trainer.log_dir)
 
 
 SCENARIOS = (

@@ -54,23 +54,25 @@ def test_scalars_are_written_under_their_names_and_steps(tmp_path: Path) -> None
 def test_hyperparameters_reach_the_hparams_tab_and_yaml(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="run", version="first")
     logger.log_hyperparams(
-        {"lr": torch.tensor(0.25), "optimizer": {"name": "adam", "betas": (0.9, 0.99)}}
+        {"lr": torch.tensor(0.25), "optimizer": {"name": "adam", "betas": (0.9, 0.99)}, "amp": True}
     )
-    logger.log_hyperparams({"amp": True})
+    logger.log_hyperparams({"later": 1})
     logger.finalize("success")
 
     assert yaml.safe_load((tmp_path / "run" / "first" / "hparams.yaml").read_text()) == {
         "lr": 0.25,
         "optimizer": {"name": "adam", "betas": [0.9, 0.99]},
         "amp": True,
+        "later": 1,
     }
     plugin_data = hparams_plugin_data(logger.log_dir)
-    # The last session start holds every hyperparameter logged so far.
+    # The session start holds the first call's hyperparameters (TensorBoard keeps the first).
     values = plugin_data["_hparams_/session_start_info"].session_start_info.hparams
     assert values["lr"].number_value == 0.25
     assert values["optimizer/name"].string_value == "adam"
     assert values["optimizer/betas"].string_value == "[0.9, 0.99]"
     assert values["amp"].string_value == "True"
+    assert "later" not in values
     # No experiment summary: TensorBoard builds the tab from every run's session start.
     assert "_hparams_/experiment" not in plugin_data
     end = plugin_data["_hparams_/session_end_info"].session_end_info

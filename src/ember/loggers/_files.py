@@ -84,6 +84,10 @@ class VersionedFolder:
         """``save_dir/name/<version folder>``; it exists once this has been read."""
         return self.root / self.folder
 
+    def follow(self, folder: str) -> None:
+        """Name ``folder`` (picked by global rank zero) without creating or claiming it."""
+        self._folder = folder
+
     def adopt(self, version: int | str) -> bool:
         """Use ``version`` (a saved run's) instead of the next free one; return whether it is.
 
@@ -248,11 +252,14 @@ def write_hparams_yaml(folder: Path, params: Mapping[str, Any]) -> Path:
 def open_atomically(path: Path) -> Iterator[TextIO]:
     """A text file that replaces ``path`` on success, so no reader sees a half-written file.
 
-    On an error the old ``path`` is left untouched and the temporary file is removed.
+    The file gets the mode a plain ``open`` would give it (``0o666`` less the umask, e.g.
+    ``0o644``), not ``mkstemp``'s ``0o600``. On an error the old ``path`` is left untouched
+    and the temporary file is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(handle, 0o666 & ~_umask())
         # newline="" because the csv module writes its own line endings.
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
             yield file
@@ -260,6 +267,13 @@ def open_atomically(path: Path) -> Iterator[TextIO]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def missing_extra_message(package: str, extra: str, logger: str) -> str:
@@ -307,6 +321,15 @@ class FolderLogger(Logger):
     def log_dir(self) -> str:
         """The version folder, ``save_dir/name/version_N``; created on first read."""
         return str(self._folder.path)
+
+    def shared_run(self) -> dict[str, Any]:
+        """``{"folder": "version_N"}``: the folder, picked (and created) now if it was not."""
+        return {"folder": self._folder.folder}
+
+    def follow_run(self, shared: dict[str, Any]) -> None:
+        """Name rank zero's folder from ``log_dir`` / ``version``; nothing is created."""
+        if "folder" in shared:
+            self._folder.follow(str(shared["folder"]))
 
     def checkpoint_state(self) -> dict[str, Any]:
         """``{"version": N}`` (or the str folder name); reading it picks the folder if unpicked.

@@ -6,10 +6,11 @@ the writer is first needed, never when ``ember.loggers`` is imported.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,19 +138,23 @@ class TensorBoardLogger(FolderLogger):
         file_writer.add_summary(self._summary(value=values), global_step=step)
 
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        """Write ``params`` to ``hparams.yaml`` now and to the HParams tab at the next save.
+        """Write ``params`` to ``hparams.yaml`` and, on the first call, to the HParams tab, now.
 
-        Later calls merge into earlier ones. TensorBoard keeps only the first hyperparameters
-        written to a run, so the HParams tab shows those logged before the first ``save()``
-        or ``finalize()``; ``hparams.yaml`` always holds all of them. Values are sanitized
-        like ``CSVLogger``'s; in the HParams tab, lists, bools and None are shown as text.
+        Both are on disk when this returns (the event is flushed), so a run that crashes in
+        its first epoch still shows its hyperparameters. Later calls merge into earlier ones
+        in ``hparams.yaml``; the HParams tab keeps those of the first call (TensorBoard reads
+        only the first session start of a run: the Trainer logs all hyperparameters in one
+        call). Values are sanitized like ``CSVLogger``'s; in the HParams tab, lists, bools and
+        None are shown as text.
         """
         self._hparams.update(params)
         write_hparams_yaml(self._folder.path, self._hparams)
+        if not self._hparams_in_events and self._hparams:
+            self._write_hparams_summary()
+            self.experiment.flush()
 
     def save(self) -> None:
-        """Write the hyperparameters' summary if not yet done, and flush pending events."""
-        self._write_hparams_summary()
+        """Flush pending events."""
         if self._writer is not None:
             self._writer.flush()
 
@@ -157,18 +162,20 @@ class TensorBoardLogger(FolderLogger):
         """Record a "success" in the HParams tab (if hparams were logged); close the writer.
 
         The Trainer does not call this after each ``fit`` / ``test`` (it calls ``save``): it
-        runs once, at process exit, unless you call it first. A later write opens a new
-        event file in the same folder.
+        runs once, at process exit, or when the logger is garbage-collected before that
+        (see ``finalizer``), unless you call it first. A later write opens a new event
+        file in the same folder.
         """
-        self._write_hparams_summary()
         if self._writer is None:
             return
-        # Only a success is written: TensorBoard keeps the first status a folder holds, and
-        # a failed or interrupted run may be resumed into the same folder and succeed.
-        if self._hparams and status == "success":
-            self._file_writer().add_summary(_session_end_summary())
-        self._writer.close()
+        _end_session(self._writer, self._hparams_in_events, status)
         self._writer = None
+
+    def finalizer(self) -> Callable[[str], None] | None:
+        """Record the status and close the writer once this logger is garbage-collected."""
+        if self._writer is None:
+            return None
+        return functools.partial(_end_collected, self._writer, self._hparams_in_events)
 
     def continue_run(self, state: dict[str, Any], step: int) -> None:
         """Continue the checkpoint's version folder, hiding its events of steps after ``step``.
@@ -189,8 +196,6 @@ class TensorBoardLogger(FolderLogger):
 
     def _write_hparams_summary(self) -> None:
         """Write the HParams tab's session start (the hyperparameters), once per logger."""
-        if self._hparams_in_events or not self._hparams:
-            return
         from torch.utils.tensorboard.summary import hparams
 
         # Only the session start: no experiment summary. TensorBoard then builds the HParams
@@ -222,6 +227,22 @@ def _wait_to_sort_after(folder: Path) -> None:
     )
     if int(now) in seconds:
         time.sleep(int(now) + 1 - now)
+
+
+def _end_session(writer: SummaryWriter, has_hparams: bool, status: str) -> None:
+    """Write a "success" to the HParams tab (for a run that has hyperparameters); close."""
+    # Only a success is written: TensorBoard keeps the first status a folder holds, and
+    # a failed or interrupted run may be resumed into the same folder and succeed.
+    if has_hparams and status == "success":
+        writer.file_writer.add_summary(_session_end_summary())  # type: ignore[attr-defined]
+    writer.close()
+
+
+def _end_collected(writer: SummaryWriter, has_hparams: bool, status: str) -> None:
+    """``_end_session`` for a collected logger, unless its folder was removed meanwhile
+    (nothing to record there, and the writer's flush would fail in its thread)."""
+    if Path(writer.log_dir).is_dir():
+        _end_session(writer, has_hparams, status)
 
 
 def _session_end_summary() -> Any:

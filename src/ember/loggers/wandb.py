@@ -6,13 +6,17 @@ started, when the logger is first used, never when ``ember.loggers`` is imported
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ember.loggers._files import missing_extra_message, require, sanitize
 from ember.loggers.base import Logger
+from ember.loggers.lifecycle import run_status
 
 _LOGGER = "WandbLogger"
 
@@ -26,8 +30,11 @@ class WandbLogger(Logger):
 
     Creating the logger checks that ``wandb`` is installed, without importing it. The first
     use (a log call, or reading ``experiment``, ``name``, ``version`` or ``log_dir``) imports
-    wandb and calls ``wandb.init``; when a run is already active (you called ``wandb.init``
-    yourself), that run is used instead of starting another.
+    wandb and calls ``wandb.init``: each logger object has a run of its own. When a run you
+    started yourself with ``wandb.init`` is active, that run is used instead of starting
+    another. When the active run is another ``WandbLogger``'s (a sweep or notebook making a
+    logger per trial), that run is finished first, with the status of its Trainer calls so
+    far (see ``ember.loggers.lifecycle``), and a new run is started.
 
     A fit resumed from a checkpoint continues the checkpoint's run (unless an ``id`` was
     given) and logs only the steps after the resumed one: see ``continue_run``.
@@ -73,6 +80,10 @@ class WandbLogger(Logger):
         self._offline = offline
         self._init_kwargs = init_kwargs
         self._run: Any = None
+        # On a rank other than global zero: rank zero's run ({} before it started one).
+        self._followed: dict[str, Any] | None = None
+        # The run finalize() finished last: name, version and log_dir still describe it.
+        self._finished: Any = None
         # The id of the last run this logger used; it stays known after finalize().
         self._run_id: str | None = None
         # Set by continue_run: the run to resume, and the last step it keeps.
@@ -89,7 +100,8 @@ class WandbLogger(Logger):
                 raise ModuleNotFoundError(
                     missing_extra_message("wandb", "wandb", _LOGGER), name="wandb"
                 ) from error
-            if wandb.run is not None:
+            _finish_runs_of_other_loggers(wandb.run)
+            if wandb.run is not None:  # the user's own wandb.init: log into it
                 self._run = wandb.run
             else:
                 # wandb warns and falls back to a temporary folder when `dir` does not exist.
@@ -102,24 +114,53 @@ class WandbLogger(Logger):
                     mode="offline" if self._offline else None,
                     **self._init_arguments(),
                 )
+                _runs_of_loggers[id(self._run)] = weakref.ref(self)
             self._run_id = str(self._run.id)
         return self._run
 
     @property
     def name(self) -> str:
         """The run's name (its id when wandb gave it none, as offline runs may be)."""
-        run = self.experiment
+        if self._followed is not None:
+            return str(self._followed.get("name", self._name or ""))
+        run = self._current_or_last_run()
         return str(run.name or run.id)
 
     @property
-    def version(self) -> str:
-        """The run's id."""
-        return str(self.experiment.id)
+    def version(self) -> str | None:
+        """The run's id (after ``finalize``, the finished run's: reading it starts nothing).
+
+        On a process other than global rank zero: rank zero's run id, as it was at the start
+        of the current Trainer call (None when rank zero had not started its run then).
+        """
+        if self._followed is not None:
+            return self._followed.get("id")
+        return str(self._current_or_last_run().id)
 
     @property
-    def log_dir(self) -> str:
-        """The run's local files folder (``run.dir``)."""
-        return str(self.experiment.dir)
+    def log_dir(self) -> str | None:
+        """The run's local files folder (``run.dir``; rank zero's on the other ranks)."""
+        if self._followed is not None:
+            return self._followed.get("dir")
+        return str(self._current_or_last_run().dir)
+
+    def shared_run(self) -> dict[str, Any]:
+        """The run's id, name and folder once it started; ``{}`` before (nothing is started:
+        a fit may still resume the checkpoint's run)."""
+        run = self._run if self._run is not None else self._finished
+        if run is None:
+            return {}
+        return {"id": str(run.id), "name": str(run.name or run.id), "dir": str(run.dir)}
+
+    def follow_run(self, shared: dict[str, Any]) -> None:
+        """Answer ``name``, ``version`` and ``log_dir`` from rank zero's run; start none."""
+        self._followed = dict(shared)
+
+    def _current_or_last_run(self) -> Any:
+        """The active run, else the one ``finalize`` finished, else a new one (started)."""
+        if self._run is None and self._finished is not None:
+            return self._finished
+        return self.experiment
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """``run.log(metrics, step=step)``; calls with the same step land in the same row.
@@ -174,6 +215,15 @@ class WandbLogger(Logger):
             arguments.setdefault("resume", "allow")
         return arguments
 
+    def finalizer(self) -> Callable[[str], None] | None:
+        """Finish this logger's run once the logger is garbage-collected (if still active).
+
+        None for a run you started with ``wandb.init``: other loggers may still log into it.
+        """
+        if self._run is None or id(self._run) not in _runs_of_loggers:
+            return None
+        return functools.partial(_finish, self._run)
+
     def finalize(self, status: str) -> None:
         """Finish the run: exit code 0 for "success", 1 otherwise (shown as failed).
 
@@ -183,5 +233,27 @@ class WandbLogger(Logger):
         starts a new run (after ``continue_run``, resumes the checkpoint's run again).
         """
         if self._run is not None:
-            self._run.finish(exit_code=0 if status == "success" else 1)
-            self._run = None
+            _finish(self._run, status)
+            self._finished, self._run = self._run, None
+
+
+# The runs that WandbLogger objects started (by id of the run object), with their logger: a
+# new logger finishes such a run rather than adopting it, unlike a run the user started.
+_runs_of_loggers: dict[int, weakref.ref[WandbLogger]] = {}
+
+
+def _finish(run: Any, status: str) -> None:
+    """Finish ``run`` with exit code 0 for "success", 1 otherwise (shown as failed)."""
+    _runs_of_loggers.pop(id(run), None)
+    run.finish(exit_code=0 if status == "success" else 1)
+
+
+def _finish_runs_of_other_loggers(active: Any) -> None:
+    """Finish ``active`` (``wandb.run``) when a ``WandbLogger`` started it, with its status."""
+    if active is None or id(active) not in _runs_of_loggers:
+        return
+    owner = _runs_of_loggers[id(active)]()
+    if owner is not None:
+        owner.finalize(run_status(owner) or "success")
+    else:
+        _finish(active, "success")

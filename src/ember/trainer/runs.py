@@ -27,6 +27,7 @@ from ember.accelerator.data import PreparedDataLoader
 from ember.datamodule import DataModule
 from ember.errors import MisconfigurationError
 from ember.loggers.lifecycle import end_call as end_logger_call
+from ember.loggers.lifecycle import start_call as start_logger_call
 from ember.module import TrainModule, overrides
 from ember.trainer import arguments, loops, preemption, run_control
 from ember.trainer import checkpoint as trainer_checkpoint
@@ -76,6 +77,7 @@ def run(
     module = context.module
     status = "success"
     try:
+        start_logger_call(trainer.loggers, trainer.accelerator, stage, module, datamodule)
         if datamodule is not None:
             datamodule.trainer = trainer
             start_datamodule(trainer.accelerator, datamodule, stage)
