@@ -14,9 +14,15 @@ Variants:
   backward; step``.
 - ``trainer_bare``: ``Trainer`` without logger, checkpointing, progress bar or sanity check;
   ``training_step`` returns the loss.
-- ``trainer_defaults``: ``Trainer`` with its default logger (TensorBoard when installed) and
-  progress bar, stdout redirected to a non-terminal so the bar prints one line per epoch;
-  ``training_step`` calls ``self.log("train_loss", loss, prog_bar=True)``.
+- ``trainer_defaults``: ``Trainer(max_steps=..., accelerator="cpu", default_root_dir=...)``,
+  everything else as a new user gets it: the default logger (TensorBoard when installed),
+  progress bar, ``ModelCheckpoint`` (with its ``save_last`` default), model summary and
+  sanity check; stdout redirected to a non-terminal (a log file, CI), where the bar prints
+  one line per epoch; ``training_step`` calls ``self.log("train_loss", loss, prog_bar=True)``.
+  The benchmark prints which logger and callbacks the Trainer really ran with.
+- ``trainer_defaults_tty``: the same, with stdout a stream that says it is a terminal
+  (``isatty()`` true, the text kept in memory), so the bar is drawn and redrawn while the
+  steps run, as a user in a terminal sees it.
 - ``accelerator_loop``: the plain loop on ``Accelerator(cpu=True)``-prepared objects, inside
   ``accelerator.accumulate(model)``, with ``accelerator.backward``.
 
@@ -31,8 +37,8 @@ logger write, at step 50, within the default warm-up; and, after the last step, 
 logger flush and close) are excluded from the per-step figure; the time from the last step
 to ``fit`` returning is printed separately. Periodic costs (the logger write every
 ``log_every_n_steps``) are inside the timed steps. The callback's own two hook calls per step
-are counted against ember. Variants run interleaved (plain, bare, defaults, accelerator, plain,
-...) for ``--rounds`` rounds; the table shows each variant's median time over rounds, and as
+are counted against ember. Variants run interleaved (plain, bare, defaults, defaults_tty,
+accelerator, plain, ...) for ``--rounds`` rounds; the table shows each variant's median time over rounds, and as
 its ratio to plain the median of the per-round ratios (each round's pair shares the machine's
 state, which damps the noise of a busy 2-core machine).
 
@@ -92,6 +98,7 @@ GOALS: dict[str, float | None] = {
     "plain": None,
     "trainer_bare": 1.05,
     "trainer_defaults": 1.10,
+    "trainer_defaults_tty": 1.10,
     "accelerator_loop": 1.05,
 }
 VARIANTS = tuple(GOALS)
@@ -262,7 +269,34 @@ def run_accelerator(loader: DataLoader[Any], warmup: int, window: Window) -> Run
     return window.timing()
 
 
-def run_trainer(loader: DataLoader[Any], warmup: int, window: Window, defaults: bool) -> RunTiming:
+class TerminalStream(io.StringIO):
+    """Stands for a terminal: ``isatty()`` is true, so the progress bar draws a bar (and
+    redraws it as the steps run) rather than one line per epoch; the text stays in memory."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+#: What ``trainer_defaults`` ran with (logger and callback classes), filled by its first run.
+DEFAULTS_SEEN: list[str] = []
+
+
+def describe_defaults(trainer: Trainer) -> str:
+    """The loggers and callbacks a default ``Trainer`` runs with, by class name."""
+    loggers = ", ".join(type(logger).__name__ for logger in trainer.loggers) or "none"
+    callbacks = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, StepTimer):
+            continue
+        name = type(callback).__name__
+        save_last = getattr(callback, "save_last", None)
+        callbacks.append(f"{name}(save_last={save_last})" if save_last is not None else name)
+    return f"loggers: {loggers}; callbacks: {', '.join(callbacks) or 'none'}"
+
+
+def run_trainer(
+    loader: DataLoader[Any], warmup: int, window: Window, defaults: bool, terminal: bool = False
+) -> RunTiming:
     num_batches = len(loader)
     timer = StepTimer(window, first=warmup, last=num_batches - 1)
     with tempfile.TemporaryDirectory(prefix="ember-bench-") as root:
@@ -283,9 +317,11 @@ def run_trainer(loader: DataLoader[Any], warmup: int, window: Window, defaults: 
             )
         module = MLPModule(log=defaults)
         # The progress bar writes to sys.stdout: a non-terminal stream makes it print one
-        # line per epoch, as it does in a log file or CI.
-        with contextlib.redirect_stdout(io.StringIO()):
+        # line per epoch, as it does in a log file or CI; a terminal stream, a redrawn bar.
+        with contextlib.redirect_stdout(TerminalStream() if terminal else io.StringIO()):
             trainer.fit(module, loader)
+        if defaults and not DEFAULTS_SEEN:
+            DEFAULTS_SEEN.append(describe_defaults(trainer))
         fit_returned = time.perf_counter()
     if trainer.global_step != num_batches:
         raise RuntimeError(
@@ -299,6 +335,9 @@ RUNNERS: dict[str, Callable[[DataLoader[Any], int, Window], RunTiming]] = {
     "plain": run_plain,
     "trainer_bare": lambda loader, warmup, window: run_trainer(loader, warmup, window, False),
     "trainer_defaults": lambda loader, warmup, window: run_trainer(loader, warmup, window, True),
+    "trainer_defaults_tty": lambda loader, warmup, window: run_trainer(
+        loader, warmup, window, True, terminal=True
+    ),
     "accelerator_loop": run_accelerator,
 }
 
@@ -398,7 +437,7 @@ def report(
     )
     print()
     header = (
-        f"{'variant':<18} {'us/step':>9} {'vs plain':>9} {'cpu us/step':>12} {'vs plain':>9} "
+        f"{'variant':<20} {'us/step':>9} {'vs plain':>9} {'cpu us/step':>12} {'vs plain':>9} "
         f"{'calls/step':>11} {'goal':>7}  result"
     )
     print(header)
@@ -430,7 +469,7 @@ def report(
         calls = result.calls_per_step
         calls_text = "-" if calls is None else f"{calls:.1f}"
         print(
-            f"{name:<18} {wall:>9.1f} {wall_ratio:>8.3f}x {cpu:>12.1f} {cpu_ratio:>8.3f}x "
+            f"{name:<20} {wall:>9.1f} {wall_ratio:>8.3f}x {cpu:>12.1f} {cpu_ratio:>8.3f}x "
             f"{calls_text:>11} {goal_text:>7}  {verdict}"
         )
         document["variants"][name] = {
@@ -446,9 +485,12 @@ def report(
             "calls_per_step": calls,
         }
     print()
-    for name in ("trainer_bare", "trainer_defaults"):
+    for name in ("trainer_bare", "trainer_defaults", "trainer_defaults_tty"):
         teardown = document["variants"][name]["after_last_step_ms"]
         print(f"{name}: {teardown:.1f} ms from the last step to fit() returning (once per run)")
+    if DEFAULTS_SEEN:
+        print(f"trainer_defaults ran with {DEFAULTS_SEEN[0]}")
+        document["trainer_defaults_ran_with"] = DEFAULTS_SEEN[0]
     print(
         "Reference (same workload, measured by the issue author on this machine): "
         "Lightning 2.6 at 2.18x the plain loop, Accelerate 1.15 at 1.63x."
