@@ -2,8 +2,8 @@
 ``predict``, each a plain for-loop over the prepared loaders that fires events by name.
 
 Like the training loop (``loops.py``), each takes the ``RunContext`` of the run and never the
-Trainer itself. Neither moves training's random streams, and each puts every submodule's own
-train/eval mode back when it ends.
+Trainer itself. Both run the module in eval mode and put every submodule's own train/eval
+mode back when they end; ``evaluate`` also leaves training's random streams as it found them.
 """
 
 from __future__ import annotations
