@@ -94,10 +94,20 @@ def test_overhead_benchmark_options_in_process(
 
     monkeypatch.setattr(overhead, "TerminalStream", RecordedTerminal)
     output = tmp_path / "overhead.json"
-    argv = ["--steps", "4", "--rounds", "1", "--warmup", "0", "--loader", "batched"]
+    argv = ["--steps", "4", "--rounds", "2", "--warmup", "0", "--loader", "batched"]
     with torch.random.fork_rng():  # the benchmark seeds torch; leave the global RNG as it was
-        assert overhead.main([*argv, "--clock", "cpu", "--json", str(output)]) == 0
+        assert (
+            overhead.main([*argv, "--clock", "cpu", "--statistic", "min", "--json", str(output)])
+            == 0
+        )
     document = json.loads(output.read_text())
+    # --statistic min: each variant's fastest round, its ratio to plain's fastest.
+    assert document["config"]["statistic"] == "min"
+    for entry in document["variants"].values():
+        assert entry["us_per_step"] == min(entry["rounds_us_per_step"])
+    plain_fastest = document["variants"]["plain"]["us_per_step"]
+    bare = document["variants"]["trainer_bare"]
+    assert bare["ratio"] == pytest.approx(bare["us_per_step"] / plain_fastest)
     # The terminal variant drew a bar (tqdm's carriage-return redraws), not epoch lines.
     assert streams and all("\r" in stream.getvalue() for stream in streams)
     assert all("batches in" not in stream.getvalue() for stream in streams)
