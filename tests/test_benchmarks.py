@@ -6,6 +6,7 @@ No timing is asserted: a few steps on a shared machine measure nothing reliable.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -15,7 +16,13 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
-VARIANTS = ("plain", "trainer_bare", "trainer_defaults", "accelerator_loop")
+VARIANTS = (
+    "plain",
+    "trainer_bare",
+    "trainer_defaults",
+    "trainer_defaults_tty",
+    "accelerator_loop",
+)
 
 
 def test_overhead_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
@@ -53,8 +60,20 @@ def test_overhead_benchmark_runs_and_writes_json(tmp_path: Path) -> None:
     assert document["machine"]["torch_threads"] == 1
     for name in VARIANTS:
         assert name in completed.stdout
-    # The progress bar of the trainer_defaults variant is kept out of the output.
+    # The progress bar of the trainer_defaults variants is kept out of the output.
     assert "Epoch 1" not in completed.stdout
+    # The defaults variant runs what a new user gets, and says so.
+    ran_with = document["trainer_defaults_ran_with"]
+    assert f"trainer_defaults ran with {ran_with}" in completed.stdout
+    try:
+        import tensorboard  # noqa: F401
+
+        default_logger = "TensorBoardLogger"
+    except ImportError:
+        default_logger = "CSVLogger"
+    assert ran_with.startswith(f"loggers: {default_logger};"), ran_with
+    for callback in ("ProgressBar", "ModelCheckpoint(save_last=True)", "ModelSummary"):
+        assert callback in ran_with, ran_with
 
 
 def test_overhead_benchmark_options_in_process(
@@ -66,11 +85,32 @@ def test_overhead_benchmark_options_in_process(
     overhead = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, overhead)  # dataclasses look the module up
     spec.loader.exec_module(overhead)
+    streams: list[io.StringIO] = []
+
+    class RecordedTerminal(overhead.TerminalStream):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            streams.append(self)
+
+    monkeypatch.setattr(overhead, "TerminalStream", RecordedTerminal)
     output = tmp_path / "overhead.json"
-    argv = ["--steps", "4", "--rounds", "1", "--warmup", "0", "--loader", "batched"]
+    argv = ["--steps", "4", "--rounds", "2", "--warmup", "0", "--loader", "batched"]
     with torch.random.fork_rng():  # the benchmark seeds torch; leave the global RNG as it was
-        assert overhead.main([*argv, "--clock", "cpu", "--json", str(output)]) == 0
+        assert (
+            overhead.main([*argv, "--clock", "cpu", "--statistic", "min", "--json", str(output)])
+            == 0
+        )
     document = json.loads(output.read_text())
+    # --statistic min: each variant's fastest round, its ratio to plain's fastest.
+    assert document["config"]["statistic"] == "min"
+    for entry in document["variants"].values():
+        assert entry["us_per_step"] == min(entry["rounds_us_per_step"])
+    plain_fastest = document["variants"]["plain"]["us_per_step"]
+    bare = document["variants"]["trainer_bare"]
+    assert bare["ratio"] == pytest.approx(bare["us_per_step"] / plain_fastest)
+    # The terminal variant drew a bar (tqdm's carriage-return redraws), not epoch lines.
+    assert streams and all("\r" in stream.getvalue() for stream in streams)
+    assert all("batches in" not in stream.getvalue() for stream in streams)
     assert document["config"]["loader"] == "batched"
     assert document["config"]["clock"] == "cpu"
     assert all(entry["us_per_step"] > 0 for entry in document["variants"].values())
