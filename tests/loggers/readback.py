@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,23 @@ class WandbRun:
         return dict(values)
 
 
-def wandb_run(run_folder: Path) -> WandbRun:
+def wandb_run(run_folder: Path, *, finished: bool = True, wait: float = 30.0) -> WandbRun:
+    """Parse ``run_folder/run-*.wandb`` (see ``_parse_wandb_run``).
+
+    W&B's service process writes the file on its own after ``finish()`` has returned, so a
+    run read at once may still lack its records: with ``finished`` (the default) this reads
+    again until the run's id and exit record are there, for at most ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        run = _parse_wandb_run(run_folder)
+        complete = run.run_id and (run.exit_code is not None or not finished)
+        if complete or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
+
+
+def _parse_wandb_run(run_folder: Path) -> WandbRun:
     """Parse ``run_folder/run-*.wandb``: wandb's record log (LevelDB's log format: 32 KiB
     blocks of records with a 7-byte header, after a 7-byte ``:W&B`` file header)."""
     from wandb.proto import wandb_internal_pb2
