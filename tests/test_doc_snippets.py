@@ -12,6 +12,7 @@ import difflib
 import py_compile
 import re
 import runpy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,15 +111,33 @@ def test_first_model(
     weights = load_file(last / "model.safetensors")
     assert set(weights) == set(result["Regressor"]().state_dict())
 
-    # "Next: resume": the page's block continues this run from its last checkpoint.
-    page = (DOCS / "getting_started.md").read_text()
-    section = page[page.index("## Next: resume") :]
-    block = re.search(r"```python\n(.*?)```", section, flags=re.DOTALL).group(1)  # type: ignore[union-attr]
-    exec(compile(block, "getting_started.md", "exec"), result)
-    resumed = result["trainer"]
+
+# Run in a folder without a checkpoint, the resume script warns and trains from scratch.
+@pytest.mark.filterwarnings("ignore:ckpt_path=.last.. there is no complete .last. checkpoint")
+def test_first_model_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """getting_started.md's "Next: resume": first_model_resume.py continues first_model.py's run."""
+    monkeypatch.syspath_prepend(str(SNIPPETS))  # `from first_model import Regressor`
+    try:
+        (tmp_path / "resumed").mkdir()
+        run_snippet("first_model.py", tmp_path / "resumed", monkeypatch)
+        resumed = run_snippet("first_model_resume.py", tmp_path / "resumed", monkeypatch)["trainer"]
+        output = capsys.readouterr().out
+        (tmp_path / "whole").mkdir()  # no checkpoint there: ten epochs from scratch
+        whole = run_snippet("first_model_resume.py", tmp_path / "whole", monkeypatch)["trainer"]
+    finally:
+        sys.modules.pop("first_model", None)
     assert resumed.global_step == 140  # epochs 6 to 10, steps 71 to 140
     assert resumed.current_epoch == 10
     assert Path(resumed.log_dir) == Path("runs/first/ember_logs/version_0")  # the same logs
+    assert f"step 140, val_loss {resumed.callback_metrics['val_loss']:.4f}" in output
+    # The page: the same weights, bit for bit, as a run never interrupted.
+    assert whole.global_step == 140
+    weights = load_file(tmp_path / "resumed/runs/first/checkpoints/last-step=140/model.safetensors")
+    reference = load_file(tmp_path / "whole/runs/first/checkpoints/last-step=140/model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[key], reference[key]) for key in weights)
 
 
 @pytest.mark.filterwarnings("ignore:precision .bf16-mixed. on this CPU")
