@@ -25,7 +25,10 @@ def test_readme_starts_with_the_two_commands() -> None:
 
 # The second run finds the first one's checkpoints in the same folder.
 @pytest.mark.filterwarnings("ignore:ModelCheckpoint.*already holds")
-def test_quick_start_trains(capsys: pytest.CaptureFixture[str]) -> None:
+def test_quick_start_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
     quick_start = _python_blocks()[0]
     losses = []
     for _ in range(2):  # seeded before the data is drawn: every run prints the same loss
@@ -37,6 +40,10 @@ def test_quick_start_trains(capsys: pytest.CaptureFixture[str]) -> None:
         assert "Epoch 5/5" in output
         assert "logs in" in output
         assert "Total params" in output  # the model summary
+        # default_root_dir="runs/quickstart": nothing lands in the current folder itself
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+        assert (tmp_path / "runs/quickstart/checkpoints").is_dir()
+        assert Path(trainer.log_dir).resolve().parent == tmp_path / "runs/quickstart/ember_logs"
         metrics: Any = namespace["metrics"]  # validate() after fit: the same weights
         assert metrics[0]["val_loss"] < 1.0
         losses.append(metrics[0]["val_loss"])
