@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
 
     model = CharTransformer(len(vocab), block_size=args.block_size)
     optimizer = adamw(model, lr=5e-3, weight_decay=0.1)
-    scheduler = warmup_cosine(optimizer, max(1, args.max_steps // 20), args.max_steps)
+    # The prepared scheduler advances num_processes times per optimizer step (Accelerate's
+    # convention), so the schedule is sized in optimizer steps times the process count.
+    n = accelerator.num_processes
+    scheduler = warmup_cosine(optimizer, max(1, args.max_steps // 20) * n, args.max_steps * n)
     # Modules are placed (and cast), loaders deliver batches on the device, the optimizer
     # and scheduler step only at the end of each accumulation window.
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(

@@ -9,7 +9,7 @@ lines with ``tokenizers``, and the model is a small BERT built from a config
 ``TrainModule`` passes the labels to the model and returns ``outputs.loss``, as one does with
 any Hugging Face model; torchmetrics measures the accuracy.
 
-Run it (about a minute on two CPU cores; needs ``pip install 'ember[examples]'``)::
+Run it (about 30 s on two idle CPU cores; needs ``pip install 'ember[examples]'``)::
 
     python examples/hf_text_classification.py
     python examples/hf_text_classification.py --epochs 1 --samples 2000   # quick

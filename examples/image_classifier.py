@@ -12,7 +12,7 @@ run builds a new Trainer and a new, untrained module with ``--more-epochs`` more
 calls ``fit(ckpt_path="last")``: it continues at the epoch where the first stopped, with the
 weights, optimizer, early-stopping patience and top-3 list of the first.
 
-Run it (about half a minute on two CPU cores)::
+Run it (about 7 s on two idle CPU cores)::
 
     python examples/image_classifier.py
     python examples/image_classifier.py --epochs 2 --more-epochs 2 --samples 512   # quick
