@@ -122,6 +122,7 @@ def sample(generator: Generator, count: int, seed: int = 0) -> Tensor:
 # --- the module ------------------------------------------------------------------------------
 
 
+# --8<-- [start:module]
 class GAN(TrainModule):
     """Both networks; each step trains the discriminator, then the generator."""
 
@@ -180,6 +181,9 @@ class GAN(TrainModule):
             torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=betas),
             torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=betas),
         ]
+
+
+# --8<-- [end:module]
 
 
 # --- the script ------------------------------------------------------------------------------
