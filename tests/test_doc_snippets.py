@@ -47,8 +47,16 @@ def test_every_included_snippet_exists_and_every_snippet_is_shown() -> None:
     included = included_files()
     # pymdownx.snippets' base_path in mkdocs.yml: the snippets, the repository, the examples.
     bases = (SNIPPETS, DOCS.parent, DOCS.parent / "examples")
-    missing = [name for name in included if not any((base / name).is_file() for base in bases)]
-    assert not missing, f"pages include files that do not exist: {missing}"
+    missing = []
+    for name in included:
+        # "file.py:section" includes the lines between a file's section markers.
+        file, _, section = name.partition(":")
+        found = [base / file for base in bases if (base / file).is_file()]
+        text = found[0].read_text() if found else ""
+        markers = (f"[start:{section}]", f"[end:{section}]") if section else ()
+        if not found or any(marker not in text for marker in markers):
+            missing.append(name)
+    assert not missing, f"pages include files (or sections) that do not exist: {missing}"
     shown = {name for name in included}
     unused = [path.name for path in sorted(SNIPPETS.iterdir()) if path.name not in shown]
     assert not unused, f"snippets no page includes: {unused}"
